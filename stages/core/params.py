@@ -1,0 +1,160 @@
+"""Typed, documented schema of params.yaml: one model per section.
+
+Unknown or misspelled keys, wrong types and out-of-range values fail before any work, with one
+error that lists every problem by its full key (`train.lora.r: ...`). params.yaml carries the
+comments with units and trade-offs; the field descriptions here say what each value means.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(Exception):
+    """params.yaml (or a command-line value) is wrong; the message names every bad key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedModel(Section):
+    """The small Llama-architecture model built from this config (offline default)."""
+    hidden_size: int = Field(128, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(512, ge=16)
+    init_std: float = Field(0.02, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
+        return self
+
+
+class ModelParams(Section):
+    base: str = Field("embedded", min_length=1, description='"embedded", a hub id or a local path')
+    tokenizer: str = Field("embedded", min_length=1, description='"embedded" or a hub id/path')
+    max_seq_length: int = Field(256, ge=16, le=131072)
+    embedded: EmbeddedModel = EmbeddedModel()
+
+
+class SplitFractions(Section):
+    train: float = Field(0.80, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.05, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {self.train + self.val + self.test:g}")
+        return self
+
+
+class PreprocessParams(Section):
+    on_invalid: Literal["fail", "reject"] = "fail"
+    on_pii: Literal["redact", "reject", "fail", "keep"] = "redact"
+    on_too_long: Literal["drop", "fail"] = "drop"
+    near_duplicates: bool = True
+    split: SplitFractions = SplitFractions()
+    split_salt: str = "v1"
+
+
+class LoraParams(Section):
+    r: int = Field(32, ge=1, le=1024)
+    alpha: int = Field(64, ge=1)
+    dropout: float = Field(0.15, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Extra modules trained in full beside the adapters (peft's modules_to_save).
+    modules_to_save: list[str] = []
+
+
+class QuantizationParams(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class TrainParams(Section):
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraParams = LoraParams()
+    quantization: QuantizationParams = QuantizationParams()
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.15, ge=0, lt=1)
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    completion_only_loss: bool = True
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    evals_per_epoch: int = Field(1, ge=1)
+    early_stopping_patience: int = Field(2, ge=0, description="evaluations without improvement; 0 disables")
+    seed: int = 42
+
+
+class EvaluateParams(Section):
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1)
+
+
+class Params(Section):
+    model: ModelParams = ModelParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _describe(error: dict, model: type[BaseModel]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(model, error["loc"][:-1])
+        guess = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known keys: {', '.join(sorted(known))})"
+        return f"{key}: unknown key{hint}"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{key or '<root>'}: {error['msg']}{shown}"
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def validate_params(raw: dict) -> Params:
+    """Params from a parsed params.yaml; raises ConfigError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params.yaml must be a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(error, Params) for error in exc.errors()]
+        raise ConfigError("invalid params.yaml:\n  " + "\n  ".join(problems)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found (run from the repository root)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return validate_params(raw or {})
