@@ -81,7 +81,10 @@ def load_base_model(params: ModelParams, dtype: torch.dtype = torch.float32, dev
 
     if params.base == EMBEDDED:
         torch.manual_seed(params.embedded.seed)
-        model = LlamaForCausalLM(embedded_config(params)).to(dtype=dtype)
+        model = LlamaForCausalLM(embedded_config(params))
+        with torch.no_grad():
+            model.model.norm.weight.fill_(params.embedded.final_norm_init)
+        model = model.to(dtype=dtype)
     else:
         kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
         if quantization_config is not None:

@@ -33,6 +33,7 @@ class EmbeddedModel(Section):
     num_kv_heads: int = Field(2, ge=1)
     intermediate_size: int = Field(512, ge=16)
     init_std: float = Field(0.02, gt=0)
+    final_norm_init: float = Field(8.0, gt=0, description="initial final RMSNorm weight (logit scale)")
     seed: int = 0
 
     @model_validator(mode="after")
