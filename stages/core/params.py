@@ -110,11 +110,48 @@ class EvaluateParams(Section):
     batch_size: int = Field(16, ge=1)
 
 
+class ComputeParams(Section):
+    cluster_name: str = Field("llama-h100-cluster", pattern=r"^[a-zA-Z][a-zA-Z0-9-]{1,31}$")
+    vm_size: str = "Standard_NC40ads_H100_v5"
+    min_nodes: int = Field(0, ge=0)
+    max_nodes: int = Field(4, ge=1)
+    idle_seconds_before_scale_down: int = Field(300, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_nodes > self.max_nodes:
+            raise ValueError("min_nodes must not exceed max_nodes")
+        return self
+
+
+class EndpointParams(Section):
+    name: str = Field("llama-corporate-qa", pattern=r"^[a-zA-Z][a-zA-Z0-9-]{2,31}$")
+    auth_mode: Literal["aml_token", "key"] = "aml_token"
+    instance_type: str = "Standard_NC4as_T4_v3"
+    instance_count: int = Field(1, ge=1)
+    min_instances: int = Field(1, ge=1)
+    max_instances: int = Field(10, ge=1)
+    public_network_access: Literal["enabled", "disabled"] = "enabled"
+
+
+class StorageParams(Section):
+    dvc_container: str = Field("dvc", pattern=r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$")
+
+
+class AzureParams(Section):
+    location: str = "uksouth"
+    compute: ComputeParams = ComputeParams()
+    endpoint: EndpointParams = EndpointParams()
+    storage: StorageParams = StorageParams()
+    prices_usd_per_hour: dict[str, float] = {}
+
+
 class Params(Section):
     model: ModelParams = ModelParams()
     preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    azure: AzureParams = AzureParams()
 
 
 def _describe(error: dict, model: type[BaseModel]) -> str:
