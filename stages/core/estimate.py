@@ -132,8 +132,7 @@ def parameter_counts(config, train) -> dict:
                 targets == "all-linear" or leaf in targets):
             lora += train.lora.r * (module.in_features + module.out_features)
     saved = sum(p.numel() for n, p in model.named_parameters()
-                if any(n.split(".")[-2:-1] == [m] or n.endswith(f".{m}.weight") or n == f"model.{m}.weight"
-                       for m in train.lora.modules_to_save))
+                if set(n.split(".")) & set(train.lora.modules_to_save))
     trainable = total if train.method == "full" else lora + saved
     return {"total": total, "embedding": embed, "body": total - embed, "trainable": trainable}
 
@@ -197,8 +196,8 @@ def estimate_memory(params: Params, gpu: str | None = None, micro_batch_tokens: 
 def flops_per_token(config, method: str, counts: dict, seq_len: int) -> float:
     """Training FLOPs per token: forward 2N, backward 2N (activation grads) + 2N (weight grads, full only),
     plus attention (causal, 6 x layers x seq x hidden for fwd+bwd, halved for causality)."""
-    n = counts["body"] + (0 if config.tie_word_embeddings else 0) + counts["embedding"]  # head matmul counts
-    n -= counts["embedding"] if not config.tie_word_embeddings else 0  # input embedding is a lookup
+    # The head matmul counts (tied or not); an untied input embedding is a lookup and does not.
+    n = counts["total"] - (0 if config.tie_word_embeddings else counts["embedding"])
     per_param = 6 if method == "full" else 4
     attention = 6 * config.num_hidden_layers * seq_len * config.hidden_size
     return per_param * n + attention
