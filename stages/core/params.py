@@ -214,6 +214,68 @@ class AzureParams(Section):
     prices_usd_per_hour: dict[str, float] = {}
 
 
+class PackageParams(Section):
+    """Merging the adapter into the base weights, and the check that the merge is faithful."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="saved weights; auto = fp32 for the embedded model, bf16 otherwise (never 4-bit)")
+    check_prompts: int = Field(8, ge=1, le=256, description="prompts compared between adapter and merged model")
+    check_max_new_tokens: int = Field(24, ge=1, le=1024)
+    logits_tolerance: float = Field(0.02, gt=0, le=1, description="max |logit diff| / max |logit|")
+
+
+class ServeCacheParams(Section):
+    enabled: bool = True
+    size: int = Field(1024, ge=1, description="greedy answers kept (LRU)")
+
+
+class ServeBatchingParams(Section):
+    max_batch: int = Field(16, ge=1, le=1024, description="queued requests decoded together; 1 disables")
+    window_ms: float = Field(5.0, ge=0, le=1000, description="wait for more requests after the first")
+
+
+class ServeParams(Section):
+    """What the scoring script (serve/score.py) accepts and how it decodes, filters and logs."""
+    max_new_tokens_default: int = Field(64, ge=1)
+    max_new_tokens_limit: int = Field(256, ge=1, le=32768)
+    temperature_max: float = Field(2.0, ge=0, le=100)
+    max_batch_requests: int = Field(16, ge=1, le=1024, description='entries allowed in {"requests": [...]}')
+    max_instruction_tokens: int = Field(512, ge=1)
+    max_system_tokens: int = Field(512, ge=1)
+    default_system: str = Field("", description='"" = the system prompt most used in training')
+    pii_filter: Literal["redact", "off"] = "redact"
+    cache: ServeCacheParams = ServeCacheParams()
+    batching: ServeBatchingParams = ServeBatchingParams()
+    threads: int = Field(16, ge=1, le=256, description="request threads per server worker (gunicorn --threads)")
+    log_path: str = Field("logs/requests.jsonl", description='JSONL request log; "" disables the file')
+
+    @model_validator(mode="after")
+    def _default_within_limit(self):
+        if self.max_new_tokens_default > self.max_new_tokens_limit:
+            raise ValueError("max_new_tokens_default must not exceed max_new_tokens_limit")
+        return self
+
+
+class DeployBenchParams(Section):
+    concurrency: list[int] = Field([1, 4, 8, 16], min_length=1)
+    requests: int = Field(48, ge=1, description="requests per concurrency level")
+    max_new_tokens: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if any(level < 1 for level in self.concurrency):
+            raise ValueError("concurrency levels must be >= 1")
+        return self
+
+
+class DeployParams(Section):
+    target: Literal["local", "azure", "none"] = "local"
+    host: str = "127.0.0.1"
+    port: int = Field(5001, ge=0, le=65535, description="0 = any free port")
+    readiness_timeout_s: float = Field(180.0, gt=0)
+    smoke_prompts: list[str] = Field(["How do I submit an expense report?"], min_length=1)
+    bench: DeployBenchParams = DeployBenchParams()
+
+
 class Params(Section):
     model: ModelParams = ModelParams()
     preprocess: PreprocessParams = PreprocessParams()
@@ -221,6 +283,9 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     azure: AzureParams = AzureParams()
     estimate: EstimateParams = EstimateParams()
+    package: PackageParams = PackageParams()
+    serve: ServeParams = ServeParams()
+    deploy: DeployParams = DeployParams()
 
 
 def _describe(error: dict, model: type[BaseModel]) -> str:
