@@ -8,6 +8,7 @@ comments with units and trade-offs; the field descriptions here say what each va
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -179,11 +180,16 @@ class EvaluateParams(Section):
 
 
 class ComputeParams(Section):
+    """The training cluster (AmlCompute): stages/azure/jobs.py and infra/modules/compute.bicep."""
     cluster_name: str = Field("llama-h100-cluster", pattern=r"^[a-zA-Z][a-zA-Z0-9-]{1,31}$")
     vm_size: str = "Standard_NC40ads_H100_v5"
+    gpus_per_node: int = Field(1, ge=0, le=16, description="GPUs of one vm_size node (NC40ads_H100_v5: 1)")
     min_nodes: int = Field(0, ge=0)
     max_nodes: int = Field(4, ge=1)
     idle_seconds_before_scale_down: int = Field(300, ge=0)
+    tier: Literal["dedicated", "low_priority"] = Field("dedicated", description="node priority (Bicep vmPriority)")
+    identity: Literal["system_assigned"] = Field(
+        "system_assigned", description="managed identity of the nodes: reads the DVC container and Key Vault")
 
     @model_validator(mode="after")
     def _range(self):
@@ -192,7 +198,61 @@ class ComputeParams(Section):
         return self
 
 
+class EnvironmentParams(Section):
+    """An Azure ML environment: a pinned base image plus a pinned conda/pip specification."""
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")
+    image: str = Field(..., min_length=3, description="base image with an explicit tag (never :latest)")
+
+    @model_validator(mode="after")
+    def _pinned(self):
+        tag = self.image.rsplit("/", 1)[-1]
+        if "@sha256:" not in self.image and (":" not in tag or tag.endswith(":latest")):
+            raise ValueError(f"image {self.image!r} must be pinned to an explicit tag or digest, not latest")
+        return self
+
+
+class TrainingJobParams(Section):
+    """The Azure ML command job that runs `dvc repro` up to `repro_target` on the cluster."""
+    experiment_name: str = Field("llama-corporate-qa", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")
+    instance_count: int = Field(1, ge=1, description="nodes (<= compute.max_nodes)")
+    processes_per_node: int = Field(1, ge=1, description="one per GPU (<= compute.gpus_per_node)")
+    timeout_minutes: int = Field(360, ge=10, le=43200, description="hard limit of the job (limits.timeout)")
+    job_tier: Literal["spot", "basic", "standard", "premium"] = "standard"
+    priority: Literal["low", "medium", "high"] = "medium"
+    repro_target: str = Field("package", min_length=1, description="last dvc.yaml stage the job runs")
+    shm_size: str = Field("16g", pattern=r"^[0-9]+[bkmg]$", description="/dev/shm of the job container")
+    environment: EnvironmentParams = EnvironmentParams(
+        name="llama-train", image="mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04:20250601.v1")
+
+
+class SecretsParams(Section):
+    """Secret names (never values) in the workspace's Key Vault."""
+    hf_token_secret_name: str = Field("hf-token", pattern=r"^[0-9a-zA-Z-]{1,127}$",
+                                      description="Key Vault secret with the Hugging Face token (gated Llama)")
+
+
+class RequestSettingsParams(Section):
+    request_timeout_ms: int = Field(90000, ge=1000, le=180000, description="per request; above p99_latency_ms")
+    # "auto" = serve.batching.max_batch: exactly as many requests in flight as one decoding batch holds.
+    max_concurrent_requests_per_instance: int | Literal["auto"] = "auto"
+
+
+class ProbeParams(Section):
+    initial_delay_s: int = Field(..., ge=0, le=3600)
+    period_s: int = Field(..., ge=1, le=600)
+    timeout_s: int = Field(..., ge=1, le=600)
+    failure_threshold: int = Field(..., ge=1, le=1000)
+    success_threshold: int = Field(1, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _timeout_within_period(self):
+        if self.timeout_s > self.period_s:
+            raise ValueError("timeout_s must not exceed period_s")
+        return self
+
+
 class EndpointParams(Section):
+    """The managed online endpoint and its deployments (stages/azure/endpoints.py, endpoint.bicep)."""
     name: str = Field("llama-corporate-qa", pattern=r"^[a-zA-Z][a-zA-Z0-9-]{2,31}$")
     auth_mode: Literal["aml_token", "key"] = "aml_token"
     instance_type: str = "Standard_NC4as_T4_v3"
@@ -200,18 +260,114 @@ class EndpointParams(Section):
     min_instances: int = Field(1, ge=1)
     max_instances: int = Field(10, ge=1)
     public_network_access: Literal["enabled", "disabled"] = "enabled"
+    deployment_colors: list[str] = Field(["blue", "green"], min_length=2, max_length=2)
+    model_name: str = Field("llama-corporate-qa", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")
+    environment: EnvironmentParams = EnvironmentParams(
+        name="llama-serve", image="mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04:20250601.v1")
+    p99_latency_ms: int = Field(30000, ge=1, description="measured p99 of one request (bench); timeout must exceed it")
+    request_settings: RequestSettingsParams = RequestSettingsParams()
+    liveness_probe: ProbeParams = ProbeParams(initial_delay_s=600, period_s=30, timeout_s=10, failure_threshold=10)
+    readiness_probe: ProbeParams = ProbeParams(initial_delay_s=30, period_s=10, timeout_s=10, failure_threshold=90)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = []
+        if self.min_instances > self.max_instances:
+            problems.append("min_instances must not exceed max_instances")
+        if not self.min_instances <= self.instance_count <= self.max_instances:
+            problems.append("instance_count must lie within min_instances..max_instances")
+        if self.request_settings.request_timeout_ms <= self.p99_latency_ms:
+            problems.append(f"request_settings.request_timeout_ms ({self.request_settings.request_timeout_ms}) "
+                            f"must exceed p99_latency_ms ({self.p99_latency_ms})")
+        if len(set(self.deployment_colors)) != 2 or not all(
+                re.fullmatch(r"[a-z][a-z0-9-]{2,31}", c) for c in self.deployment_colors):
+            problems.append("deployment_colors must be two different lowercase names of 3-32 characters")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class RolloutStep(Section):
+    """One rollout step: mirror `percent` of live traffic to the new colour (its answers are
+    discarded), or route `percent` to it; then watch it for `observe_minutes`."""
+    mode: Literal["mirror", "traffic"]
+    percent: int = Field(..., ge=1, le=100)
+    observe_minutes: float = Field(10.0, ge=0, le=1440)
+
+    @model_validator(mode="after")
+    def _mirror_limit(self):
+        if self.mode == "mirror" and self.percent > 50:
+            raise ValueError("Azure ML mirrors at most 50% of traffic")
+        return self
+
+
+class RolloutParams(Section):
+    """Blue/green promotion (stages/azure/rollout.py)."""
+    steps: list[RolloutStep] = Field(
+        [RolloutStep(mode="mirror", percent=10), RolloutStep(mode="traffic", percent=10),
+         RolloutStep(mode="traffic", percent=100)], min_length=1)
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="5xx / requests of the new colour per step")
+    min_requests: int = Field(20, ge=0, description="requests a step must see before its error rate counts")
+    smoke_prompts: list[str] = Field(["How do I submit an expense report?"], min_length=1)
+    smoke_max_new_tokens: int = Field(32, ge=1)
+    # The evaluation gate (metrics/eval.json gate.passed) must hold before any traffic moves.
+    require_gate: bool = True
+
+    @model_validator(mode="after")
+    def _ends_at_full_traffic(self):
+        traffic = [s.percent for s in self.steps if s.mode == "traffic"]
+        if not traffic or traffic[-1] != 100:
+            raise ValueError("the last traffic step must route 100% to the new colour")
+        if traffic != sorted(traffic):
+            raise ValueError("traffic steps must not decrease")
+        return self
+
+
+class BatchParams(Section):
+    """Batch endpoint + deployment scoring JSONL files (stages/azure/batch.py)."""
+    endpoint_name: str = Field("llama-corporate-qa-batch", pattern=r"^[a-zA-Z][a-zA-Z0-9-]{2,31}$")
+    deployment_name: str = Field("llama-batch", pattern=r"^[a-zA-Z][a-zA-Z0-9-]{2,31}$")
+    compute: str = Field("", description='cluster that runs batch jobs; "" = compute.cluster_name')
+    instance_count: int = Field(1, ge=1)
+    max_concurrency_per_instance: int = Field(1, ge=1, description="scoring processes per node (one model copy each)")
+    mini_batch_size: int = Field(1, ge=1, description="JSONL files per run() call")
+    records_per_call: int = Field(16, ge=1, description="records scored together inside one run() call")
+    output_file_name: str = Field("predictions.jsonl", pattern=r"^[\w.-]+$")
+    max_retries: int = Field(2, ge=0)
+    retry_timeout_s: int = Field(1800, ge=30, description="seconds one mini-batch may take")
+    error_threshold: int = Field(-1, ge=-1, description="failed mini-batches tolerated; -1 = all")
 
 
 class StorageParams(Section):
+    # Storage account names are 3-24 lowercase letters and digits, unique across Azure.
+    account_name: str = Field("llamacorpqadvc", pattern=r"^[a-z0-9]{3,24}$")
     dvc_container: str = Field("dvc", pattern=r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$")
+    dvc_remote_name: str = Field("azure", pattern=r"^[a-zA-Z][\w-]*$")
 
 
 class AzureParams(Section):
     location: str = "uksouth"
     compute: ComputeParams = ComputeParams()
+    training_job: TrainingJobParams = TrainingJobParams()
+    secrets: SecretsParams = SecretsParams()
     endpoint: EndpointParams = EndpointParams()
+    rollout: RolloutParams = RolloutParams()
+    batch: BatchParams = BatchParams()
     storage: StorageParams = StorageParams()
     prices_usd_per_hour: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _fits_cluster(self):
+        problems = []
+        if self.training_job.instance_count > self.compute.max_nodes:
+            problems.append(f"training_job.instance_count ({self.training_job.instance_count}) exceeds "
+                            f"compute.max_nodes ({self.compute.max_nodes})")
+        if self.compute.gpus_per_node and self.training_job.processes_per_node > self.compute.gpus_per_node:
+            problems.append(f"training_job.processes_per_node ({self.training_job.processes_per_node}) exceeds "
+                            f"compute.gpus_per_node ({self.compute.gpus_per_node}): one process per GPU")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class PackageParams(Section):
