@@ -1,0 +1,139 @@
+// Role assignments, each at the narrowest scope that works:
+//   cluster identity  -> Storage Blob Data Contributor on the DVC container (dvc pull/push in jobs)
+//                        and on the account (job inputs/outputs in the workspace's default datastore)
+//   CI identity       -> Storage Blob Data Contributor on the DVC container (dvc pull/push in CI)
+//                        AzureML Data Scientist on the workspace (submit jobs, register models,
+//                        roll out deployments; it cannot change the workspace or its compute)
+//   workspace identity-> blob and file data access on its own storage account (identity-based
+//                        system datastores; shared keys are off)
+//   CI identity, only if ciCanDeployInfra -> Contributor on the resource group and Role Based
+//                        Access Control Administrator limited (ABAC condition) to granting the
+//                        two data roles above, so infra.yml can deploy this template on main.
+
+param storageAccountName string
+param dvcContainerName string
+param workspaceName string
+param clusterPrincipalId string
+param ciPrincipalId string
+param workspacePrincipalId string
+
+@description('Give the CI identity the rights to deploy this template (infra.yml on main).')
+param ciCanDeployInfra bool = false
+
+var roles = {
+  storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+  storageFileDataPrivilegedContributor: '69566ab7-960f-475b-8e7c-b3118f30c6bd'
+  azureMLDataScientist: 'f6c7c914-8db3-469d-8ca1-694a8f32e121'
+  contributor: 'b24988ac-6180-42a0-ab88-20f7382dd24c'
+  rbacAdministrator: 'f58310d9-a9f6-439a-9e8d-f62e7b41a168'
+}
+
+// The RBAC administrator may only create or delete assignments of the data roles it needs.
+var grantableRoles = '${roles.storageBlobDataContributor}, ${roles.storageFileDataPrivilegedContributor}, ${roles.azureMLDataScientist}'
+var rbacCondition = '((!(ActionMatches{\'Microsoft.Authorization/roleAssignments/write\'})) OR (@Request[Microsoft.Authorization/roleAssignments:RoleDefinitionId] ForAnyOfAnyValues:GuidEquals {${grantableRoles}})) AND ((!(ActionMatches{\'Microsoft.Authorization/roleAssignments/delete\'})) OR (@Resource[Microsoft.Authorization/roleAssignments:RoleDefinitionId] ForAnyOfAnyValues:GuidEquals {${grantableRoles}}))'
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' existing = {
+  parent: storage
+  name: 'default'
+}
+
+resource dvcContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
+  parent: blobService
+  name: dvcContainerName
+}
+
+resource workspace 'Microsoft.MachineLearningServices/workspaces@2024-10-01' existing = {
+  name: workspaceName
+}
+
+resource clusterDvc 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(dvcContainer.id, clusterPrincipalId, roles.storageBlobDataContributor)
+  scope: dvcContainer
+  properties: {
+    principalId: clusterPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    description: 'Training cluster: dvc pull/push on the DVC remote'
+  }
+}
+
+resource clusterWorkspaceStore 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, clusterPrincipalId, roles.storageBlobDataContributor)
+  scope: storage
+  properties: {
+    principalId: clusterPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    description: 'Training cluster: job inputs and outputs in the identity-based workspace datastores'
+  }
+}
+
+resource ciDvc 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(dvcContainer.id, ciPrincipalId, roles.storageBlobDataContributor)
+  scope: dvcContainer
+  properties: {
+    principalId: ciPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    description: 'GitHub Actions: dvc pull/push on the DVC remote'
+  }
+}
+
+resource ciDataScientist 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(workspace.id, ciPrincipalId, roles.azureMLDataScientist)
+  scope: workspace
+  properties: {
+    principalId: ciPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.azureMLDataScientist)
+    description: 'GitHub Actions: submit training jobs, register models, roll out endpoint deployments'
+  }
+}
+
+resource workspaceBlob 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, workspacePrincipalId, roles.storageBlobDataContributor)
+  scope: storage
+  properties: {
+    principalId: workspacePrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    description: 'Workspace: identity-based access to its system datastores (blob)'
+  }
+}
+
+resource workspaceFile 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, workspacePrincipalId, roles.storageFileDataPrivilegedContributor)
+  scope: storage
+  properties: {
+    principalId: workspacePrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageFileDataPrivilegedContributor)
+    description: 'Workspace: identity-based access to its system datastores (file share)'
+  }
+}
+
+resource ciContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (ciCanDeployInfra) {
+  name: guid(resourceGroup().id, ciPrincipalId, roles.contributor)
+  properties: {
+    principalId: ciPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.contributor)
+    description: 'GitHub Actions: what-if and deploy infra/main.bicep in this resource group'
+  }
+}
+
+resource ciRbacAdmin 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (ciCanDeployInfra) {
+  name: guid(resourceGroup().id, ciPrincipalId, roles.rbacAdministrator)
+  properties: {
+    principalId: ciPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.rbacAdministrator)
+    description: 'GitHub Actions: (re)create the data-role assignments of this template, nothing else'
+    conditionVersion: '2.0'
+    condition: rbacCondition
+  }
+}

@@ -1,0 +1,36 @@
+// Production environment: training on main (GitHub environment `train`) and promotion to the
+// endpoint (GitHub environment `prod`, with required reviewers).
+//   az deployment group create -g <prod-rg> --parameters infra/prod.bicepparam
+// Values marked "params.yaml" must equal the `azure:` section there (tests/test_infra.py checks).
+using 'main.bicep'
+
+param environmentName = 'prod'
+param githubRepository = readEnvironmentVariable('GITHUB_REPOSITORY', 'your-org/llama-finetune')
+param githubEnvironments = [
+  'train'
+  'prod'
+]
+param ciCanDeployInfra = true
+
+param location = 'uksouth'                                // params.yaml azure.location
+
+param clusterName = 'llama-h100-cluster'                  // params.yaml azure.compute.cluster_name
+param clusterVmSize = 'Standard_NC40ads_H100_v5'          // params.yaml azure.compute.vm_size
+param clusterMinNodes = 0                                 // params.yaml azure.compute.min_nodes
+param clusterMaxNodes = 4                                 // params.yaml azure.compute.max_nodes
+param clusterIdleSecondsBeforeScaleDown = 300             // params.yaml azure.compute.idle_seconds_before_scale_down
+
+param endpointName = 'llama-corporate-qa'                 // params.yaml azure.endpoint.name
+param endpointAuthMode = 'aml_token'                      // params.yaml azure.endpoint.auth_mode
+param endpointPublicNetworkAccess = 'enabled'             // params.yaml azure.endpoint.public_network_access
+param endpointInstanceType = 'Standard_NC4as_T4_v3'       // params.yaml azure.endpoint.instance_type
+param endpointInstanceCount = 1                           // params.yaml azure.endpoint.instance_count
+param endpointMinInstances = 1                            // params.yaml azure.endpoint.min_instances
+param endpointMaxInstances = 10                           // params.yaml azure.endpoint.max_instances
+param autoscaleDeploymentName = readEnvironmentVariable('AUTOSCALE_DEPLOYMENT', '')
+
+param dvcContainerName = 'dvc'                            // params.yaml azure.storage.dvc_container
+
+// Zone-redundant storage and a Standard registry for production.
+param storageSku = 'Standard_ZRS'
+param registrySku = 'Standard'
