@@ -1,5 +1,6 @@
-// Development environment: pull requests (ci.yml with a configured remote, infra.yml what-if)
-// sign in through the GitHub environment `dev`.
+// Development environment: a sandbox for infrastructure and Azure ML changes, with its own
+// workspace and DVC storage. Its jobs sign in through the GitHub environment `dev` (and its
+// pull-request jobs, read only, through `dev-pr`).
 //   az deployment group create -g <dev-rg> --parameters infra/dev.bicepparam
 // Values marked "params.yaml" must equal the `azure:` section there (tests/test_infra.py checks).
 using 'main.bicep'
@@ -8,6 +9,9 @@ param environmentName = 'dev'
 param githubRepository = readEnvironmentVariable('GITHUB_REPOSITORY', 'your-org/llama-finetune')
 param githubEnvironments = [
   'dev'
+]
+param githubPullRequestEnvironments = [
+  'dev-pr'
 ]
 param ciCanDeployInfra = true
 
@@ -18,6 +22,7 @@ param clusterVmSize = 'Standard_NC40ads_H100_v5'          // params.yaml azure.c
 param clusterMinNodes = 0                                 // params.yaml azure.compute.min_nodes
 param clusterMaxNodes = 4                                 // params.yaml azure.compute.max_nodes
 param clusterIdleSecondsBeforeScaleDown = 300             // params.yaml azure.compute.idle_seconds_before_scale_down
+param clusterTier = 'dedicated'// params.yaml azure.compute.tier
 
 param endpointName = 'llama-corporate-qa-dev'             // params.yaml azure.endpoint.name + '-dev' (names are unique per region)
 param endpointAuthMode = 'aml_token'                      // params.yaml azure.endpoint.auth_mode
@@ -28,6 +33,7 @@ param endpointMinInstances = 1                            // params.yaml azure.e
 param endpointMaxInstances = 10                           // params.yaml azure.endpoint.max_instances
 param autoscaleDeploymentName = readEnvironmentVariable('AUTOSCALE_DEPLOYMENT', '')
 
+param storageAccountName = 'llamacorpqadvcdev'            // params.yaml azure.storage.account_name + 'dev' (names are global)
 param dvcContainerName = 'dvc'                            // params.yaml azure.storage.dvc_container
 
 param storageSku = 'Standard_LRS'

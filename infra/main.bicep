@@ -30,8 +30,11 @@ param baseName string = 'llamaqa'
 @description('GitHub repository (owner/name) whose workflows sign in with OIDC.')
 param githubRepository string
 
-@description('GitHub environments whose jobs may sign in as the CI identity.')
+@description('GitHub environments whose jobs may sign in as the CI identity (train jobs, submit, deploy).')
 param githubEnvironments array
+
+@description('GitHub environments of pull-request jobs: they sign in as a separate read-only identity.')
+param githubPullRequestEnvironments array
 
 @description('Let the CI identity deploy this template (Contributor + a role-limited RBAC administrator on the resource group).')
 param ciCanDeployInfra bool = false
@@ -46,6 +49,11 @@ param clusterMinNodes int = 0
 param clusterMaxNodes int = 4
 @minValue(0)
 param clusterIdleSecondsBeforeScaleDown int = 300
+@allowed([
+  'dedicated'
+  'low_priority'
+])
+param clusterTier string = 'dedicated'
 
 // ---- online endpoint: params.yaml azure.endpoint -----------------------------------------
 
@@ -73,6 +81,11 @@ param endpointMaxInstances int = 10
 param autoscaleDeploymentName string = ''
 
 // ---- storage: params.yaml azure.storage ----------------------------------------------------
+
+@description('params.yaml azure.storage.account_name (3-24 lowercase letters and digits, globally unique).')
+@minLength(3)
+@maxLength(24)
+param storageAccountName string
 
 param dvcContainerName string = 'dvc'
 
@@ -110,11 +123,11 @@ var suffix = uniqueString(resourceGroup().id, baseName, environmentName)
 var names = {
   logAnalytics: 'log-${baseName}-${environmentName}'
   appInsights: 'appi-${baseName}-${environmentName}'
-  storage: take(toLower('st${baseName}${environmentName}${suffix}'), 24)
   keyVault: take('kv-${baseName}-${environmentName}-${suffix}', 24)
   registry: take(toLower('cr${baseName}${environmentName}${suffix}'), 50)
   workspace: 'mlw-${baseName}-${environmentName}'
   ciIdentity: 'id-github-${baseName}-${environmentName}'
+  prIdentity: 'id-github-pr-${baseName}-${environmentName}'
 }
 
 // ---- resources ---------------------------------------------------------------------------
@@ -133,7 +146,7 @@ module storage 'modules/storage.bicep' = {
   name: 'storage'
   params: {
     location: location
-    storageAccountName: names.storage
+    storageAccountName: storageAccountName
     dvcContainerName: dvcContainerName
     skuName: storageSku
     logAnalyticsId: monitoring.outputs.logAnalyticsId
@@ -187,6 +200,7 @@ module compute 'modules/compute.bicep' = {
     minNodes: clusterMinNodes
     maxNodes: clusterMaxNodes
     idleSecondsBeforeScaleDown: clusterIdleSecondsBeforeScaleDown
+    tier: clusterTier
     tags: tags
   }
 }
@@ -220,6 +234,17 @@ module githubIdentity 'modules/github-identity.bicep' = {
   }
 }
 
+module githubPullRequestIdentity 'modules/github-identity.bicep' = {
+  name: 'github-pr-identity'
+  params: {
+    location: location
+    identityName: names.prIdentity
+    githubRepository: githubRepository
+    githubEnvironments: githubPullRequestEnvironments
+    tags: tags
+  }
+}
+
 module roles 'modules/roles.bicep' = {
   name: 'roles'
   params: {
@@ -228,6 +253,7 @@ module roles 'modules/roles.bicep' = {
     workspaceName: workspace.outputs.workspaceName
     clusterPrincipalId: compute.outputs.clusterPrincipalId
     ciPrincipalId: githubIdentity.outputs.principalId
+    prPrincipalId: githubPullRequestIdentity.outputs.principalId
     workspacePrincipalId: workspace.outputs.workspacePrincipalId
     ciCanDeployInfra: ciCanDeployInfra
   }
@@ -247,5 +273,6 @@ output storageAccountName string = storage.outputs.storageAccountName
 output dvcContainerName string = storage.outputs.dvcContainerName
 output dvcRemoteUrl string = 'azure://${storage.outputs.dvcContainerName}'
 output ciIdentityClientId string = githubIdentity.outputs.clientId
+output prIdentityClientId string = githubPullRequestIdentity.outputs.clientId
 output keyVaultName string = keyVault.outputs.keyVaultName
 output registryName string = registry.outputs.registryName

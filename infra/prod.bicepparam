@@ -1,5 +1,6 @@
-// Production environment: training on main (GitHub environment `train`) and promotion to the
-// endpoint (GitHub environment `prod`, with required reviewers).
+// Production environment: the DVC remote of .dvc/config, training on main (GitHub environment
+// `train`), promotion to the endpoint (GitHub environment `prod`, with required reviewers), and
+// read-only pull-request jobs (GitHub environment `pr`: dvc pull, what-if).
 //   az deployment group create -g <prod-rg> --parameters infra/prod.bicepparam
 // Values marked "params.yaml" must equal the `azure:` section there (tests/test_infra.py checks).
 using 'main.bicep'
@@ -10,6 +11,9 @@ param githubEnvironments = [
   'train'
   'prod'
 ]
+param githubPullRequestEnvironments = [
+  'pr'
+]
 param ciCanDeployInfra = true
 
 param location = 'uksouth'                                // params.yaml azure.location
@@ -19,6 +23,7 @@ param clusterVmSize = 'Standard_NC40ads_H100_v5'          // params.yaml azure.c
 param clusterMinNodes = 0                                 // params.yaml azure.compute.min_nodes
 param clusterMaxNodes = 4                                 // params.yaml azure.compute.max_nodes
 param clusterIdleSecondsBeforeScaleDown = 300             // params.yaml azure.compute.idle_seconds_before_scale_down
+param clusterTier = 'dedicated'// params.yaml azure.compute.tier
 
 param endpointName = 'llama-corporate-qa'                 // params.yaml azure.endpoint.name
 param endpointAuthMode = 'aml_token'                      // params.yaml azure.endpoint.auth_mode
@@ -29,6 +34,7 @@ param endpointMinInstances = 1                            // params.yaml azure.e
 param endpointMaxInstances = 10                           // params.yaml azure.endpoint.max_instances
 param autoscaleDeploymentName = readEnvironmentVariable('AUTOSCALE_DEPLOYMENT', '')
 
+param storageAccountName = 'llamacorpqadvc'               // params.yaml azure.storage.account_name
 param dvcContainerName = 'dvc'                            // params.yaml azure.storage.dvc_container
 
 // Zone-redundant storage and a Standard registry for production.

@@ -25,12 +25,12 @@ param maxNodes int
 @minValue(0)
 param idleSecondsBeforeScaleDown int
 
-@description('Dedicated, or LowPriority (spot: cheaper, can be pre-empted mid-run).')
+@description('params.yaml azure.compute.tier: dedicated, or low_priority (cheaper, can be pre-empted mid-run).')
 @allowed([
-  'Dedicated'
-  'LowPriority'
+  'dedicated'
+  'low_priority'
 ])
-param vmPriority string = 'Dedicated'
+param tier string = 'dedicated'
 
 @description('Tags for every resource.')
 param tags object = {}
@@ -53,7 +53,7 @@ resource cluster 'Microsoft.MachineLearningServices/workspaces/computes@2024-10-
     disableLocalAuth: true
     properties: {
       vmSize: vmSize
-      vmPriority: vmPriority
+      vmPriority: (tier == 'low_priority') ? 'LowPriority' : 'Dedicated'
       osType: 'Linux'
       scaleSettings: {
         minNodeCount: minNodes

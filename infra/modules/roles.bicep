@@ -6,6 +6,8 @@
 //                        roll out deployments; it cannot change the workspace or its compute)
 //   workspace identity-> blob and file data access on its own storage account (identity-based
 //                        system datastores; shared keys are off)
+//   PR identity       -> Storage Blob Data Reader on the DVC container (dvc pull in pull requests)
+//                        and Reader on the resource group (what-if with --validation-level ProviderNoRbac)
 //   CI identity, only if ciCanDeployInfra -> Contributor on the resource group and Role Based
 //                        Access Control Administrator limited (ABAC condition) to granting the
 //                        two data roles above, so infra.yml can deploy this template on main.
@@ -15,6 +17,7 @@ param dvcContainerName string
 param workspaceName string
 param clusterPrincipalId string
 param ciPrincipalId string
+param prPrincipalId string
 param workspacePrincipalId string
 
 @description('Give the CI identity the rights to deploy this template (infra.yml on main).')
@@ -22,6 +25,8 @@ param ciCanDeployInfra bool = false
 
 var roles = {
   storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+  storageBlobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
+  reader: 'acdd72a7-3385-48ef-bd42-f606fba81ae7'
   storageFileDataPrivilegedContributor: '69566ab7-960f-475b-8e7c-b3118f30c6bd'
   azureMLDataScientist: 'f6c7c914-8db3-469d-8ca1-694a8f32e121'
   contributor: 'b24988ac-6180-42a0-ab88-20f7382dd24c'
@@ -113,6 +118,27 @@ resource workspaceFile 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
     principalType: 'ServicePrincipal'
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageFileDataPrivilegedContributor)
     description: 'Workspace: identity-based access to its system datastores (file share)'
+  }
+}
+
+resource prDvc 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(dvcContainer.id, prPrincipalId, roles.storageBlobDataReader)
+  scope: dvcContainer
+  properties: {
+    principalId: prPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataReader)
+    description: 'GitHub Actions pull requests: dvc pull (read only)'
+  }
+}
+
+resource prReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(resourceGroup().id, prPrincipalId, roles.reader)
+  properties: {
+    principalId: prPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.reader)
+    description: 'GitHub Actions pull requests: read-only what-if of infra/main.bicep'
   }
 }
 

@@ -38,7 +38,7 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   //checkov:skip=CKV_AZURE_59: Public endpoint kept so GitHub-hosted runners (no fixed IPs) can dvc pull/push; every request needs an Entra ID token and an RBAC role (shared keys are off). Set publicNetworkAccess Disabled with private endpoints and self-hosted runners to close it.
   //checkov:skip=CKV_AZURE_35: Firewall default action Allow for the same reason: GitHub-hosted runners have no fixed IP range to allow-list.
   //checkov:skip=CKV_AZURE_206: Replication is a parameter: zone-redundant (Standard_ZRS) by default, locally redundant in dev; geo-replication (Standard_GZRS) roughly doubles the storage bill, so it is the operator's choice.
-  //checkov:skip=CKV_AZURE_43: The name is computed in main.bicep (lowercased, take(..., 24), 'st' + letters/digits + uniqueString); the check cannot evaluate expressions.
+  //checkov:skip=CKV_AZURE_43: The name is a parameter (params.yaml azure.storage.account_name, length-checked by @minLength/@maxLength here); the check cannot evaluate parameters.
   name: storageAccountName
   location: location
   tags: tags
