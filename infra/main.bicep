@@ -251,6 +251,7 @@ module roles 'modules/roles.bicep' = {
     storageAccountName: storage.outputs.storageAccountName
     dvcContainerName: storage.outputs.dvcContainerName
     workspaceName: workspace.outputs.workspaceName
+    keyVaultName: keyVault.outputs.keyVaultName
     clusterPrincipalId: compute.outputs.clusterPrincipalId
     ciPrincipalId: githubIdentity.outputs.principalId
     prPrincipalId: githubPullRequestIdentity.outputs.principalId

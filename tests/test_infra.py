@@ -22,6 +22,7 @@ ROLE_IDS = {  # Azure built-in role definition ids
     "storageFileDataPrivilegedContributor": "69566ab7-960f-475b-8e7c-b3118f30c6bd",
     "azureMLDataScientist": "f6c7c914-8db3-469d-8ca1-694a8f32e121",
     "reader": "acdd72a7-3385-48ef-bd42-f606fba81ae7",
+    "keyVaultSecretsUser": "4633458b-17de-408a-b874-0445c86b69e6",
     "contributor": "b24988ac-6180-42a0-ab88-20f7382dd24c",
     "rbacAdministrator": "f58310d9-a9f6-439a-9e8d-f62e7b41a168",
 }
@@ -316,6 +317,7 @@ def test_role_assignments_least_privilege():
     assert ("clusterPrincipalId", "storageBlobDataContributor", "dvcContainer") in got
     assert ("ciPrincipalId", "storageBlobDataContributor", "dvcContainer") in got
     assert ("ciPrincipalId", "azureMLDataScientist", "workspace") in got
+    assert ("clusterPrincipalId", "keyVaultSecretsUser", "keyVault") in got  # HF token, read only
     assert ("prPrincipalId", "storageBlobDataReader", "dvcContainer") in got
     # pull-request identity: read only, whatever the scope
     assert {r for p, r, _ in got if p == "prPrincipalId"} <= {"storageBlobDataReader", "reader"}

@@ -1,6 +1,8 @@
 // Role assignments, each at the narrowest scope that works:
 //   cluster identity  -> Storage Blob Data Contributor on the DVC container (dvc pull/push in jobs)
 //                        and on the account (job inputs/outputs in the workspace's default datastore)
+//                        Key Vault Secrets User on the vault (the Hugging Face token for gated Llama weights,
+//                        params.yaml azure.secrets.hf_token_secret_name)
 //   CI identity       -> Storage Blob Data Contributor on the DVC container (dvc pull/push in CI)
 //                        AzureML Data Scientist on the workspace (submit jobs, register models,
 //                        roll out deployments; it cannot change the workspace or its compute)
@@ -15,6 +17,7 @@
 param storageAccountName string
 param dvcContainerName string
 param workspaceName string
+param keyVaultName string
 param clusterPrincipalId string
 param ciPrincipalId string
 param prPrincipalId string
@@ -27,6 +30,7 @@ var roles = {
   storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
   storageBlobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
   reader: 'acdd72a7-3385-48ef-bd42-f606fba81ae7'
+  keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
   storageFileDataPrivilegedContributor: '69566ab7-960f-475b-8e7c-b3118f30c6bd'
   azureMLDataScientist: 'f6c7c914-8db3-469d-8ca1-694a8f32e121'
   contributor: 'b24988ac-6180-42a0-ab88-20f7382dd24c'
@@ -53,6 +57,21 @@ resource dvcContainer 'Microsoft.Storage/storageAccounts/blobServices/containers
 
 resource workspace 'Microsoft.MachineLearningServices/workspaces@2024-10-01' existing = {
   name: workspaceName
+}
+
+resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
+  name: keyVaultName
+}
+
+resource clusterSecrets 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(keyVault.id, clusterPrincipalId, roles.keyVaultSecretsUser)
+  scope: keyVault
+  properties: {
+    principalId: clusterPrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsUser)
+    description: 'Training cluster: read the Hugging Face token secret for gated Llama weights'
+  }
 }
 
 resource clusterDvc 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
