@@ -34,8 +34,8 @@ CONFIG_NAME = "serve_config.json"
 # The core modules the scoring script imports (with their packages' __init__ files).
 CORE_FILES = ("stages/__init__.py", "stages/core/__init__.py", "stages/core/chat.py",
               "stages/core/pii.py", "stages/core/generate.py")
-# serve/ modules that only the repository needs (building this folder, starting the local server).
-REPO_ONLY = {"codefolder.py", "local_server.py"}
+# serve/ modules that only the repository needs (building this folder).
+REPO_ONLY = {"codefolder.py"}
 
 
 def serve_config(params_path: str | Path | None = None) -> dict:

@@ -1,0 +1,333 @@
+"""deploy stage: run the packaged model behind the Azure ML inference server, locally or on Azure.
+
+    python -m stages.deploy                 # params deploy.target: local | azure | none
+    python -m stages.deploy serve           # local server in the foreground until Ctrl-C
+
+target local: builds the endpoint's code folder (serve.codefolder, exactly what Azure ML gets),
+starts `azmlinfsrv` (azureml-inference-server-http, the server Azure ML runs for scoring scripts)
+with serve/score.py and models/merged on deploy.host:deploy.port, waits until it answers its
+liveness route (GET /), sends the smoke prompts, one batch and one invalid request to POST /score,
+writes metrics/deploy.json and stops the server (the stage leaves no process behind).
+
+target azure: runs `python -m stages.azure.endpoints deploy` (managed online endpoint; see
+docs/azure.md) and records its exit status. target none: records that nothing was deployed.
+
+azmlinfsrv always binds 0.0.0.0. For a loopback host this stage starts the same server entry point
+(`azureml_inference_server_http.amlserver.run`, same arguments) with the bind address replaced, so
+the model is not exposed to the network; with host 0.0.0.0 it runs the `azmlinfsrv` command itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .core import cli
+from .core.io import write_json
+from .core.params import ConfigError, DeployParams, load_params
+
+STAGE = "deploy"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# azmlinfsrv's own entry point with the bind host replaced (it hard-codes 0.0.0.0).
+BIND_WRAPPER = ("import sys; from azureml_inference_server_http import amlserver; "
+                "amlserver.DEFAULT_HOST = sys.argv.pop(1); sys.exit(amlserver.run())")
+
+
+def log(message: str) -> None:
+    print(f"[{STAGE}] {message}", flush=True)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | str | None = None, timeout: float = 120.0,
+         headers: dict | None = None) -> tuple[int, bytes]:
+    """(status, body) of one HTTP request; HTTP errors are results, not exceptions."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class ServerError(Exception):
+    """The local server did not start or stopped unexpectedly."""
+
+
+class LocalServer:
+    """azmlinfsrv serving `model_dir` with the code folder built from this repository.
+
+    with LocalServer("models/merged", serve_config) as server:
+        status, body = http("POST", server.score_url, json.dumps({"instruction": "..."}))
+    """
+
+    def __init__(self, model_dir: str | Path, serve: dict, host: str = "127.0.0.1", port: int = 0,
+                 workers: int = 1, readiness_timeout_s: float = 180.0, work_dir: str | Path | None = None,
+                 extra_env: dict | None = None):
+        self.model_dir = Path(model_dir).resolve()
+        self.serve = dict(serve)
+        self.host, self.port = host, port or free_port(host if host != "0.0.0.0" else "127.0.0.1")
+        self.workers = workers
+        self.readiness_timeout_s = readiness_timeout_s
+        self._own_work_dir = work_dir is None
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="endpoint-"))
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.work_dir / "server.log"
+        self.ready_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host == "0.0.0.0" else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def score_url(self) -> str:
+        return f"{self.base_url}/score"
+
+    def command(self, entry_script: Path) -> list[str]:
+        args = ["--entry_script", str(entry_script), "--model_dir", str(self.model_dir), "--port", str(self.port)]
+        if self.host == "0.0.0.0":
+            binary = shutil.which("azmlinfsrv") or str(Path(sys.executable).parent / "azmlinfsrv")
+            return [binary, *args]
+        return [sys.executable, "-c", BIND_WRAPPER, self.host, *args]
+
+    def start(self) -> "LocalServer":
+        from serve.codefolder import SCORING_SCRIPT, build_code_folder, deployment_environment_variables
+
+        if not (self.model_dir / "config.json").is_file() and not any(self.model_dir.rglob("config.json")):
+            raise ConfigError(f"{self.model_dir} holds no packaged model (run the package stage: dvc repro package)")
+        serve = dict(self.serve)
+        if serve.get("log_path"):  # relative to the repository, not to the server's working directory
+            serve["log_path"] = str((REPO_ROOT / serve["log_path"]).resolve())
+        code_dir = build_code_folder(self.work_dir / "code", serve=serve)
+        env = {k: v for k, v in os.environ.items() if k not in ("AZUREML_MODEL_DIR", "SERVE_CONFIG", "PYTHONPATH")}
+        env.update(deployment_environment_variables(serve))
+        env.update({"WORKER_COUNT": str(self.workers), "AML_APP_ROOT": str(code_dir),
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "PYTHONUNBUFFERED": "1"})
+        env.update(self.extra_env)
+        self._log_handle = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command(code_dir / SCORING_SCRIPT), cwd=code_dir, env=env,
+                                        stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        self.wait_ready()
+        return self
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_ready(self) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < self.readiness_timeout_s:
+            if self.process.poll() is not None:
+                raise ServerError(f"azmlinfsrv exited with status {self.process.returncode} before it was ready; "
+                                  f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                status, body = http("GET", f"{self.base_url}/", timeout=5)
+                if status == 200:
+                    self.ready_seconds = time.monotonic() - started
+                    return self.ready_seconds
+            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"azmlinfsrv was not ready within {self.readiness_timeout_s:g} s "
+                          f"(deploy.readiness_timeout_s); log {self.log_path}:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            return self.process is not None and self.process.poll() is None and \
+                http("GET", f"{self.base_url}/", timeout=10)[0] == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the server's process group (gunicorn master and its workers), then SIGKILL."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        if self.process is not None:
+            try:  # workers left behind by a killed master
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if getattr(self, "_log_handle", None):
+            self._log_handle.close()
+            self._log_handle = None
+        if self._own_work_dir and self.process is not None and self.process.returncode is not None:
+            shutil.rmtree(self.work_dir / "code", ignore_errors=True)
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke test
+# ---------------------------------------------------------------------------------------------
+
+ANSWER_KEYS = ("response", "prompt_tokens", "completion_tokens", "response_time_ms")
+
+
+def smoke_test(server: LocalServer, prompts: list[str], max_new_tokens: int = 32) -> dict:
+    """Each smoke prompt, one batch of them and one invalid request against POST /score."""
+    from stages.core.pii import redact
+
+    checks, failures = [], []
+    for prompt in prompts:
+        started = time.perf_counter()
+        status, body = http("POST", server.score_url, json.dumps({"instruction": prompt, "max_new_tokens": max_new_tokens}))
+        latency = (time.perf_counter() - started) * 1000
+        entry = {"instruction": redact(prompt)[0], "status": status, "latency_ms": round(latency, 1)}
+        try:
+            answer = json.loads(body)
+        except json.JSONDecodeError:
+            answer = None
+        if status == 200 and isinstance(answer, dict) and all(k in answer for k in ANSWER_KEYS):
+            entry.update(response=redact(answer["response"])[0][:300], prompt_tokens=answer["prompt_tokens"],
+                         completion_tokens=answer["completion_tokens"], finish_reason=answer.get("finish_reason"))
+        else:
+            failures.append(f"'{prompt}': HTTP {status} {body[:200]!r}")
+        checks.append(entry)
+    status, body = http("POST", server.score_url,
+                        json.dumps({"requests": [{"instruction": p, "max_new_tokens": 8} for p in prompts]}))
+    batch_ok = status == 200 and isinstance(json.loads(body), list) and len(json.loads(body)) == len(prompts)
+    if not batch_ok:
+        failures.append(f"batch request: HTTP {status} {body[:200]!r}")
+    status_bad, body_bad = http("POST", server.score_url, json.dumps({"instruction": "hi", "max_new_tokens": -1}))
+    bad_ok = status_bad == 400 and "max_new_tokens" in body_bad.decode("utf-8", "replace")
+    if not bad_ok:
+        failures.append(f"invalid request answered HTTP {status_bad} {body_bad[:200]!r}, expected 400 naming max_new_tokens")
+    healthy = server.healthy()
+    if not healthy:
+        failures.append("server not healthy after the smoke test")
+    return {"requests": checks, "batch_ok": batch_ok, "invalid_request_status": status_bad, "healthy_after": healthy,
+            "passed": not failures, "failures": failures}
+
+
+def model_summary(model_dir: Path) -> dict:
+    card_path = model_dir / "card.json"
+    if not card_path.is_file():
+        return {}
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    return {"name": card.get("name"), "method": card.get("model", {}).get("method"),
+            "merge_check_passed": card.get("merge_check", {}).get("passed"),
+            "git_commit": card.get("git", {}).get("commit"), "data_hash": card.get("data_hash")}
+
+
+def deploy_local(model_dir: Path, serve: dict, deploy: DeployParams) -> dict:
+    import azureml_inference_server_http
+
+    started = time.perf_counter()
+    with LocalServer(model_dir, serve, host=deploy.host, port=deploy.port,
+                     readiness_timeout_s=deploy.readiness_timeout_s) as server:
+        log(f"azmlinfsrv ready at {server.base_url} in {server.ready_seconds:.1f} s")
+        smoke = smoke_test(server, deploy.smoke_prompts)
+        url = server.score_url
+        ready = server.ready_seconds
+    stopped = server.process.returncode is not None
+    for entry in smoke["requests"]:
+        log(f"smoke: HTTP {entry['status']} in {entry['latency_ms']:.0f} ms: {entry.get('response', '')[:80]!r}")
+    return {"target": "local", "passed": smoke["passed"] and stopped, "url": url,
+            "server": f"azmlinfsrv {azureml_inference_server_http.__version__}", "ready_seconds": round(ready, 2),
+            "threads": serve["threads"], "smoke": smoke, "server_stopped": stopped,
+            "model": model_summary(model_dir), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def deploy_azure() -> dict:
+    if not (REPO_ROOT / "stages" / "azure" / "endpoints.py").is_file():
+        raise ConfigError("deploy.target is azure but stages/azure/endpoints.py does not exist")
+    log("target azure: python -m stages.azure.endpoints deploy")
+    result = subprocess.run([sys.executable, "-m", "stages.azure.endpoints", "deploy"], cwd=REPO_ROOT)
+    return {"target": "azure", "passed": result.returncode == 0, "returncode": result.returncode}
+
+
+def serve_forever(model_dir: Path, serve: dict, deploy: DeployParams, port: int | None) -> int:
+    server = LocalServer(model_dir, serve, host=deploy.host, port=port if port is not None else deploy.port,
+                         readiness_timeout_s=deploy.readiness_timeout_s, work_dir=REPO_ROOT / "build" / "endpoint")
+    server.start()
+    log(f"serving {model_dir} at {server.score_url} (liveness: GET {server.base_url}/); server log {server.log_path}; "
+        "Ctrl-C stops it")
+    log(f"try: curl -s -X POST {server.score_url} -H 'Content-Type: application/json' "
+        "-d '{\"instruction\": \"How do I submit an expense report?\"}'")
+    try:
+        while server.process.poll() is None:
+            time.sleep(1)
+        log(f"server exited with status {server.process.returncode}")
+        return 1
+    except KeyboardInterrupt:
+        log("stopping")
+        return 0
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run",
+                        help="run: the DVC stage (deploy.target); serve: local server until Ctrl-C")
+    parser.add_argument("--model", default="models/merged")
+    parser.add_argument("--metrics", default="metrics/deploy.json")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--port", type=int, default=None, help="serve: override deploy.port")
+    args = parser.parse_args(argv)
+
+    def work():
+        params = load_params(args.params)
+        serve = params.serve.model_dump()
+        model_dir = Path(args.model)
+        if args.command == "serve":
+            return serve_forever(model_dir, serve, params.deploy, args.port)
+        target = params.deploy.target
+        try:
+            if target == "local":
+                result = deploy_local(model_dir, serve, params.deploy)
+            elif target == "azure":
+                result = deploy_azure()
+            else:
+                result = {"target": "none", "passed": True, "skipped": True}
+        except ServerError as exc:
+            result = {"target": target, "passed": False, "error": str(exc)[:4000]}
+        write_json(args.metrics, result)
+        if not result["passed"]:
+            print(f"[{STAGE}] deployment failed: {result.get('error') or '; '.join(result.get('smoke', {}).get('failures', [])) or result}",
+                  file=sys.stderr)
+            return 1
+        log(f"{target}: passed; wrote {args.metrics}")
+        return 0
+
+    return cli.run(work, STAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

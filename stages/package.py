@@ -1,0 +1,377 @@
+"""package stage: merge the adapter into the base weights, prove the merge, write a servable model.
+
+    python -m stages.package --adapter models/adapter --data data/processed --output models/merged \
+        --metrics metrics/package.json --eval-metrics metrics/eval.json --train-metrics metrics/train.json
+
+1. Load the base model in 16-bit (bf16 for a real Llama; fp32 for the embedded model; never 4-bit:
+   a QLoRA adapter is applied to the base reloaded in 16-bit) with the adapter from models/adapter.
+2. Answer `package.check_prompts` prompts from the test split greedily and record the logits that
+   decided every answer token (teacher-forced on those answers).
+3. Merge the adapter into the weights (peft merge_and_unload), save, reload the saved model from
+   disk and do the same: the greedy tokens must be identical and the largest logit difference,
+   relative to the largest logit, within `package.logits_tolerance`; otherwise the stage fails and
+   writes nothing.
+4. models/merged/: model.safetensors + config.json, tokenizer with the Llama 3 chat template,
+   generation_config.json (stops on <|eot_id|> and <|end_of_text|>, pads with
+   <|finetune_right_pad_id|>), serving.json (default system prompt for the endpoint), model_card.md
+   and card.json (merge check, metrics, data hash, params, git commit, dvc.lock hashes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .core import cli
+from .core.chat import (BEGIN_OF_TEXT_ID, CHAT_TEMPLATE, PAD, PAD_ID, STOP_IDS, check_tokenizer, prompt_ids)
+from .core.generate import generate_batch
+from .core.io import atomic_dir, read_jsonl, write_json, write_text_atomic
+from .core.modeling import EMBEDDED, count_parameters, load_tuned_model, resolve_device
+from .core.params import ConfigError, ModelParams, PackageParams, load_params
+
+STAGE = "package"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Used for the merge check only when no processed split exists (e.g. packaging an adapter by hand).
+FALLBACK_PROMPTS = [
+    ("You are a helpful corporate assistant.", "How do I submit an expense report?"),
+    ("You are a helpful corporate assistant.", "What is the PM job code?"),
+    ("You are a helpful corporate assistant.", "Who approves annual leave?"),
+    ("", "How do I reset my password?"),
+]
+
+
+class MergeCheckError(Exception):
+    """The merged model does not reproduce the adapter model."""
+
+
+def log(message: str) -> None:
+    print(f"[{STAGE}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+def read_manifest(adapter_dir: Path) -> dict:
+    path = adapter_dir / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: --adapter must be a train stage output (dvc repro train)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    missing = [key for key in ("method", "params") if key not in manifest]
+    if missing:
+        raise ConfigError(f"{path} lacks {', '.join(missing)}")
+    if manifest["method"] not in ("lora", "qlora", "full"):
+        raise ConfigError(f"{path}: unknown method {manifest['method']!r} (lora, qlora or full)")
+    weights = adapter_dir / ("model" if manifest["method"] == "full" else "adapter")
+    if not weights.is_dir():
+        raise ConfigError(f"{weights} not found (manifest says method {manifest['method']})")
+    return manifest
+
+
+def check_prompts(data_dir: Path | None, count: int) -> tuple[list[tuple[str, str]], str]:
+    """(system, instruction) pairs for the merge check: test split first, then val, then built-in."""
+    for name in ("test.jsonl", "val.jsonl", "train.jsonl"):
+        path = data_dir / name if data_dir else None
+        if path and path.is_file():
+            rows = [row for row in read_jsonl(path) if row.get("instruction")]
+            if rows:
+                return [(row.get("system", ""), row["instruction"]) for row in rows[:count]], str(path)
+    return FALLBACK_PROMPTS[:count], "built-in prompts"
+
+
+def training_system_prompt(data_dir: Path | None) -> str:
+    """The system prompt most used in training: the endpoint's default when a request gives none."""
+    path = data_dir / "train.jsonl" if data_dir else None
+    if not path or not path.is_file():
+        return ""
+    counts = collections.Counter(row.get("system", "") for row in read_jsonl(path))
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def save_dtype(choice: str, model: ModelParams) -> torch.dtype:
+    if choice == "auto":
+        return torch.float32 if model.base == EMBEDDED else torch.bfloat16
+    return DTYPES[choice]
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge check
+# ---------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def answer_and_logits(model, prompts: list[list[int]], max_new_tokens: int,
+                      reference: list[list[int]] | None = None) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy answers, and the logits at the positions that chose each token of `reference`
+    (the model's own answers when None), on the CPU in fp32."""
+    answers = [g.token_ids for g in generate_batch(model, prompts, max_new_tokens, temperature=0.0)]
+    follow = reference if reference is not None else answers
+    device = next(model.parameters()).device
+    logits = []
+    for prompt, answer in zip(prompts, follow):
+        ids = torch.tensor([prompt + answer], dtype=torch.long, device=device)
+        # Only the positions that chose the answer's tokens (and the one after it) reach the LM head.
+        out = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0]
+        logits.append(out.float().cpu())
+    return answers, logits
+
+
+def compare(ref_answers, ref_logits, answers, logits, tolerance: float) -> dict:
+    identical = sum(a == b for a, b in zip(ref_answers, answers))
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(ref_logits, logits))
+    scale = max(float(a.abs().max()) for a in ref_logits)
+    relative = max_diff / scale if scale > 0 else max_diff
+    return {
+        "prompts": len(ref_answers), "greedy_identical": identical,
+        "greedy_tokens_identical": identical == len(ref_answers),
+        "max_abs_logit_diff": max_diff, "max_abs_logit": scale, "relative_logit_diff": relative,
+        "logits_tolerance": tolerance, "logits_within_tolerance": relative <= tolerance,
+        "passed": identical == len(ref_answers) and relative <= tolerance,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Card
+# ---------------------------------------------------------------------------------------------
+
+def git_commit() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def dvc_lock_hashes(path: Path) -> dict:
+    """Per stage of dvc.lock: the md5 of every dependency and output."""
+    if not path.is_file():
+        return {}
+    import yaml
+
+    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    stages = {}
+    for name, stage in (lock.get("stages") or {}).items():
+        entry = {}
+        for kind in ("deps", "outs"):
+            entry[kind] = {item["path"]: item.get("md5") or item.get("hash") for item in stage.get(kind) or []
+                           if isinstance(item, dict) and "path" in item}
+        stages[name] = entry
+    return stages
+
+
+def read_metrics(path: Path | None) -> dict | None:
+    if path and path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return {"error": f"{path} is not valid JSON"}
+    return None
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_card(card: dict) -> str:
+    model, check = card["model"], card["merge_check"]
+    lines = [
+        f"# {card['name']}", "",
+        f"Llama 3 chat model fine-tuned with **{model['method']}** on `{model['base']}` and merged into "
+        f"{model['dtype']} weights ({model['parameters']:,} parameters). Packaged {card['created']}.", "",
+        "## Use", "",
+        "Prompt format: the Llama 3 chat template saved with the tokenizer (system, user, assistant turns; "
+        "generation stops on `<|eot_id|>` or `<|end_of_text|>`). Serve it with `serve/score.py` "
+        "(see docs/serving.md):", "",
+        "```", "python -m stages.deploy serve    # azmlinfsrv on 127.0.0.1, POST /score", "```", "",
+        f"Default system prompt (when a request gives none): \"{card['serving']['default_system']}\"", "",
+        "## Merge check", "",
+        f"The merged model, reloaded from disk, against the {model['method']} model on {check['prompts']} prompts "
+        f"({check['source']}), up to {check['max_new_tokens']} new tokens each:", "",
+        "| check | result |", "|---|---|",
+        f"| greedy answers token-identical | {check['greedy_identical']}/{check['prompts']} |",
+        f"| max abs logit difference | {_fmt(check['max_abs_logit_diff'])} (max abs logit {_fmt(check['max_abs_logit'])}) |",
+        f"| relative logit difference | {_fmt(check['relative_logit_diff'])} (tolerance {_fmt(check['logits_tolerance'])}) |",
+        f"| passed | {check['passed']} |", "",
+    ]
+    evaluation = card["metrics"].get("eval")
+    if evaluation:
+        lines += ["## Evaluation (metrics/eval.json)", ""]
+        base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
+        keys = [k for k in tuned if isinstance(tuned.get(k), (int, float)) and not isinstance(tuned.get(k), bool)]
+        if keys:
+            lines += ["| metric | base | tuned |", "|---|---|---|"]
+            lines += [f"| {k} | {_fmt(base.get(k, '-'))} | {_fmt(tuned[k])} |" for k in keys]
+        gate = evaluation.get("gate")
+        if gate:
+            lines += ["", f"Gate passed: {gate.get('passed')}" +
+                      (f" ({'; '.join(gate.get('reasons') or [])})" if gate.get("reasons") else "")]
+        lines.append("")
+    else:
+        lines += ["## Evaluation", "", "metrics/eval.json was not available when this model was packaged.", ""]
+    train = card["metrics"].get("train")
+    if train:
+        lines += ["## Training (metrics/train.json)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in train.items() if isinstance(v, (int, float, str, bool))]
+        lines.append("")
+    lines += ["## Provenance", "",
+              f"- data hash: `{card['data_hash']}`",
+              f"- git commit: `{card['git']['commit']}`" + (" (uncommitted changes)" if card["git"]["dirty"] else ""),
+              f"- versions: {', '.join(f'{k} {v}' for k, v in card['versions'].items())}"]
+    if card["dvc_lock"]:
+        lines += ["", "dvc.lock hashes at packaging time:", "", "| stage | path | md5 |", "|---|---|---|"]
+        for stage, entry in card["dvc_lock"].items():
+            for kind in ("deps", "outs"):
+                for path, md5 in entry[kind].items():
+                    lines.append(f"| {stage} ({kind[:-1]}) | {path} | `{md5}` |")
+    lines += ["", "Training parameters: see card.json (`params`).", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def package(adapter_dir: str | Path, output: str | Path, package_params: PackageParams = PackageParams(),
+            data_dir: str | Path | None = None, eval_metrics: str | Path | None = None,
+            train_metrics: str | Path | None = None, dvc_lock: str | Path | None = "dvc.lock",
+            device: str = "auto") -> dict:
+    """Merge, check, save to `output` (atomically). Returns the card; raises MergeCheckError."""
+    started = time.perf_counter()
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    data_dir = Path(data_dir) if data_dir else None
+    manifest = read_manifest(adapter_dir)
+    method = manifest["method"]
+    model_params = ModelParams.model_validate(manifest["params"].get("model", {}))
+    dtype = save_dtype(package_params.dtype, model_params)
+    torch_device = resolve_device(device)
+    if dtype != torch.float32 and torch_device.type == "cpu":
+        log(f"note: checking a {dtype} merge on the CPU (slow for large models)")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir / "tokenizer"))
+    check_tokenizer(tokenizer)
+    tokenizer.pad_token = PAD
+    tokenizer.chat_template = CHAT_TEMPLATE
+
+    pairs, source = check_prompts(data_dir, package_params.check_prompts)
+    prompts = [prompt_ids(tokenizer, system, instruction) for system, instruction in pairs]
+
+    # The adapter model: 16-bit (or fp32) base + adapter. For QLoRA the base is *not* quantized here,
+    # so the merge lands in 16-bit weights.
+    tuned = load_tuned_model(model_params, adapter_dir, method, dtype=dtype, device=torch_device)
+    tuned.eval()
+    ref_answers, ref_logits = answer_and_logits(tuned, prompts, package_params.check_max_new_tokens)
+    merged = tuned.merge_and_unload() if method != "full" else tuned
+    merged = merged.to(dtype)
+    merged.config.pad_token_id = PAD_ID
+    merged.config.eos_token_id = list(STOP_IDS)
+    merged.config.bos_token_id = BEGIN_OF_TEXT_ID
+    generation_config = GenerationConfig(bos_token_id=BEGIN_OF_TEXT_ID, eos_token_id=list(STOP_IDS),
+                                         pad_token_id=PAD_ID, do_sample=False)
+    merged.generation_config = generation_config
+    parameters = count_parameters(merged)[1]
+
+    with atomic_dir(output) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del merged, tuned
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype).to(torch_device)
+        reloaded.eval()
+        answers, logits = answer_and_logits(reloaded, prompts, package_params.check_max_new_tokens, ref_answers)
+        del reloaded
+        result = compare(ref_answers, ref_logits, answers, logits, package_params.logits_tolerance)
+        result.update(source=source, max_new_tokens=package_params.check_max_new_tokens)
+        log(f"merge check: {result['greedy_identical']}/{result['prompts']} greedy answers identical, "
+            f"relative logit diff {result['relative_logit_diff']:.3g} (tolerance {result['logits_tolerance']:g})")
+        if not result["passed"]:
+            problems = []
+            if not result["greedy_tokens_identical"]:
+                problems.append(f"only {result['greedy_identical']} of {result['prompts']} greedy answers are "
+                                "token-identical")
+            if not result["logits_within_tolerance"]:
+                problems.append(f"relative logit difference {result['relative_logit_diff']:.3g} exceeds "
+                                f"package.logits_tolerance {result['logits_tolerance']:g}")
+            raise MergeCheckError("the merged model does not reproduce the adapter model: " + "; ".join(problems))
+
+        serving = {"default_system": training_system_prompt(data_dir), "chat_format": "llama3",
+                   "stop_token_ids": list(STOP_IDS), "pad_token_id": PAD_ID}
+        write_json(tmp / "serving.json", serving)
+        card = {
+            "name": f"{Path(model_params.base).name if model_params.base != EMBEDDED else 'embedded-llama'}-{method}-merged",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"base": model_params.base, "tokenizer": model_params.tokenizer, "method": method,
+                      "dtype": str(dtype).removeprefix("torch."), "parameters": parameters,
+                      "max_seq_length": model_params.max_seq_length},
+            "merge_check": result,
+            "metrics": {"eval": read_metrics(Path(eval_metrics) if eval_metrics else None),
+                        "train": read_metrics(Path(train_metrics) if train_metrics else None)},
+            "data_hash": manifest.get("data_hash"),
+            "params": manifest["params"],
+            "package_params": package_params.model_dump(),
+            "training_git_commit": manifest.get("git_commit"),
+            "git": git_commit(),
+            "dvc_lock": dvc_lock_hashes(Path(dvc_lock)) if dvc_lock else {},
+            "versions": versions(),
+            "training_versions": manifest.get("versions"),
+            "serving": serving,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        write_json(tmp / "card.json", card)
+        write_text_atomic(tmp / "model_card.md", render_card(card))
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.package", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", default="models/adapter")
+    parser.add_argument("--data", default="data/processed", help="processed splits (merge-check prompts)")
+    parser.add_argument("--output", default="models/merged")
+    parser.add_argument("--metrics", default="metrics/package.json")
+    parser.add_argument("--eval-metrics", default="metrics/eval.json")
+    parser.add_argument("--train-metrics", default="metrics/train.json")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    def work():
+        params = load_params(args.params)
+        card = package(args.adapter, args.output, params.package, data_dir=args.data,
+                       eval_metrics=args.eval_metrics, train_metrics=args.train_metrics)
+        write_json(args.metrics, {"merge_check": card["merge_check"], "parameters": card["model"]["parameters"],
+                                  "dtype": card["model"]["dtype"], "seconds": card["seconds"]})
+        log(f"wrote {args.output} ({card['model']['parameters']:,} parameters, {card['model']['dtype']}) "
+            f"in {card['seconds']} s")
+
+    try:
+        return cli.run(work, STAGE)
+    except MergeCheckError as exc:
+        print(f"[{STAGE}] merge check failed: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
