@@ -1,6 +1,6 @@
 // Development environment: a sandbox for infrastructure and Azure ML changes, with its own
-// workspace and DVC storage. Its jobs sign in through the GitHub environment `dev` (and its
-// pull-request jobs, read only, through `dev-pr`).
+// workspace and DVC storage. Its jobs sign in through the GitHub environment `dev`; pull-request
+// jobs sign in as its read-only identity (repository variables AZURE_PR_CLIENT_ID_DEV, ...).
 //   az deployment group create -g <dev-rg> --parameters infra/dev.bicepparam
 // Values marked "params.yaml" must equal the `azure:` section there (tests/test_infra.py checks).
 using 'main.bicep'
@@ -9,9 +9,6 @@ param environmentName = 'dev'
 param githubRepository = readEnvironmentVariable('GITHUB_REPOSITORY', 'your-org/llama-finetune')
 param githubEnvironments = [
   'dev'
-]
-param githubPullRequestEnvironments = [
-  'dev-pr'
 ]
 param ciCanDeployInfra = true
 

@@ -33,8 +33,6 @@ param githubRepository string
 @description('GitHub environments whose jobs may sign in as the CI identity (train jobs, submit, deploy).')
 param githubEnvironments array
 
-@description('GitHub environments of pull-request jobs: they sign in as a separate read-only identity.')
-param githubPullRequestEnvironments array
 
 @description('Let the CI identity deploy this template (Contributor + a role-limited RBAC administrator on the resource group).')
 param ciCanDeployInfra bool = false
@@ -229,18 +227,21 @@ module githubIdentity 'modules/github-identity.bicep' = {
     location: location
     identityName: names.ciIdentity
     githubRepository: githubRepository
-    githubEnvironments: githubEnvironments
+    subjects: [for env in githubEnvironments: 'environment:${env}']
     tags: tags
   }
 }
 
+// Pull-request jobs (dvc pull, what-if) sign in as a separate, read-only identity.
 module githubPullRequestIdentity 'modules/github-identity.bicep' = {
   name: 'github-pr-identity'
   params: {
     location: location
     identityName: names.prIdentity
     githubRepository: githubRepository
-    githubEnvironments: githubPullRequestEnvironments
+    subjects: [
+      'pull_request'
+    ]
     tags: tags
   }
 }

@@ -1,6 +1,6 @@
 // Production environment: the DVC remote of .dvc/config, training on main (GitHub environment
-// `train`), promotion to the endpoint (GitHub environment `prod`, with required reviewers), and
-// read-only pull-request jobs (GitHub environment `pr`: dvc pull, what-if).
+// `train`), promotion to the endpoint (GitHub environment `prod`, with required reviewers); pull-
+// request jobs (dvc pull, what-if) sign in as its read-only identity (AZURE_PR_CLIENT_ID_PROD).
 //   az deployment group create -g <prod-rg> --parameters infra/prod.bicepparam
 // Values marked "params.yaml" must equal the `azure:` section there (tests/test_infra.py checks).
 using 'main.bicep'
@@ -10,9 +10,6 @@ param githubRepository = readEnvironmentVariable('GITHUB_REPOSITORY', 'your-org/
 param githubEnvironments = [
   'train'
   'prod'
-]
-param githubPullRequestEnvironments = [
-  'pr'
 ]
 param ciCanDeployInfra = true
 

@@ -343,25 +343,33 @@ def test_github_identity_uses_oidc_federation_without_secrets():
     (fed,) = resources_of_type(
         parsed, "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials").values()
     assert {"type": "batchSize", "argument": 1} in fed["decorators"]  # serial writes
-    assert fed["config"]["loop_type"]["detail"] == {"item_name": "env", "array_name": "githubEnvironments"}
+    assert fed["config"]["loop_type"]["detail"] == {"item_name": "subject", "array_name": "subjects"}
     props = body(fed)["properties"]
     assert props["issuer"] == "https://token.actions.githubusercontent.com"
-    assert props["subject"] == "repo:${githubRepository}:environment:${env}"
+    assert props["subject"] == "repo:${githubRepository}:${subject}"
     assert props["audiences"] == ["api://AzureADTokenExchange"]
     for path in BICEP_FILES + list(PARAM_FILES.values()):
         text = path.read_text().lower()
         for word in ("clientsecret", "client_secret", "password:", "listkeys("):
             assert word not in text, f"{path.name} contains {word}"
-    for env, path in PARAM_FILES.items():
-        _, values = parse_bicepparam(path)
-        assert values["githubEnvironments"] and values["githubPullRequestEnvironments"]
-        assert not set(values["githubEnvironments"]) & set(values["githubPullRequestEnvironments"]), env
+
+
+def test_ci_identity_per_environment_and_read_only_pull_request_identity():
+    mods = parse(INFRA / "main.bicep")["modules"]
+    ci = mods["githubIdentity"]["config"]["params"]["subjects"]
+    assert ci["loop_type"]["detail"] == {"item_name": "env", "array_name": "githubEnvironments"}
+    assert ci["config"] == "environment:${env}"
+    assert mods["githubPullRequestIdentity"]["config"]["params"]["subjects"] == ["pull_request"]
+    roles = mods["roles"]["config"]["params"]
+    assert roles["prPrincipalId"]["operator"]["operands"]["operand_1"] == "githubPullRequestIdentity"
+    assert roles["ciPrincipalId"]["operator"]["operands"]["operand_1"] == "githubIdentity"
 
 
 def test_prod_reviewed_environment_is_federated():
-    _, values = parse_bicepparam(PARAM_FILES["prod"])
-    assert "prod" in values["githubEnvironments"] and "train" in values["githubEnvironments"]
-    assert values["githubPullRequestEnvironments"] == ["pr"]
+    _, prod = parse_bicepparam(PARAM_FILES["prod"])
+    assert set(prod["githubEnvironments"]) == {"train", "prod"}
+    _, dev = parse_bicepparam(PARAM_FILES["dev"])
+    assert dev["githubEnvironments"] == ["dev"]
 
 
 def test_diagnostic_settings_send_everything_to_log_analytics():

@@ -1,6 +1,7 @@
-// The identity GitHub Actions signs in as: a user-assigned managed identity with one federated
-// credential per GitHub environment (OIDC). No client secret exists anywhere; a workflow job that
-// declares `environment: <name>` in repository <githubRepository> receives a token for it.
+// An identity GitHub Actions signs in as: a user-assigned managed identity with one federated
+// credential (OIDC) per token subject. No client secret exists anywhere. Subjects, after
+// `repo:<owner>/<name>:`: `environment:<name>` for a job that declares that GitHub environment,
+// `pull_request` for a pull-request job (GitHub gives fork pull requests no OIDC token at all).
 
 @description('Azure region.')
 param location string
@@ -11,9 +12,9 @@ param identityName string
 @description('GitHub repository as owner/name.')
 param githubRepository string
 
-@description('GitHub environments whose jobs may sign in (for example dev, or train and prod).')
+@description('Token subjects after repo:<owner>/<name>: (environment:prod, pull_request, ...).')
 @minLength(1)
-param githubEnvironments array
+param subjects array
 
 @description('Tags for every resource.')
 param tags object = {}
@@ -26,12 +27,12 @@ resource ciIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31
 
 // Federated credentials of one identity cannot be written concurrently: one at a time.
 @batchSize(1)
-resource federated 'Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials@2023-01-31' = [for env in githubEnvironments: {
+resource federated 'Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials@2023-01-31' = [for subject in subjects: {
   parent: ciIdentity
-  name: 'github-${env}'
+  name: 'github-${replace(subject, ':', '-')}'
   properties: {
     issuer: 'https://token.actions.githubusercontent.com'
-    subject: 'repo:${githubRepository}:environment:${env}'
+    subject: 'repo:${githubRepository}:${subject}'
     audiences: [
       'api://AzureADTokenExchange'
     ]
