@@ -223,7 +223,12 @@ def submit(params: Params, out: Path, results_dir: Path, wait: bool = True, appl
     client = az.ml_client(workspace)
     key_vault_url = workspace_key_vault_url(client)
     specs = write_training_specs(params, out, repo_root, key_vault_url=key_vault_url)
-    job = client.jobs.create_or_update(load_job(specs["job"]))
+    from azure.ai.ml import load_environment
+
+    environment = client.environments.create_or_update(load_environment(specs["environment"]))
+    job = load_job(specs["job"])
+    job.environment = f"{environment.name}:{environment.version}"   # the named, registered build
+    job = client.jobs.create_or_update(job)
     print(f"submitted {job.name}: {job.studio_url}", flush=True)
     if not wait:
         return 0
