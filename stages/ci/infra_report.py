@@ -3,6 +3,11 @@ settings the other workflows and DVC read.
 
     python -m stages.ci.infra_report whatif --input whatif.txt --env dev --out whatif.md [--status failed]
     python -m stages.ci.infra_report outputs --input outputs.json [--github-env FILE] [--dvc-commands]
+    python -m stages.ci.infra_report live-deployment --input traffic.json
+
+`live-deployment` reads the endpoint's traffic map (`az resource show ... --query properties.traffic`)
+and prints the deployment that carries the most traffic: the one autoscale must target
+(infra/*.bicepparam read it from AUTOSCALE_DEPLOYMENT); nothing when there is none yet.
 
 `outputs` reads `az deployment group show -g RG -n NAME --query properties.outputs` (or the
 `create` result) and prints the GitHub environment variables to set (AZURE_CLIENT_ID, ...), and
@@ -110,6 +115,16 @@ def dvc_commands(outputs: dict[str, str], remote: str = "azure") -> list[str]:
             f"dvc remote modify {remote} account_name {outputs['storageAccountName']}"]
 
 
+def live_deployment(traffic) -> str:
+    """The deployment with the largest traffic share ('' when none carries traffic)."""
+    if not isinstance(traffic, dict):
+        return ""
+    shares = {str(k): v for k, v in traffic.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
+    if not shares:
+        return ""
+    return sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.ci.infra_report", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--pull-request", action="store_true", help="variables of the read-only pull-request environment")
     o.add_argument("--github-env", default=None, help="append NAME=value lines to this file ($GITHUB_ENV)")
     o.add_argument("--dvc-commands", action="store_true", help="also print the dvc remote commands")
+    t = sub.add_parser("live-deployment", help="the deployment carrying the most endpoint traffic")
+    t.add_argument("--input", required=True, help="traffic JSON, e.g. {\"blue\": 100} ('-' = stdin; empty = none)")
     args = parser.parse_args(argv)
     try:
         if args.input == "-":
@@ -133,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             if not path.is_file():
                 raise InfraReportError(f"{path} not found")
             text = path.read_text(encoding="utf-8", errors="replace")
+        if args.command == "live-deployment":
+            try:
+                traffic = json.loads(text) if text.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise InfraReportError(f"traffic is not JSON: {exc}") from None
+            print(live_deployment(traffic))
+            return 0
         if args.command == "whatif":
             body = whatif_comment(text, args.env, args.status, args.run_url)
             if args.out == "-":
