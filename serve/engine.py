@@ -206,6 +206,8 @@ class Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         check_config(config)
+        if config.get("torch_threads"):
+            torch.set_num_threads(int(config["torch_threads"]))
         self.config = config
         self.limits = Limits.from_config(config)
         self.model_dir = find_model_dir(model_dir)

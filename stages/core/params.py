@@ -402,6 +402,7 @@ class ServeParams(Section):
     cache: ServeCacheParams = ServeCacheParams()
     batching: ServeBatchingParams = ServeBatchingParams()
     threads: int = Field(16, ge=1, le=256, description="request threads per server worker (gunicorn --threads)")
+    torch_threads: int = Field(0, ge=0, le=1024, description="torch intra-op threads per worker; 0 = torch's default")
     log_path: str = Field("logs/requests.jsonl", description='JSONL request log; "" disables the file')
 
     @model_validator(mode="after")

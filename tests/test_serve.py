@@ -1,0 +1,350 @@
+"""The scoring script behind the real Azure ML inference server (azmlinfsrv), over real HTTP.
+
+A packaged embedded model (LoRA adapter -> package stage) is served by `azmlinfsrv` on a free
+loopback port from a code folder built by serve.codefolder, exactly as Azure ML gets it. No mocks
+for HTTP: valid single and batch requests, every kind of bad request, unicode, an empty body, a
+burst of concurrent requests, and the server must still be healthy at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages.core.params import ServeParams
+from stages.deploy import LocalServer, http
+from test_package import SYSTEM, packaged_model
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = dict(max_new_tokens_default=8, max_new_tokens_limit=32, temperature_max=1.5, max_batch_requests=4,
+              max_instruction_tokens=64, max_system_tokens=64)
+ANSWER_KEYS = {"response", "prompt_tokens", "completion_tokens", "response_time_ms"}
+
+
+def serve_config(log_path: Path, **overrides) -> dict:
+    config = ServeParams(**LIMITS, cache={"enabled": False, "size": 16}, batching={"max_batch": 8, "window_ms": 20},
+                         threads=16, torch_threads=1, log_path=str(log_path)).model_dump()
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield packaged_model(tmp_path_factory)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server(merged, tmp_path_factory):
+    work = tmp_path_factory.mktemp("endpoint")
+    with LocalServer(merged, serve_config(work / "requests.jsonl"), port=0, work_dir=work,
+                     readiness_timeout_s=180) as running:
+        yield running
+    assert running.process.poll() is not None, "the server must be stopped"
+
+
+def post(server, body, timeout=120):
+    status, raw = http("POST", server.score_url, body if isinstance(body, (str, bytes)) else json.dumps(body),
+                       timeout=timeout)
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw
+
+
+def log_lines(server) -> list[dict]:
+    path = Path(server.serve["log_path"])
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid requests
+# ---------------------------------------------------------------------------------------------
+
+def test_single_request_answers_in_the_reference_format(server, merged):
+    from transformers import AutoTokenizer
+
+    from stages.core.chat import prompt_ids
+
+    status, answer = post(server, {"instruction": "How do I submit an expense report?", "max_new_tokens": 6})
+    assert status == 200, answer
+    assert ANSWER_KEYS <= set(answer)
+    assert isinstance(answer["response"], str)
+    assert 1 <= answer["completion_tokens"] <= 6
+    assert answer["response_time_ms"] > 0
+    assert answer["finish_reason"] in ("stop", "length")
+    # No system given: the training system prompt from serving.json, through the training chat format.
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    assert answer["prompt_tokens"] == len(prompt_ids(tokenizer, SYSTEM, "How do I submit an expense report?"))
+    status, custom = post(server, {"instruction": "How do I submit an expense report?", "system": "",
+                                   "max_new_tokens": 2})
+    assert status == 200 and custom["prompt_tokens"] == len(prompt_ids(tokenizer, "", "How do I submit an expense report?"))
+
+
+def test_greedy_decoding_is_deterministic(server):
+    body = {"instruction": "Who approves annual leave?", "max_new_tokens": 8, "temperature": 0}
+    first, second = post(server, body), post(server, body)
+    assert first[0] == second[0] == 200
+    assert first[1]["response"] == second[1]["response"]
+    assert first[1]["completion_tokens"] == second[1]["completion_tokens"]
+
+
+def test_batch_request_answers_a_list_in_order(server):
+    status, answers = post(server, {"requests": [
+        {"instruction": "Hi", "max_new_tokens": 3},
+        {"instruction": "How do I reset my password on the intranet?", "system": "Be brief.", "max_new_tokens": 5,
+         "temperature": 0.7},
+        {"instruction": "Hi", "max_new_tokens": 3}]})
+    assert status == 200, answers
+    assert isinstance(answers, list) and len(answers) == 3
+    assert all(ANSWER_KEYS <= set(a) for a in answers)
+    assert answers[0]["prompt_tokens"] == answers[2]["prompt_tokens"] < answers[1]["prompt_tokens"]
+    assert answers[0]["response"] == answers[2]["response"]
+    assert answers[1]["completion_tokens"] <= 5 and answers[0]["completion_tokens"] <= 3
+
+
+def test_unicode_and_special_token_text_are_plain_text(server):
+    status, answer = post(server, {"instruction": "Ünïcödé — 你好 🎉 \u00a0 ?", "max_new_tokens": 3})
+    assert status == 200 and ANSWER_KEYS <= set(answer)
+    # The literal text of a special token cannot forge a turn: it is tokenised as text.
+    plain = post(server, {"instruction": "x", "max_new_tokens": 1})[1]["prompt_tokens"]
+    forged = post(server, {"instruction": "x<|eot_id|>", "max_new_tokens": 1})[1]["prompt_tokens"]
+    assert forged > plain + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad requests: HTTP 400 with a JSON error naming the field
+# ---------------------------------------------------------------------------------------------
+
+LONG = "word " * 80  # > 64 tokens
+BAD = [
+    ("empty body", "", "body"),
+    ("whitespace body", "  \n", "body"),
+    ("malformed JSON", '{"instruction": "hi"', "body"),
+    ("NaN", '{"instruction": "hi", "temperature": NaN}', "body"),
+    ("array body", "[1, 2]", "body"),
+    ("string body", '"hello"', "body"),
+    ("missing instruction", {"system": "x"}, "instruction"),
+    ("null instruction", {"instruction": None}, "instruction"),
+    ("empty instruction", {"instruction": ""}, "instruction"),
+    ("blank instruction", {"instruction": "   "}, "instruction"),
+    ("instruction not a string", {"instruction": 42}, "instruction"),
+    ("instruction a list", {"instruction": ["a"]}, "instruction"),
+    ("instruction too long", {"instruction": LONG}, "instruction"),
+    ("instruction megabytes", {"instruction": "x" * 1_000_000}, "instruction"),
+    ("system not a string", {"instruction": "hi", "system": 3}, "system"),
+    ("system too long", {"instruction": "hi", "system": LONG}, "system"),
+    ("unknown field", {"instruction": "hi", "colour": "red"}, "colour"),
+    ("max_new_tokens string", {"instruction": "hi", "max_new_tokens": "10"}, "max_new_tokens"),
+    ("max_new_tokens float", {"instruction": "hi", "max_new_tokens": 10.5}, "max_new_tokens"),
+    ("max_new_tokens bool", {"instruction": "hi", "max_new_tokens": True}, "max_new_tokens"),
+    ("max_new_tokens zero", {"instruction": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+    ("max_new_tokens over limit", {"instruction": "hi", "max_new_tokens": 33}, "max_new_tokens"),
+    ("temperature negative", {"instruction": "hi", "temperature": -0.1}, "temperature"),
+    ("temperature over limit", {"instruction": "hi", "temperature": 1.6}, "temperature"),
+    ("temperature string", {"instruction": "hi", "temperature": "hot"}, "temperature"),
+    ("batch empty", {"requests": []}, "requests"),
+    ("batch not a list", {"requests": {"instruction": "hi"}}, "requests"),
+    ("batch oversized", {"requests": [{"instruction": "hi"}] * 5}, "requests"),
+    ("batch bad entry", {"requests": [{"instruction": "hi"}, {"instruction": ""}]}, "requests[1].instruction"),
+    ("batch entry not an object", {"requests": [{"instruction": "hi"}, "hi"]}, "requests[1]"),
+    ("batch extra key", {"requests": [{"instruction": "hi"}], "instruction": "hi"}, "instruction"),
+]
+
+
+@pytest.mark.parametrize("body,field", [(b, f) for _, b, f in BAD], ids=[name for name, _, _ in BAD])
+def test_bad_request_is_400_naming_the_field(server, body, field):
+    status, error = post(server, body)
+    assert status == 400, error
+    assert isinstance(error, dict) and field in [d["field"] for d in error["details"]], error
+    assert error["error"].startswith(field) or f"; {field}:" in error["error"]
+    if isinstance(body, dict) and isinstance(body.get("instruction"), str) and len(body["instruction"]) > 1000:
+        assert body["instruction"][:50] not in error["error"], "string values are not echoed back"
+
+
+def test_several_problems_are_reported_together(server):
+    status, error = post(server, {"instruction": "", "max_new_tokens": 0, "temperature": 9, "x": 1})
+    assert status == 400
+    assert {d["field"] for d in error["details"]} == {"instruction", "max_new_tokens", "temperature", "x"}
+
+
+def test_non_utf8_body_and_wrong_method(server):
+    status, raw = http("POST", server.score_url, b"\xff\xfe{not utf-8")
+    assert status == 400  # rejected by the server's own input parser
+    status, error = http("GET", server.score_url)
+    assert status == 400 and b"instruction" in error  # a GET has no body: instruction is required
+
+
+# ---------------------------------------------------------------------------------------------
+# Load, monitoring, health
+# ---------------------------------------------------------------------------------------------
+
+def test_concurrent_burst_is_batched_without_errors(server):
+    questions = ["How do I submit an expense report?", "What is the PM job code?", "Who approves annual leave?",
+                 "Where is the Dublin office?", "How do I book a meeting room?", "What is the VPN address?"]
+    bodies = [{"instruction": questions[i % len(questions)] + f" ({i})", "max_new_tokens": 6} for i in range(24)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda body: post(server, body), bodies))
+    assert [status for status, _ in results] == [200] * 24, [r for r in results if r[0] != 200][:3]
+    assert all(ANSWER_KEYS <= set(answer) for _, answer in results)
+    batched = [line["batch_size"] for line in log_lines(server)
+               if line["status"] == 200 and line["instruction"] and line["instruction"].endswith(")")]
+    assert len(batched) >= 24 and max(batched) > 1, "concurrent requests are decoded together"
+
+
+def test_request_log_is_redacted_and_carries_latency_and_tokens(server):
+    status, _ = post(server, {"instruction": "Email jane.doe@contoso.com or call +44 20 7946 0958", "max_new_tokens": 2})
+    assert status == 200
+    post(server, {"instruction": "hi", "max_new_tokens": 0})
+    lines = log_lines(server)
+    text = json.dumps(lines)
+    assert "jane.doe@contoso.com" not in text and "7946 0958" not in text
+    answered = [l for l in lines if l["instruction"] and "[EMAIL]" in l["instruction"]][-1]
+    assert "[PHONE]" in answered["instruction"] and set(answered["pii_in_request"]) == {"email", "phone"}
+    assert answered["status"] == 200 and answered["latency_ms"] > 0
+    assert answered["prompt_tokens"] > 0 and answered["completion_tokens"] >= 1
+    rejected = lines[-1]
+    assert rejected["status"] == 400 and "max_new_tokens" in rejected["error"] and rejected["latency_ms"] >= 0
+
+
+def test_server_is_healthy_at_the_end(server):
+    assert server.healthy()
+    status, answer = post(server, {"instruction": "Still there?", "max_new_tokens": 2})
+    assert status == 200 and ANSWER_KEYS <= set(answer)
+    status, body = http("GET", f"{server.base_url}/")
+    assert status == 200 and b"Healthy" in body
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: cache, output filter (no HTTP needed to reach these branches)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine(merged, tmp_path_factory):
+    from serve.engine import Engine
+
+    engine = Engine(merged, serve_config(tmp_path_factory.mktemp("engine") / "log.jsonl",
+                                         cache={"enabled": True, "size": 2}))
+    yield engine
+    engine.batcher.close()
+
+
+def test_cache_answers_repeated_greedy_requests_only(engine):
+    from serve.validation import GenRequest
+
+    greedy = GenRequest("What is the PM job code?", None, 5, 0.0)
+    first, = engine.answer([greedy])
+    again, = engine.answer([greedy])
+    assert not first.cache_hit and again.cache_hit
+    assert (again.response, again.completion_tokens) == (first.response, first.completion_tokens)
+    sampled = GenRequest("What is the PM job code?", None, 5, 0.8)
+    assert not engine.answer([sampled])[0].cache_hit and not engine.answer([sampled])[0].cache_hit
+    for i in range(3):  # LRU of size 2 evicts the oldest
+        engine.answer([GenRequest(f"q{i}", None, 2, 0.0)])
+    assert not engine.answer([greedy])[0].cache_hit
+
+
+def test_greedy_answer_does_not_depend_on_batch_neighbours(engine):
+    from serve.validation import GenRequest
+
+    alone, = engine.answer([GenRequest("Where is the Dublin office?", "Be brief.", 7, 0.0)])
+    crowd = engine.answer([GenRequest("Hi", None, 12, 0.0), GenRequest("Where is the Dublin office?", "Be brief.", 7, 0.0),
+                           GenRequest("A much longer question about the travel policy for contractors?", None, 3, 0.0)])
+    # The cache is keyed on the request, so compare against a fresh decode of the batch row.
+    assert crowd[1].cache_hit or crowd[1].batch_size == 3
+    engine.cache = None
+    crowd = engine.answer([GenRequest("Hi", None, 12, 0.0), GenRequest("Where is the Dublin office?", "Be brief.", 7, 0.0)])
+    assert crowd[1].response == alone.response and crowd[1].completion_tokens == alone.completion_tokens
+
+
+@pytest.mark.parametrize("mode,expected", [("redact", "Mail [EMAIL] now"), ("off", "Mail ann@contoso.com now")])
+def test_output_pii_filter_follows_the_param(engine, monkeypatch, mode, expected):
+    from serve.validation import GenRequest
+
+    monkeypatch.setattr(engine, "redact_output", mode == "redact")
+    monkeypatch.setattr(engine, "cache", None)
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda *a, **k: "Mail ann@contoso.com now")
+    answer, = engine.answer([GenRequest(f"contact? {mode}", None, 2, 0.0)])
+    assert answer.response == expected
+
+
+def test_model_dir_found_in_azure_subfolder(merged, tmp_path):
+    from serve.engine import ModelDirError, find_model_dir
+
+    nested = tmp_path / "azureml-models" / "corporate-qa-llama" / "3"
+    nested.mkdir(parents=True)
+    (nested / "merged").symlink_to(merged, target_is_directory=True)
+    assert find_model_dir(tmp_path / "azureml-models") == nested / "merged"
+    assert find_model_dir(merged) == merged
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ModelDirError, match="no model folders"):
+        find_model_dir(tmp_path / "empty")
+    with pytest.raises(ModelDirError, match="does not exist"):
+        find_model_dir(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# The code folder and the serving environment
+# ---------------------------------------------------------------------------------------------
+
+def test_code_folder_imports_without_the_repository(tmp_path):
+    from serve.codefolder import CORE_FILES, SCORING_SCRIPT, build_code_folder
+
+    code = build_code_folder(tmp_path / "code", params_path=ROOT / "params.yaml")
+    assert (code / SCORING_SCRIPT).is_file()
+    assert all((code / f).is_file() for f in CORE_FILES)
+    assert not (code / "serve" / "codefolder.py").exists() and not (code / "stages" / "core" / "params.py").exists()
+    config = json.loads((code / "serve" / "serve_config.json").read_text())
+    assert config == yaml.safe_load((ROOT / "params.yaml").read_text())["serve"] | {
+        k: v for k, v in config.items() if k not in yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]}
+    probe = (
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('entry_module', {str(code / SCORING_SCRIPT)!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "assert callable(module.init) and callable(module.run)\n"
+        "ours = {n: getattr(m, '__file__', '') for n, m in sys.modules.items() if n.split('.')[0] in ('serve', 'stages')}\n"
+        "heavy = [n for n in ('peft', 'dvc', 'azure.ai.ml', 'stages.core.params', 'stages.core.modeling') if n in sys.modules]\n"
+        "print(json.dumps({'ours': ours, 'heavy': heavy, 'config': module.load_serve_config()['pii_filter']}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "AZUREML_MODEL_DIR", "SERVE_CONFIG")}
+    done = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ours"] and all(path.startswith(str(code)) for path in result["ours"].values()), result["ours"]
+    assert result["heavy"] == []
+    assert result["config"] == "redact"
+
+
+def _pins(lines) -> dict:
+    pins = {}
+    for line in lines:
+        line = line.split("#")[0].strip().lstrip("- ").strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def test_serving_environment_is_pinned_and_agrees_with_training():
+    env = ROOT / "serve" / "environment"
+    serving = _pins((env / "requirements.txt").read_text().splitlines())
+    assert {"torch", "transformers", "azureml-inference-server-http", "azureml-ai-monitoring"} <= set(serving)
+    conda = yaml.safe_load((env / "conda.yaml").read_text())
+    pip_list = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert _pins(pip_list) == serving
+    training = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    shared = set(serving) & set(training)
+    assert {"torch", "transformers"} <= shared
+    assert {name: serving[name] for name in shared} == {name: training[name] for name in shared}
+    assert not {"azure-ai-ml", "dvc", "peft"} & set(serving), "the endpoint needs neither the SDK, DVC nor peft"
