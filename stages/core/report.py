@@ -1,0 +1,203 @@
+"""The human-readable evaluation report (Markdown) and the plot data DVC renders.
+
+Plots (reports/eval/plots/):
+    base.json, tuned.json   [{"metric": ..., "value": ...}] of the 0-1 headline metrics; dvc.yaml's
+                            top-level `plots:` draws them as one horizontal bar chart, base vs tuned
+    base_by_category.json, tuned_by_category.json
+                            [{"category": ..., "rouge_l": ..., "fact_recall": ...}] per topic
+    metrics.png             the same comparison as an image (embedded in report.md)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Headline metrics on a 0-1 scale, in report order (label, key, higher is better)
+HEADLINE = [
+    ("ROUGE-L", "rouge_l", True),
+    ("BLEU-4", "bleu4", True),
+    ("BERTScore F1", "bertscore_f1", True),
+    ("Semantic similarity", "semantic_similarity", True),
+    ("Exact match", "exact_match", True),
+    ("Fact recall", "fact_recall", True),
+    ("No end token (rate)", "no_end_token_rate", False),
+]
+OTHER = [
+    ("Length ratio (1 = reference length)", "length_ratio", None),
+    ("Validation loss", "val_loss", False),
+    ("Validation perplexity", "val_perplexity", False),
+    ("LLM judge (1-5)", "judge_score", True),
+]
+PLOT_METRICS = [key for _, key, _ in HEADLINE]
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def _signed(value, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if abs(value) >= 1e5:
+        return f"{value:+.3e}"
+    return f"{value:+.{digits}f}"
+
+
+def write_plots(metrics: dict, plot_dir: str | Path) -> dict[str, str]:
+    """Write the plot data (and a PNG); returns {name: file name} relative to the report folder."""
+    plot_dir = Path(plot_dir)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for model in ("base", "tuned"):
+        rows = [{"metric": key, "value": metrics[model].get(key)} for key in PLOT_METRICS
+                if isinstance(metrics[model].get(key), (int, float))]
+        (plot_dir / f"{model}.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        files[model] = f"plots/{model}.json"
+        rows = [{"category": f"{category} (n={group['n']})", "rouge_l": group[model].get("rouge_l"),
+                 "fact_recall": group[model].get("fact_recall")}
+                for category, group in metrics.get("by_category", {}).items()]
+        (plot_dir / f"{model}_by_category.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        files[f"{model}_by_category"] = f"plots/{model}_by_category.json"
+    try:
+        files["image"] = _bar_chart(metrics, plot_dir / "metrics.png")
+    except ImportError:  # matplotlib missing: the JSON plots and the tables still say everything
+        pass
+    return files
+
+
+def _bar_chart(metrics: dict, path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, key, _ in HEADLINE]
+    keys = [key for _, key, _ in HEADLINE]
+    base = [metrics["base"].get(k) or 0.0 for k in keys]
+    tuned = [metrics["tuned"].get(k) or 0.0 for k in keys]
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
+    y = range(len(keys))
+    ax.barh([i + 0.2 for i in y], base, height=0.4, label="base", color="#9aa5b1")
+    ax.barh([i - 0.2 for i in y], tuned, height=0.4, label="tuned", color="#2b7bb9")
+    ax.set_yticks(list(y), labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score (0-1)")
+    ax.set_title(f"Base vs tuned on the test split (n={metrics.get('n_test')})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return f"plots/{path.name}"
+
+
+def _cell(text: str, limit: int = 220) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def worst(predictions: list[dict], n: int) -> list[dict]:
+    """The n weakest tuned answers: lowest mean of ROUGE-L and fact recall (ROUGE-L alone without facts)."""
+    def quality(row):
+        t = row["tuned"]
+        parts = [t["rouge_l"]] + ([t["fact_recall"]] if t.get("fact_recall") is not None else [])
+        return (sum(parts) / len(parts), t["rouge_l"], row["id"])
+
+    return sorted(predictions, key=quality)[:n]
+
+
+def judge_line(metrics: dict) -> str:
+    judge = metrics.get("judge") or {}
+    if not judge.get("enabled"):
+        return "LLM judge: off (evaluate.judge.enabled is false; no judge score is reported)."
+    line = (f"LLM judge: {judge.get('endpoint')}, first {judge.get('records')} answers per model; mean score "
+            f"base {_fmt(metrics['base'].get('judge_score'), 2)}, tuned {_fmt(metrics['tuned'].get('judge_score'), 2)} (1-5).")
+    if judge.get("failed_calls"):
+        line += f" {judge['failed_calls']} call(s) failed and are left out: {'; '.join(judge.get('failures', []))}"
+    return line
+
+
+def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: dict[str, str]) -> str:
+    base, tuned, delta = metrics["base"], metrics["tuned"], metrics.get("delta", {})
+    gate = metrics.get("gate", {})
+    lines = ["# Evaluation report", ""]
+    verdict = "PASSED" if gate.get("passed") else "FAILED"
+    lines.append(f"**Quality gate: {verdict}**" + ("" if gate.get("passed") else " — " + "; ".join(gate.get("reasons", []))))
+    lines += ["", f"Test records: {metrics.get('n_test')} ({metrics.get('n_with_facts')} with key facts); "
+                  f"validation records: {metrics.get('n_val')}. Greedy decoding, up to "
+                  f"{metrics.get('speed', {}).get('batch_size')} prompts per batch.", ""]
+    lines += ["## Headline", "", "| metric | base | tuned | tuned - base |", "|---|---:|---:|---:|"]
+    for label, key, _ in HEADLINE + OTHER:
+        if key == "judge_score" and key not in tuned:
+            continue
+        lines.append(f"| {label} | {_fmt(base.get(key))} | {_fmt(tuned.get(key))} | {_signed(delta.get(key))} |")
+    lines += ["", judge_line(metrics), ""]
+    if plots.get("image"):
+        lines += [f"![base vs tuned]({plots['image']})", ""]
+
+    ref = metrics.get("reference")
+    if ref:
+        lines += [f"## Compared with {ref['source']}", "",
+                  f"Tolerance {ref['tolerance']:g}; regressions: {', '.join(ref['regressions']) or 'none'}.", "",
+                  "| metric | reference | now | change |", "|---|---:|---:|---:|"]
+        for key, d in ref["delta"].items():
+            lines.append(f"| {key} | {_fmt(ref['tuned'].get(key))} | {_fmt(tuned.get(key))} | {_signed(d)} |")
+        lines.append("")
+
+    lines += ["## Quality gate", "", "| check | metric | value | threshold | result |", "|---|---|---:|---:|---|"]
+    for c in gate.get("checks", []):
+        lines.append(f"| {c['check']} | {c['metric']} | {_fmt(c['value'], 4)} | {c['threshold']:g} | "
+                     f"{'pass' if c['passed'] else '**FAIL**'} |")
+    lines.append("")
+
+    for title, key in (("Per topic", "by_category"), ("Fact seen in training vs not", "by_fact_seen")):
+        groups = metrics.get(key)
+        if not groups:
+            continue
+        lines += [f"## {title}", "",
+                  "| group | n | ROUGE-L base | ROUGE-L tuned | BLEU-4 tuned | BERTScore tuned | similarity tuned | "
+                  "fact recall base | fact recall tuned | exact match tuned | no end token tuned |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, g in groups.items():
+            b, t = g["base"], g["tuned"]
+            lines.append(f"| {name} | {g['n']} | {_fmt(b['rouge_l'])} | {_fmt(t['rouge_l'])} | {_fmt(t['bleu4'])} | "
+                         f"{_fmt(t['bertscore_f1'])} | {_fmt(t['semantic_similarity'])} | {_fmt(b['fact_recall'])} | "
+                         f"{_fmt(t['fact_recall'])} | {_fmt(t['exact_match'])} | {_fmt(t['no_end_token_rate'])} |")
+        lines.append("")
+
+    if worst_n:
+        lines += [f"## Worst {min(worst_n, len(predictions))} tuned answers", "",
+                  "Ranked by the mean of ROUGE-L and fact recall. Missing facts are those of the reference "
+                  "that the tuned answer does not state.", ""]
+        for row in worst(predictions, worst_n):
+            t, b = row["tuned"], row["base"]
+            lines += [f"### {row['id']}. {_cell(row['instruction'])}", "",
+                      f"topic `{row['category']}`, fact seen in training: {row.get('fact_seen_in_train')}", "",
+                      "| | answer | ROUGE-L | fact recall | ended |", "|---|---|---:|---:|---|",
+                      f"| reference | {_cell(row['reference'])} | | | |",
+                      f"| tuned | {_cell(t['answer']) or '(empty)'} | {_fmt(t['rouge_l'])} | {_fmt(t['fact_recall'])} | "
+                      f"{'yes' if t['ended'] else 'no'} |",
+                      f"| base | {_cell(b['answer']) or '(empty)'} | {_fmt(b['rouge_l'])} | {_fmt(b['fact_recall'])} | "
+                      f"{'yes' if b['ended'] else 'no'} |", ""]
+            if t["missing_facts"]:
+                lines += [f"Missing facts: {', '.join(t['missing_facts'])}", ""]
+
+    s = metrics.get("speed", {})
+    if s:
+        lines += ["## Speed", "",
+                  f"Device {s.get('device')}: generated tokens/s base {_fmt(s.get('base_tokens_per_s'), 1)}, tuned "
+                  f"{_fmt(s.get('tuned_tokens_per_s'), 1)} ({s.get('base_generated_tokens')} + "
+                  f"{s.get('tuned_generated_tokens')} tokens). Time: models and generation {s.get('models_s')} s, "
+                  f"scoring {s.get('scoring_s')} s, total {s.get('total_s')} s.", ""]
+    enc = metrics.get("encoder")
+    if enc:
+        lines += [f"BERTScore and similarity encoder: `{enc['name']}` (layer {enc['bertscore_layer']} for BERTScore). "
+                  "Per-record answers and scores: `predictions.jsonl`.", ""]
+    return "\n".join(lines)

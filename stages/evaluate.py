@@ -1,0 +1,404 @@
+"""evaluate stage: base and tuned model side by side on the test split, a report, and the quality gate.
+
+    python -m stages.evaluate --data data/processed --adapter models/adapter \\
+        --metrics metrics/eval.json --report reports/eval [--reference main:metrics/eval.json]
+    python -m stages.evaluate gate --metrics metrics/eval.json [--reference PATH|REV:PATH]
+
+The first form generates greedy answers (batched, left-padded, KV cache) for every test question with
+the base model and then the tuned model, measures validation perplexity for both, scores every answer
+(ROUGE-L, BLEU-4, BERTScore F1, semantic similarity, exact match, fact recall, length ratio, missing
+end token; optionally an LLM judge), and writes
+    metrics/eval.json              base / tuned / delta / by_category / by_fact_seen / reference / gate / speed
+    reports/eval/predictions.jsonl one line per test record: question, reference, both answers, scores
+    reports/eval/report.md         headline table, per-topic table, worst answers, judge line
+    reports/eval/plots/            base.json, tuned.json, by_category.json (DVC plots), metrics.png
+The stage itself succeeds when the gate fails (the verdict is in the metrics); the `gate` command
+recomputes the verdict from params.yaml and exits 1 with the reasons when it fails, 0 when it passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .core import cli, io
+from .core.gate import compare, evaluate_gate, load_reference
+from .core.params import EVAL_METRICS, ConfigError, Params, load_params
+from .core.records import DataError
+
+STAGE = "evaluate"
+REQUIRED_FIELDS = ("instruction", "output")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_split(path: str | Path) -> list[dict]:
+    """Records of a processed split; every bad line is reported at once, by line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found (run the preprocess stage first: dvc repro preprocess)")
+    rows, problems = [], []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path}:{number}: not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{number}: not a JSON object")
+                continue
+            bad = [k for k in REQUIRED_FIELDS if not isinstance(row.get(k), str) or not row[k].strip()]
+            if bad:
+                problems.append(f"{path}:{number}: missing or empty {', '.join(bad)}")
+                continue
+            row.setdefault("system", "")
+            row.setdefault("category", "uncategorised")
+            rows.append(row)
+    if problems:
+        raise DataError(f"{len(problems)} bad record(s):\n  " + "\n  ".join(problems))
+    if not rows:
+        raise DataError(f"{path} has no records")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation and perplexity
+
+
+@dataclass
+class ModelRun:
+    answers: list[str]
+    finished: list[bool]
+    new_tokens: int            # generated tokens, stop tokens included
+    generation_s: float
+    val_loss: float | None
+    scores: list[dict] = field(default_factory=list)
+    judge: list[int | None] | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.generation_s if self.generation_s > 0 else 0.0
+
+
+def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int):
+    """Greedy answers in the input order; prompts are batched by length to keep padding small."""
+    from .core.chat import prompt_ids
+    from .core.generate import generate_batch
+
+    prompts = [prompt_ids(tokenizer, r.get("system", ""), r["instruction"]) for r in records]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers, finished = [""] * len(prompts), [False] * len(prompts)
+    new_tokens = 0
+    started = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, gen in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], max_new_tokens)):
+            answers[i] = tokenizer.decode(gen.token_ids, skip_special_tokens=True,
+                                          clean_up_tokenization_spaces=False).strip()
+            finished[i] = gen.finished
+            new_tokens += len(gen.token_ids) + int(gen.finished)
+    return answers, finished, new_tokens, time.perf_counter() - started
+
+
+def validation_loss(model, tokenizer, records: list[dict], batch_size: int, device) -> float | None:
+    """Mean completion-token cross-entropy on the validation split (perplexity = exp)."""
+    from .core.chat import encode_example
+    from .core.training import evaluate_loss
+
+    if not records:
+        return None
+    examples = [encode_example(tokenizer, r.get("system", ""), r["instruction"], r["output"], completion_only=True)
+                for r in records]
+    return float(evaluate_loss(model, examples, batch_size, device))
+
+
+def run_model(model, tokenizer, test, val, params: Params, device) -> ModelRun:
+    model.eval()
+    answers, finished, tokens, seconds = generate_answers(model, tokenizer, test, params.evaluate.max_new_tokens,
+                                                          params.evaluate.batch_size)
+    loss = validation_loss(model, tokenizer, val, params.evaluate.batch_size, device)
+    return ModelRun(answers, finished, tokens, seconds, loss)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return round(math.exp(loss), 4) if loss < 700 else float("inf")
+
+
+def summary(run: ModelRun, idx: list[int], references: list[str]) -> dict:
+    from .core.metrics import aggregate
+
+    values = aggregate([run.scores[i] for i in idx], [run.answers[i] for i in idx], [references[i] for i in idx])
+    if run.judge is not None:
+        judged = [run.judge[i] for i in idx if i < len(run.judge) and run.judge[i] is not None]
+        values["judge_score"] = round(sum(judged) / len(judged), 4) if judged else None
+    return values
+
+
+def _delta(tuned: dict, base: dict) -> dict:
+    return {k: round(tuned[k] - base[k], 6) for k in EVAL_METRICS
+            if isinstance(tuned.get(k), (int, float)) and isinstance(base.get(k), (int, float))
+            and math.isfinite(tuned[k]) and math.isfinite(base[k])}
+
+
+def _group(indices_by_key: dict[str, list[int]], base: ModelRun, tuned: ModelRun, refs, test) -> dict:
+    out = {}
+    for key in sorted(indices_by_key):
+        idx = indices_by_key[key]
+        b, t = summary(base, idx, refs), summary(tuned, idx, refs)
+        out[key] = {"n": len(idx), "n_with_facts": sum(base.scores[i]["fact_recall"] is not None for i in idx),
+                    "base": b, "tuned": t, "delta": _delta(t, b)}
+    return out
+
+
+def build_metrics(test: list[dict], base: ModelRun, tuned: ModelRun, n_val: int) -> dict:
+    refs = [r["output"] for r in test]
+    everything = list(range(len(test)))
+    metrics = {"n_test": len(test), "n_val": n_val,
+               "n_with_facts": sum(s["fact_recall"] is not None for s in base.scores)}
+    for name, run in (("base", base), ("tuned", tuned)):
+        values = summary(run, everything, refs)
+        values["val_loss"] = round(run.val_loss, 6) if run.val_loss is not None else None
+        values["val_perplexity"] = _perplexity(run.val_loss)
+        metrics[name] = values
+    metrics["delta"] = _delta(metrics["tuned"], metrics["base"])
+    by_category: dict[str, list[int]] = {}
+    by_seen: dict[str, list[int]] = {}
+    for i, record in enumerate(test):
+        by_category.setdefault(str(record.get("category") or "uncategorised"), []).append(i)
+        if isinstance(record.get("fact_seen_in_train"), bool):
+            by_seen.setdefault("seen" if record["fact_seen_in_train"] else "unseen", []).append(i)
+    metrics["by_category"] = _group(by_category, base, tuned, refs, test)
+    if by_seen:
+        metrics["by_fact_seen"] = _group(by_seen, base, tuned, refs, test)
+    return metrics
+
+
+def prediction_rows(test: list[dict], base: ModelRun, tuned: ModelRun) -> list[dict]:
+    from .core.metrics import missing_facts
+
+    rows = []
+    for i, record in enumerate(test):
+        row = {"id": i, "category": record.get("category"), "fact_seen_in_train": record.get("fact_seen_in_train"),
+               "instruction": record["instruction"], "reference": record["output"]}
+        for name, run in (("base", base), ("tuned", tuned)):
+            entry = {"answer": run.answers[i], "ended": run.finished[i],
+                     "missing_facts": missing_facts(run.answers[i], record["output"])}
+            entry.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in run.scores[i].items()})
+            if run.judge is not None:
+                entry["judge_score"] = run.judge[i] if i < len(run.judge) else None
+            row[name] = entry
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _load_models(params: Params, adapter_dir: Path):
+    from .core.modeling import load_tokenizer
+
+    if not adapter_dir.is_dir():
+        raise DataError(f"{adapter_dir} not found (run the train stage first: dvc repro train)")
+    manifest_path = adapter_dir / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("method") and manifest["method"] != params.train.method:
+            raise ConfigError(f"train.method is '{params.train.method}' but {adapter_dir} holds a "
+                              f"'{manifest['method']}' model (re-run the train stage)")
+    weights = adapter_dir / ("model" if params.train.method == "full" else "adapter")
+    if not weights.is_dir():
+        raise DataError(f"{weights} not found: {adapter_dir} is not a train stage output for method "
+                        f"'{params.train.method}'")
+    tok_dir = adapter_dir / "tokenizer"
+    return load_tokenizer(str(tok_dir) if tok_dir.is_dir() else params.model.tokenizer)
+
+
+def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str | Path,
+             reference: str | None = None, log=print) -> tuple[dict, list[dict]]:
+    """Metrics (dict for metrics/eval.json) and per-record predictions; loads every model once."""
+    import gc
+
+    import torch
+
+    from .core import metrics as M
+    from .core.modeling import load_base_model, load_tuned_model, resolve_device, resolve_dtype
+
+    started = time.perf_counter()
+    adapter_dir = Path(adapter_dir)
+    comparison = None
+    if reference:  # fail on a bad reference before any model work
+        ref_values, source = load_reference(reference)
+        comparison = (ref_values, source)
+    judge = None
+    if params.evaluate.judge.enabled:
+        from .core.judge import Judge, config_from_env
+
+        judge = Judge(config_from_env(), params.evaluate.judge.timeout_s)
+    tokenizer = _load_models(params, adapter_dir)
+    device = resolve_device("auto")
+    dtype = resolve_dtype("auto", device)
+
+    log(f"[evaluate] base model: {params.model.base} on {device}; {len(test)} test, {len(val)} val records")
+    model = load_base_model(params.model, dtype=dtype, device=device)
+    base = run_model(model, tokenizer, test, val, params, device)
+    del model
+    gc.collect()
+    log(f"[evaluate] tuned model ({params.train.method}) from {adapter_dir}")
+    model = load_tuned_model(params.model, adapter_dir, params.train.method, dtype=dtype, device=device)
+    tuned = run_model(model, tokenizer, test, val, params, device)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    generated = time.perf_counter()
+
+    log(f"[evaluate] scoring with encoder {params.evaluate.encoder}")
+    semantic = M.SemanticScorer(params.evaluate.encoder, params.evaluate.bertscore_layer,
+                                device=str(device))
+    refs = [r["output"] for r in test]
+    for run in (base, tuned):
+        run.scores = M.score_answers(run.answers, refs, run.finished, semantic)
+    judge_info = {"enabled": False}
+    if judge is not None:
+        n = min(params.evaluate.judge.max_records, len(test))
+        for run in (base, tuned):
+            run.judge = judge.score_many([(test[i]["instruction"], refs[i], run.answers[i]) for i in range(n)])
+        judge_info = {"enabled": True, "endpoint": judge.config.label, "records": n,
+                      "failed_calls": len(judge.failures), "failures": judge.failures[:5]}
+    scored = time.perf_counter()
+
+    metrics = build_metrics(test, base, tuned, len(val))
+    metrics["judge"] = judge_info
+    metrics["encoder"] = {"name": params.evaluate.encoder, "path": semantic.path,
+                          "bertscore_layer": semantic.layer}
+    if comparison is not None:
+        metrics["reference"] = compare(metrics["tuned"], comparison[0], comparison[1],
+                                       params.evaluate.gate.regression_metrics, params.evaluate.gate.max_regression)
+    metrics["gate"] = evaluate_gate(metrics, params.evaluate.gate, metrics.get("reference"))
+    metrics["speed"] = {
+        "device": str(device), "batch_size": params.evaluate.batch_size,
+        "base_generated_tokens": base.new_tokens, "tuned_generated_tokens": tuned.new_tokens,
+        "base_tokens_per_s": round(base.tokens_per_s, 1), "tuned_tokens_per_s": round(tuned.tokens_per_s, 1),
+        "generation_s": round(base.generation_s + tuned.generation_s, 2),
+        "models_s": round(generated - started, 2), "scoring_s": round(scored - generated, 2),
+        "total_s": round(time.perf_counter() - started, 2),
+    }
+    return metrics, prediction_rows(test, base, tuned)
+
+
+def write_outputs(metrics: dict, predictions: list[dict], metrics_path: str | Path, report_dir: str | Path,
+                  worst_answers: int) -> None:
+    """reports/eval (predictions, report, plots) replaced as a whole, then the metrics file."""
+    from .core.report import render_report, write_plots
+
+    with io.atomic_dir(report_dir) as tmp:
+        (tmp / "predictions.jsonl").write_text(io.jsonl_text(predictions), encoding="utf-8")
+        plots = write_plots(metrics, tmp / "plots")
+        (tmp / "report.md").write_text(render_report(metrics, predictions, worst_answers, plots), encoding="utf-8")
+    io.write_json(metrics_path, metrics)
+
+
+def _print_gate(gate: dict, out=sys.stdout) -> None:
+    if gate["passed"]:
+        print(f"quality gate: PASSED ({len(gate['checks'])} checks)", file=out)
+    else:
+        print(f"quality gate: FAILED ({len(gate['reasons'])} of {len(gate['checks'])} checks)", file=out)
+        for reason in gate["reasons"]:
+            print(f"  - {reason}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "gate":
+        return cli.run(lambda: gate_main(argv[1:]), f"{STAGE} gate")
+    return cli.run(lambda: stage_main(argv), STAGE)
+
+
+def stage_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="data/processed", help="folder with test.jsonl and val.jsonl")
+    parser.add_argument("--adapter", default="models/adapter", help="train stage output folder")
+    parser.add_argument("--metrics", default="metrics/eval.json")
+    parser.add_argument("--report", default="reports/eval", help="folder for predictions, report and plots")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--reference", default=None,
+                        help="metrics file to compare with: PATH or REV:PATH (default: evaluate.reference)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    params = load_params(args.params)
+    test = read_split(Path(args.data) / "test.jsonl")
+    val_path = Path(args.data) / "val.jsonl"
+    val = read_split(val_path) if val_path.is_file() else []
+    reference = args.reference if args.reference is not None else params.evaluate.reference
+    metrics, predictions = evaluate(params, test, val, args.adapter, reference or None)
+    write_outputs(metrics, predictions, args.metrics, args.report, params.evaluate.worst_answers)
+    b, t, s = metrics["base"], metrics["tuned"], metrics["speed"]
+    print(f"[evaluate] ROUGE-L base {b['rouge_l']:.3f} -> tuned {t['rouge_l']:.3f}; "
+          f"BLEU-4 {b['bleu4']:.3f} -> {t['bleu4']:.3f}; fact recall {b['fact_recall'] or 0:.3f} -> "
+          f"{t['fact_recall'] or 0:.3f}; {s['tuned_tokens_per_s']:.0f} generated tokens/s (tuned); "
+          f"{s['total_s']:.1f} s")
+    _print_gate(metrics["gate"])
+    print(f"[evaluate] wrote {args.metrics} and {args.report}/ (report.md, predictions.jsonl, plots/)")
+    return 0
+
+
+def gate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate gate",
+                                     description="Recompute the quality gate; exit 1 with the reasons when it fails.")
+    parser.add_argument("--metrics", default="metrics/eval.json")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--reference", default=None,
+                        help="PATH or REV:PATH of the metrics to compare with (default: evaluate.reference, "
+                             "else the reference recorded in the metrics file)")
+    parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    path = Path(args.metrics)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found (run the evaluate stage first: dvc repro evaluate)")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("tuned"), dict):
+        raise ConfigError(f"{path} has no 'tuned' metrics: is it an evaluate stage output?")
+    spec = args.reference if args.reference is not None else params.evaluate.reference
+    gate_params = params.evaluate.gate
+    if spec:
+        values, source = load_reference(spec)
+        comparison = compare(metrics["tuned"], values, source, gate_params.regression_metrics,
+                             gate_params.max_regression)
+    else:
+        comparison = metrics.get("reference")
+    gate = evaluate_gate(metrics, gate_params, comparison)
+    if args.json:
+        print(json.dumps(gate, indent=2))
+    else:
+        if comparison:
+            print(f"compared with {comparison['source']}: " + ", ".join(
+                f"{k} {v:+.4f}" for k, v in comparison["delta"].items() if k in gate_params.regression_metrics))
+        _print_gate(gate, sys.stdout if gate["passed"] else sys.stderr)
+    return 0 if gate["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
