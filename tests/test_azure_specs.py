@@ -470,3 +470,106 @@ def test_live_endpoint_traffic_is_a_valid_colour_split(params):
     traffic = current_traffic(az.ml_client(), params.azure.endpoint.name)
     if traffic is not None:
         pick_colors(params.azure.endpoint.deployment_colors, traffic)
+
+
+# ---------------------------------------------------------------- the rollout executor's Azure calls (fake client)
+
+class _Poller:
+    def __init__(self, value=None):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _FakeEndpoints:
+    def __init__(self, answers):
+        self.endpoint = type("E", (), {"name": "llama-corporate-qa", "traffic": {"blue": 100}, "mirror_traffic": {},
+                                       "id": "/subscriptions/s/resourceGroups/r/providers/x/onlineEndpoints/e"})()
+        self.answers, self.updates, self.invoked = list(answers), [], []
+
+    def get(self, name):
+        return self.endpoint
+
+    def begin_create_or_update(self, endpoint):
+        self.updates.append((dict(endpoint.traffic), dict(endpoint.mirror_traffic)))
+        return _Poller(endpoint)
+
+    def invoke(self, endpoint_name, deployment_name, request_file):
+        self.invoked.append((deployment_name, json.loads(Path(request_file).read_text())))
+        return self.answers.pop(0)
+
+
+class _FakeDeployments:
+    def __init__(self):
+        self.created, self.deleted = [], []
+
+    def begin_create_or_update(self, deployment):
+        self.created.append((deployment.name, deployment.model))
+        return _Poller(deployment)
+
+    def begin_delete(self, name, endpoint_name):
+        self.deleted.append(name)
+        return _Poller()
+
+
+def _fake_client(answers):
+    return type("C", (), {"online_endpoints": _FakeEndpoints(answers), "online_deployments": _FakeDeployments()})()
+
+
+def _world(params, inputs, client, tmp_path, health):
+    import stages.azure.endpoints as ep
+
+    (tmp_path / "metrics").mkdir(exist_ok=True)
+    (tmp_path / "metrics" / "eval.json").write_text(inputs["metrics_path"].read_text())
+
+    def spec(color):
+        return ep.write_endpoint_specs(params, inputs["out"], color=color, model_ref="azureml:llama-corporate-qa:3",
+                                       environment_ref="azureml:llama-serve:1",
+                                       **{k: v for k, v in inputs.items() if k != "out"})["deployment"]
+
+    world = ep.AzureWorld(client, params, spec, repo_root=tmp_path, sleep=lambda s: None)
+    sequence = list(health)
+    world.observe = lambda color, minutes: sequence.pop(0)
+    return world
+
+
+def test_azure_world_promotes_through_the_sdk_calls(params, inputs, tmp_path):
+    from stages.azure import rollout as ro
+
+    answer = json.dumps({"response": "Use the expense portal.", "prompt_tokens": 9, "completion_tokens": 5})
+    client = _fake_client([answer] * len(params.azure.rollout.smoke_prompts))
+    world = _world(params, inputs, client, tmp_path, [ro.Health(500, 0)] * len(params.azure.rollout.steps))
+    colors, traffic = params.azure.endpoint.deployment_colors, {"blue": 100}
+    result = ro.execute(ro.plan_rollout(params.azure.rollout, colors, traffic), world, params.azure.rollout, colors, traffic)
+    assert result.status == "promoted", result.log
+    assert client.online_deployments.created == [("green", "llama-corporate-qa:3")]
+    assert [c for c, _ in client.online_endpoints.invoked] == ["green"] * len(params.azure.rollout.smoke_prompts)
+    assert client.online_endpoints.invoked[0][1]["instruction"] == params.azure.rollout.smoke_prompts[0]
+    assert client.online_endpoints.updates[0] == ({"blue": 100, "green": 0}, {"green": 10})
+    assert client.online_endpoints.updates[-1] == ({"blue": 0, "green": 100}, {})
+    assert client.online_deployments.deleted == ["blue"]
+
+
+def test_azure_world_rolls_back_on_a_bad_smoke_answer(params, inputs, tmp_path):
+    from stages.azure import rollout as ro
+
+    client = _fake_client([json.dumps({"response": ""})])
+    world = _world(params, inputs, client, tmp_path, [])
+    colors, traffic = params.azure.endpoint.deployment_colors, {"blue": 100}
+    result = ro.execute(ro.plan_rollout(params.azure.rollout, colors, traffic), world, params.azure.rollout, colors, traffic)
+    assert result.status == "rolled_back" and "empty or malformed answer" in result.reason
+    assert client.online_endpoints.updates == [({"blue": 100, "green": 0}, {})]
+    assert client.online_deployments.deleted == ["green"]
+
+
+def test_health_from_monitor_metrics():
+    from stages.azure.endpoints import health_from_metrics
+
+    def series(cls, totals):
+        return {"metadatavalues": [{"name": {"value": "statusCodeClass"}, "value": cls}],
+                "data": [{"total": t} for t in totals]}
+
+    body = {"value": [{"timeseries": [series("2xx", [10, 20, None]), series("4xx", [3]), series("5xx", [1, 1])]}]}
+    health = health_from_metrics(body)
+    assert (health.requests, health.errors) == (35, 2)

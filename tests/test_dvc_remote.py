@@ -12,6 +12,7 @@ machine with no Node.js at all and CI unset, where it skips naming that command.
 from __future__ import annotations
 
 import configparser
+import json
 import hashlib
 import os
 import shutil
@@ -52,9 +53,9 @@ def _params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def azurite(tmp_path_factory):
-    """A running Azurite blob service: yields its connection string."""
+    """A running Azurite blob service (one per test, empty): yields its connection string."""
     exe = _azurite_executable()
     if exe is None:
         if not os.environ.get("CI") and shutil.which("node") is None:
@@ -248,3 +249,56 @@ def test_push_wipe_pull_status_round_trip(temp_repo, azurite):
     assert "up to date" in _dvc(repo, "status").lower()
     cloud = _dvc(repo, "status", "--cloud")
     assert "up to date" in cloud.lower() or "in sync" in cloud.lower(), cloud
+
+
+# ---------------------------------------------------------------- the training job's command, locally
+
+def _job_copy(dest: Path) -> Path:
+    """What the job's code snapshot holds (.amlignore applied by hand): code, params, graph, raw data."""
+    dest.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    shutil.copytree(ROOT / "stages", dest / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data" / "raw", dest / "data" / "raw")
+    shutil.copytree(ROOT / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def test_job_launcher_pulls_reproduces_pushes_and_collects(tmp_path, azurite):
+    """`python -m stages.azure.launch` (what every job process runs), on one process, for the first
+    stage of the graph: the outputs reach the remote and dvc.lock + metrics come back in results;
+    a second fresh snapshot pulls them and has nothing to reproduce."""
+    from azure.storage.blob import BlobServiceClient
+
+    storage = _params()["azure"]["storage"]
+    BlobServiceClient.from_connection_string(azurite).create_container(storage["dvc_container"])
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH="", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    stage = "preprocess"
+    runs = []
+    for attempt in ("first", "second"):
+        repo = _job_copy(tmp_path / attempt)
+        if runs:  # the caller committed what the first job brought back (dvc.lock, metrics)
+            from stages.azure.jobs import apply_results
+
+            applied = apply_results(runs[0][1], yaml.safe_load((repo / "dvc.yaml").read_text()), repo)
+            assert applied[0] == "dvc.lock"
+        _dvc(repo, "remote", "modify", "--local", storage["dvc_remote_name"], "connection_string", azurite)
+        results = tmp_path / f"results-{attempt}"
+        out = subprocess.run([sys.executable, "-m", "stages.azure.launch", "--target", stage, "--results", str(results)],
+                             cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        runs.append((repo, results, out.stdout + out.stderr))
+    (first, results, log), (second, results2, log2) = runs
+    lock = yaml.safe_load((results / "dvc.lock").read_text())
+    assert stage in lock["stages"]
+    assert (results / "metrics" / "preprocess.json").is_file()
+    assert json.loads((results / "results.json").read_text())["files"][:1] == ["dvc.lock"]
+    assert "Running stage 'preprocess'" in log
+    # the second snapshot got the outputs from the remote instead of recomputing them
+    assert "Running stage 'preprocess'" not in log2, log2[-2000:]
+    assert _digest(second / "data" / "processed") == _digest(first / "data" / "processed")
+    assert "up to date" in _dvc(second, "status", stage).lower()

@@ -282,6 +282,12 @@ def request_health(client, endpoint_name: str, color: str, start: float, end: fl
                                      headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=60) as response:
         body = json.loads(response.read().decode("utf-8"))
+    return health_from_metrics(body)
+
+
+def health_from_metrics(body: dict) -> ro.Health:
+    """Sum an Azure Monitor metrics answer (RequestsPerMinute split by statusCodeClass) into
+    requests and 5xx errors."""
     requests = errors = 0
     for metric in body.get("value", []):
         for series in metric.get("timeseries", []):
