@@ -573,3 +573,56 @@ def test_health_from_monitor_metrics():
     body = {"value": [{"timeseries": [series("2xx", [10, 20, None]), series("4xx", [3]), series("5xx", [1, 1])]}]}
     health = health_from_metrics(body)
     assert (health.requests, health.errors) == (35, 2)
+
+
+# ---------------------------------------------------------------- two job processes, for real
+
+TRAIN_SCRIPT = """
+import os, pathlib, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+value = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(value)
+pathlib.Path(f"ranks-{dist.get_rank()}.txt").write_text(os.environ["WORLD_SIZE"])
+if dist.get_rank() == 0:
+    out = pathlib.Path("model")
+    out.mkdir(exist_ok=True)
+    (out / "w.txt").write_text(f"{value.item()} {pathlib.Path('prep/data.txt').read_text()}")
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_join_the_distributed_stage(tmp_path):
+    """What `distribution: pytorch` with 2 processes does on one node: both run the launcher; rank 0
+    drives dvc (prep, train, package, push), rank 1 waits for the prepared inputs and joins train."""
+    import socket
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / "train.py").write_text(TRAIN_SCRIPT)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "prep": {"cmd": "mkdir -p prep && echo prepared > prep/data.txt", "outs": ["prep"]},
+        "train": {"cmd": "python train.py", "deps": ["prep", "train.py"], "outs": ["model"]},
+        "package": {"cmd": "mkdir -p metrics && cp model/w.txt metrics/w.txt", "deps": ["model"],
+                    "metrics": [{"metrics/w.txt": {"cache": False}}]}}}))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    for args in (["init", "-q"], ["remote", "add", "-d", "store", str(tmp_path / "remote")]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, env=env)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(sock.getsockname()[1])
+    (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())   # the secrets step reads it
+    procs = []
+    for rank in (0, 1):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "stages.azure.launch", "--target", "package", "--results", str(tmp_path / "results")],
+            cwd=repo, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(logs)
+    assert (repo / "model/w.txt").read_text().startswith("3.0 prepared")     # 1 + 2: both ranks reduced
+    assert (repo / "ranks-0.txt").read_text() == (repo / "ranks-1.txt").read_text() == "2"
+    assert (tmp_path / "results/metrics/w.txt").is_file() and (tmp_path / "results/dvc.lock").is_file()
+    assert "[rank 1] worker_stage train" in logs[1] and "dvc push" not in logs[1]
+    assert any((tmp_path / "remote").rglob("*")), "rank 0 pushed nothing"

@@ -29,7 +29,14 @@ import yaml
 
 from stages.core.params import ConfigError
 
-READY_FILE = Path(".azureml-node-ready.json")
+
+
+def ready_file(env=None) -> Path:
+    """The marker a node's first process writes once the inputs are ready; named per job run so a
+    stale marker from an earlier run can never release the other processes early."""
+    env = os.environ if env is None else env
+    run = env.get("AZUREML_RUN_ID") or f"{env.get('MASTER_ADDR', 'local')}-{env.get('MASTER_PORT', '0')}"
+    return Path(f".azureml-node-ready-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in run)}.json")
 
 
 @dataclass(frozen=True)
@@ -168,14 +175,16 @@ def execute(steps: list[Step], dvc_yaml: dict, info: RankInfo, wait_s: float = 7
         elif step.kind == "decide":
             run_stage = stage_is_stale(step.args[0])
         elif step.kind == "signal_ready":
-            READY_FILE.write_text(json.dumps({"run_stage": run_stage}), encoding="utf-8")
+            tmp = ready_file().with_suffix(".tmp")
+            tmp.write_text(json.dumps({"run_stage": run_stage}), encoding="utf-8")
+            os.replace(tmp, ready_file())
         elif step.kind == "wait_ready":
             deadline = time.monotonic() + wait_s
-            while not READY_FILE.exists():
+            while not ready_file().exists():
                 if time.monotonic() > deadline:
                     raise ConfigError(f"node leader did not prepare the inputs within {wait_s:.0f} s")
                 time.sleep(2)
-            run_stage = json.loads(READY_FILE.read_text(encoding="utf-8"))["run_stage"]
+            run_stage = json.loads(ready_file().read_text(encoding="utf-8"))["run_stage"]
         elif step.kind == "worker_stage":
             if not run_stage:
                 print(f"[rank {info.rank}] {step.args[0]} is up to date: nothing to do", flush=True)
