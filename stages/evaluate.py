@@ -30,7 +30,7 @@ from pathlib import Path
 from .core import cli, io
 from .core.gate import compare, evaluate_gate, load_reference
 from .core.params import EVAL_METRICS, ConfigError, Params, load_params
-from .core.records import DataError
+from .core.records import DataError, Problem
 
 STAGE = "evaluate"
 REQUIRED_FIELDS = ("instruction", "output")
@@ -40,11 +40,19 @@ REQUIRED_FIELDS = ("instruction", "output")
 # Inputs
 
 
+class InputError(DataError):
+    """A missing input (no per-line problems to list)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+        self.problems = []
+
+
 def read_split(path: str | Path) -> list[dict]:
     """Records of a processed split; every bad line is reported at once, by line number."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path} not found (run the preprocess stage first: dvc repro preprocess)")
+        raise InputError(f"{path} not found (run the preprocess stage first: dvc repro preprocess)")
     rows, problems = [], []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -53,22 +61,22 @@ def read_split(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{number}: not valid JSON ({exc.msg})")
+                problems.append(Problem(str(path), number, f"not valid JSON ({exc.msg})"))
                 continue
             if not isinstance(row, dict):
-                problems.append(f"{path}:{number}: not a JSON object")
+                problems.append(Problem(str(path), number, "not a JSON object"))
                 continue
             bad = [k for k in REQUIRED_FIELDS if not isinstance(row.get(k), str) or not row[k].strip()]
             if bad:
-                problems.append(f"{path}:{number}: missing or empty {', '.join(bad)}")
+                problems.append(Problem(str(path), number, f"missing or empty {', '.join(bad)}"))
                 continue
             row.setdefault("system", "")
             row.setdefault("category", "uncategorised")
             rows.append(row)
     if problems:
-        raise DataError(f"{len(problems)} bad record(s):\n  " + "\n  ".join(problems))
+        raise DataError(f"{path}: {len(problems)} bad record(s)", problems)
     if not rows:
-        raise DataError(f"{path} has no records")
+        raise InputError(f"{path} has no records")
     return rows
 
 
@@ -216,7 +224,7 @@ def _load_models(params: Params, adapter_dir: Path):
     from .core.modeling import load_tokenizer
 
     if not adapter_dir.is_dir():
-        raise DataError(f"{adapter_dir} not found (run the train stage first: dvc repro train)")
+        raise InputError(f"{adapter_dir} not found (run the train stage first: dvc repro train)")
     manifest_path = adapter_dir / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -225,7 +233,7 @@ def _load_models(params: Params, adapter_dir: Path):
                               f"'{manifest['method']}' model (re-run the train stage)")
     weights = adapter_dir / ("model" if params.train.method == "full" else "adapter")
     if not weights.is_dir():
-        raise DataError(f"{weights} not found: {adapter_dir} is not a train stage output for method "
+        raise InputError(f"{weights} not found: {adapter_dir} is not a train stage output for method "
                         f"'{params.train.method}'")
     tok_dir = adapter_dir / "tokenizer"
     return load_tokenizer(str(tok_dir) if tok_dir.is_dir() else params.model.tokenizer)

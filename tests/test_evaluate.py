@@ -1,0 +1,273 @@
+"""The evaluate stage end to end on a tiny slice (5 test records, a 2-layer embedded Llama and a LoRA
+adapter made here with peft in the train stage's layout), its bad-input errors, and the LLM judge
+against a local HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from evaluate_fixtures import TEST_RECORDS, make_adapter, write_data, write_params
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
+               "length_ratio", "no_end_token_rate", "val_loss", "val_perplexity"}
+UNIT_METRICS = METRIC_KEYS - {"length_ratio", "val_loss", "val_perplexity"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention on 2 shared cores
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("evaluate")
+    data = write_data(work / "data")
+    params = write_params(ROOT / "params.yaml", work / "params.yaml")
+    adapter = make_adapter(params, work / "adapter")
+    return work, data, params, adapter
+
+
+def _run(work, data, params, adapter, name, *extra):
+    from stages.evaluate import main
+
+    metrics, report = work / name / "metrics" / "eval.json", work / name / "reports" / "eval"
+    rc = main(["--data", str(data), "--adapter", str(adapter), "--metrics", str(metrics), "--report", str(report),
+               "--params", str(params), *extra])
+    return rc, metrics, report
+
+
+@pytest.fixture(scope="module")
+def stage_run(inputs):
+    work, data, params, adapter = inputs
+    rc, metrics, report = _run(work, data, params, adapter, "plain")
+    assert rc == 0
+    return json.loads(metrics.read_text()), report
+
+
+def test_writes_exactly_the_declared_outputs(stage_run):
+    _, report = stage_run
+    files = sorted(str(p.relative_to(report)) for p in report.rglob("*") if p.is_file())
+    assert files == ["plots/base.json", "plots/base_by_category.json", "plots/metrics.png", "plots/tuned.json",
+                     "plots/tuned_by_category.json", "predictions.jsonl", "report.md"]
+    assert not list(report.parent.glob(".eval.*")), "temporary folder left behind"
+
+
+def test_metrics_keys_and_ranges(stage_run):
+    m, _ = stage_run
+    assert {"n_test", "n_val", "base", "tuned", "delta", "by_category", "by_fact_seen", "gate", "speed", "judge",
+            "encoder"} <= set(m)
+    assert m["n_test"] == len(TEST_RECORDS) and m["n_val"] == 3 and m["n_with_facts"] == len(TEST_RECORDS)
+    for model in ("base", "tuned"):
+        assert METRIC_KEYS <= set(m[model]), model
+        for key in UNIT_METRICS:
+            assert 0.0 <= m[model][key] <= 1.0, (model, key, m[model][key])
+        assert m[model]["length_ratio"] >= 0.0
+        assert m[model]["val_loss"] > 0 and m[model]["val_perplexity"] > 1
+    assert m["delta"]["rouge_l"] == pytest.approx(m["tuned"]["rouge_l"] - m["base"]["rouge_l"], abs=1e-6)
+    assert "judge_score" not in m["tuned"] and m["judge"] == {"enabled": False}
+    assert m["encoder"]["name"] == "embedded" and m["encoder"]["bertscore_layer"] == 6
+
+
+def test_per_topic_and_seen_breakdown_have_counts(stage_run):
+    m, _ = stage_run
+    assert {k: v["n"] for k, v in m["by_category"].items()} == {"expenses": 2, "it_access": 1, "job_codes": 2}
+    assert {k: v["n"] for k, v in m["by_fact_seen"].items()} == {"seen": 3, "unseen": 2}
+    for group in m["by_category"].values():
+        assert METRIC_KEYS - {"val_loss", "val_perplexity"} <= set(group["tuned"])
+        assert set(group) == {"n", "n_with_facts", "base", "tuned", "delta"}
+
+
+def test_gate_and_speed(stage_run):
+    m, _ = stage_run
+    gate = m["gate"]
+    assert isinstance(gate["passed"], bool) and len(gate["checks"]) == 4
+    # an untrained adapter on a random model cannot reach ROUGE-L 0.3: the gate must say so
+    assert gate["passed"] is False and any(r.startswith("tuned rouge_l") for r in gate["reasons"])
+    s = m["speed"]
+    assert s["base_generated_tokens"] > 0 and s["tuned_tokens_per_s"] > 0 and s["total_s"] > 0
+    assert s["generation_s"] <= s["models_s"] <= s["total_s"]
+
+
+def test_predictions_file(stage_run):
+    _, report = stage_run
+    rows = [json.loads(line) for line in (report / "predictions.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == [r[0] for r in TEST_RECORDS]
+    for row, (_, output, category, seen) in zip(rows, TEST_RECORDS):
+        assert row["reference"] == output and row["category"] == category and row["fact_seen_in_train"] is seen
+        for model in ("base", "tuned"):
+            entry = row[model]
+            assert isinstance(entry["answer"], str) and isinstance(entry["ended"], bool)
+            assert {"rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
+                    "length_ratio", "no_end_token", "missing_facts"} <= set(entry)
+            assert entry["no_end_token"] == (0.0 if entry["ended"] else 1.0)
+    # max_new_tokens is 6: every answer is short, and base and tuned differ (the adapter is not zero)
+    assert any(r["base"]["answer"] != r["tuned"]["answer"] for r in rows)
+
+
+def test_report_sections(stage_run):
+    m, report = stage_run
+    text = (report / "report.md").read_text()
+    for needle in ("# Evaluation report", "**Quality gate: FAILED**", "## Headline", "| ROUGE-L |", "| BERTScore F1 |",
+                   "| Fact recall |", "## Per topic", "| job_codes | 2 |", "## Fact seen in training vs not",
+                   "## Worst 2 tuned answers", "| reference | PM job code", "| base |", "## Quality gate",
+                   "LLM judge: off", "![base vs tuned](plots/metrics.png)", "## Speed"):
+        assert needle in text, needle
+    plot = json.loads((report / "plots" / "tuned.json").read_text())
+    assert [row["metric"] for row in plot][:3] == ["rouge_l", "bleu4", "bertscore_f1"]
+    assert plot[0]["value"] == m["tuned"]["rouge_l"]
+
+
+def test_dvc_yaml_registers_the_stage_and_plots():
+    import yaml
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stage = dvc["stages"]["evaluate"]
+    assert stage["params"] == ["model", "train.method", "evaluate"]
+    assert {"data/processed/test.jsonl", "data/processed/val.jsonl", "models/adapter", "stages/evaluate.py",
+            "stages/core/metrics.py", "stages/core/report.py", "stages/core/gate.py"} <= set(stage["deps"])
+    assert stage["outs"] == ["reports/eval"]
+    assert stage["metrics"] == [{"metrics/eval.json": {"cache": False}}]
+    sources = set()
+    for plot in dvc["plots"]:
+        spec = next(iter(plot.values())) if isinstance(plot, dict) else None
+        sources |= set(spec["y"]) if spec else {plot}
+    assert {"reports/eval/plots/base.json", "reports/eval/plots/tuned.json",
+            "reports/eval/plots/metrics.png"} <= sources
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+def test_bad_test_records_are_listed_by_line(inputs, tmp_path, capsys):
+    work, _, params, adapter = inputs
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.jsonl").write_text('{"instruction": "q", "output": "a"}\n{broken\n{"instruction": "q"}\n[1]\n')
+    rc, _, report = _run(tmp_path, data, params, adapter, "bad")
+    err = capsys.readouterr().err
+    assert rc == 1 and "3 bad record(s)" in err
+    assert "test.jsonl:2: not valid JSON" in err and "test.jsonl:3: missing or empty output" in err
+    assert "test.jsonl:4: not a JSON object" in err and "Traceback" not in err
+    assert not report.exists()
+
+
+def test_missing_adapter_and_wrong_method(inputs, tmp_path, capsys):
+    work, data, params, adapter = inputs
+    rc, _, _ = _run(tmp_path, data, params, tmp_path / "nowhere", "x")
+    assert rc == 1 and "run the train stage first" in capsys.readouterr().err
+    text = params.read_text().replace("method: lora", "method: full")
+    (tmp_path / "params.yaml").write_text(text)
+    rc, _, _ = _run(tmp_path, data, tmp_path / "params.yaml", adapter, "y")
+    assert rc == 2 and "holds a 'lora' model" in capsys.readouterr().err
+
+
+# --- judge -------------------------------------------------------------------------------------------
+
+class _JudgeHandler(BaseHTTPRequestHandler):
+    requests: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _JudgeHandler.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                                       "api_key": self.headers.get("api-key"), "body": body})
+        answer = body["messages"][-1]["content"].split("ANSWER:", 1)[1]
+        score = 5 if "Full Time Employee" in answer else 2
+        reply = {"choices": [{"message": {"role": "assistant", "content": json.dumps({"score": score, "reason": "x"})}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def judge_server():
+    _JudgeHandler.requests = []
+    server = HTTPServer(("127.0.0.1", 0), _JudgeHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_judge_openai_compatible_and_azure(judge_server):
+    from stages.core.judge import Judge, config_from_env
+
+    judge = Judge(config_from_env({"EVAL_JUDGE_ENDPOINT": judge_server + "/v1", "EVAL_JUDGE_API_KEY": "k1",
+                                   "EVAL_JUDGE_MODEL": "grader"}), timeout_s=5)
+    assert judge.score("q", "PM job code indicates Full Time Employee.", "PM means Full Time Employee") == 5
+    assert judge.score("q", "PM job code indicates Full Time Employee.", "no idea") == 2
+    first = _JudgeHandler.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer k1"
+    assert first["body"]["model"] == "grader" and first["body"]["temperature"] == 0
+    azure = Judge(config_from_env({"AZURE_OPENAI_ENDPOINT": judge_server, "AZURE_OPENAI_API_KEY": "k2",
+                                   "AZURE_OPENAI_DEPLOYMENT": "gpt4o"}), timeout_s=5)
+    assert azure.score("q", "r", "Full Time Employee") == 5
+    last = _JudgeHandler.requests[-1]
+    assert last["path"] == "/openai/deployments/gpt4o/chat/completions?api-version=2024-06-01"
+    assert last["api_key"] == "k2" and "model" not in last["body"]
+    assert "k2" not in azure.config.label and "gpt4o" in azure.config.label
+
+
+def test_judge_failures_are_counted_not_invented(judge_server):
+    from stages.core.judge import Judge, JudgeConfig, config_from_env, parse_score
+
+    dead = Judge(JudgeConfig("http://127.0.0.1:9/chat/completions", {}, "m", "dead"), timeout_s=5)
+    assert dead.score("q", "r", "a") is None and dead.failures[0].startswith("judge call failed")
+    wrong_path = Judge(config_from_env({"EVAL_JUDGE_ENDPOINT": judge_server + "/v1", "EVAL_JUDGE_MODEL": "m"}), 5)
+    wrong_path.config = JudgeConfig(judge_server + "/v1/chat/completions", {}, "m", "ok")
+    assert wrong_path.score("q", "r", "Full Time Employee") == 5 and not wrong_path.failures
+    assert parse_score('{"score": 4}') == 4 and parse_score("I'd say 3 out of 5") == 3
+    assert parse_score('{"score": 9}') is None and parse_score("no number") is None
+
+
+def test_judge_enabled_without_endpoint_is_a_config_error(monkeypatch):
+    from stages.core.judge import config_from_env
+    from stages.core.params import ConfigError
+
+    with pytest.raises(ConfigError, match="EVAL_JUDGE_ENDPOINT"):
+        config_from_env({})
+    with pytest.raises(ConfigError, match="EVAL_JUDGE_MODEL"):
+        config_from_env({"EVAL_JUDGE_ENDPOINT": "http://127.0.0.1:1"})
+    with pytest.raises(ConfigError, match="AZURE_OPENAI_DEPLOYMENT"):
+        config_from_env({"AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:1", "AZURE_OPENAI_API_KEY": "k"})
+
+
+def test_stage_with_judge_and_reference(inputs, stage_run, judge_server, monkeypatch, tmp_path):
+    """Judge on, and a reference metrics file: scores, the comparison and the gate's regression check."""
+    work, data, _, adapter = inputs
+    first, _ = stage_run
+    params = write_params(ROOT / "params.yaml", tmp_path / "params.yaml",
+                          judge={"enabled": True, "max_records": 2, "timeout_s": 5})
+    monkeypatch.setenv("EVAL_JUDGE_ENDPOINT", judge_server)
+    monkeypatch.setenv("EVAL_JUDGE_MODEL", "grader")
+    better = {"tuned": {**first["tuned"], "bleu4": first["tuned"]["bleu4"] + 0.5}}
+    (tmp_path / "prod.json").write_text(json.dumps(better))
+    rc, metrics_path, report = _run(tmp_path, data, params, adapter, "judged", "--reference", str(tmp_path / "prod.json"))
+    assert rc == 0
+    m = json.loads(metrics_path.read_text())
+    assert m["judge"]["enabled"] is True and m["judge"]["records"] == 2 and m["judge"]["failed_calls"] == 0
+    assert len(_JudgeHandler.requests) == 4                 # 2 records x (base, tuned)
+    assert 1 <= m["tuned"]["judge_score"] <= 5 and 1 <= m["base"]["judge_score"] <= 5
+    assert m["reference"]["regressions"] == ["bleu4"]
+    assert m["reference"]["delta"]["bleu4"] == pytest.approx(-0.5, abs=1e-6)
+    assert any("bleu4 regressed by 0.5000" in r for r in m["gate"]["reasons"])
+    text = (report / "report.md").read_text()
+    assert "LLM judge: grader at 127.0.0.1" in text and "## Compared with" in text
+    rows = [json.loads(line) for line in (report / "predictions.jsonl").read_text().splitlines()]
+    assert [r["tuned"]["judge_score"] is not None for r in rows] == [True, True, False, False, False]
