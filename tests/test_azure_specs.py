@@ -132,6 +132,21 @@ def test_training_dockerfile_default_image_is_the_params_image(params):
     assert f"ARG BASE_IMAGE={params.azure.training_job.environment.image}\n" in text
 
 
+def test_gpu_requirements_that_contradict_the_lock_stay_out_of_the_image(tmp_path, params):
+    from stages.azure.jobs import build_training_context, filter_requirements
+
+    text = "# c\nbitsandbytes==0.50.2\nunsloth==2026.10.9\nUnsloth_Zoo==2026.10.9\nliger-kernel==0.8.5\n"
+    kept = [line for line in filter_requirements(text, ["unsloth", "unsloth-zoo"]).splitlines()
+            if line and not line.startswith("#")]
+    assert kept == ["bitsandbytes==0.50.2", "liger-kernel==0.8.5"]
+    context, _ = build_training_context(params, tmp_path / "ctx")
+    if (ROOT / "requirements-gpu.txt").is_file():
+        gpu = (context / "requirements-gpu.txt").read_text()
+        active = [line for line in gpu.splitlines() if line.strip() and not line.startswith("#")]
+        assert not any(line.lower().startswith(tuple(params.azure.training_job.gpu_requirements_exclude))
+                       for line in active)
+
+
 def test_lock_for_gpu_strips_local_versions():
     from stages.azure.jobs import lock_for_gpu
 

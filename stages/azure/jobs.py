@@ -48,6 +48,24 @@ def lock_for_gpu(lock_text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _requirement_name(line: str) -> str:
+    import re
+
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else ""
+
+
+def filter_requirements(text: str, exclude: list[str]) -> str:
+    """`text` without the requirements named in `exclude` (each left as a comment saying why)."""
+    excluded = {_requirement_name(name) for name in exclude}
+    lines = []
+    for line in text.splitlines():
+        if not line.lstrip().startswith("#") and _requirement_name(line) in excluded:
+            line = f"# excluded by azure.training_job.gpu_requirements_exclude: {line.strip()}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def dockerfile_text(image: str, source: Path = TRAIN_ENV_SOURCE / "Dockerfile") -> str:
     text = source.read_text(encoding="utf-8")
     lines = text.splitlines()
@@ -65,6 +83,9 @@ def build_training_context(params: Params, dest: str | Path, repo_root: Path = a
     for name in REQUIREMENT_FILES:
         if (repo_root / name).is_file():
             files[name] = (repo_root / name).read_text(encoding="utf-8")
+    if "requirements-gpu.txt" in files:
+        files["requirements-gpu.txt"] = filter_requirements(
+            files["requirements-gpu.txt"], params.azure.training_job.gpu_requirements_exclude)
     if "requirements.txt" not in files:
         raise ConfigError(f"{repo_root / 'requirements.txt'} not found: the training environment installs it")
     lock = repo_root / "requirements.lock"

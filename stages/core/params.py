@@ -221,6 +221,8 @@ class TrainingJobParams(Section):
     priority: Literal["low", "medium", "high"] = "medium"
     repro_target: str = Field("package", min_length=1, description="last dvc.yaml stage the job runs")
     shm_size: str = Field("16g", pattern=r"^[0-9]+[bkmg]$", description="/dev/shm of the job container")
+    gpu_requirements_exclude: list[str] = Field(
+        ["unsloth", "unsloth-zoo"], description="requirements-gpu.txt packages left out of the training image")
     environment: EnvironmentParams = EnvironmentParams(
         name="llama-train", image="mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04:20250601.v1")
 
