@@ -41,8 +41,9 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
   properties: {
     Application_Type: 'web'
     WorkspaceResourceId: logAnalytics.id
-    // Telemetry is sent with Entra ID tokens only, never with the instrumentation key alone.
-    DisableLocalAuth: true
+    // Azure ML sends endpoint and job telemetry with the connection string (instrumentation key),
+    // so local auth stays on; the data lands in the Log Analytics workspace above.
+    DisableLocalAuth: false
     IngestionMode: 'LogAnalytics'
   }
 }
