@@ -159,10 +159,12 @@ def test_remote_uses_default_azure_credential_chain():
     """With only account_name configured, dvc-azure authenticates through DefaultAzureCredential
     (az login, managed identity in jobs, OIDC/environment in GitHub Actions)."""
     from azure.identity.aio import DefaultAzureCredential
-    from dvc.repo import Repo
+    from dvc_azure import AzureFileSystem
 
     storage = _params()["azure"]["storage"]
-    fs = Repo(str(ROOT), uninitialized=True).cloud.get_remote(storage["dvc_remote_name"]).fs
+    # exactly what the committed .dvc/config gives (a developer's config.local is not consulted)
+    remote = dict(_dvc_config()[f"'remote \"{storage['dvc_remote_name']}\"'"])
+    fs = AzureFileSystem(**remote)
     assert fs.fs_args["account_name"] == storage["account_name"]
     assert isinstance(fs.fs_args["credential"], DefaultAzureCredential)
     for key in ("connection_string", "account_key", "sas_token", "client_secret"):
