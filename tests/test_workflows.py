@@ -175,8 +175,11 @@ def test_train_workflow_triggers_on_the_pr_comment_paths():
     text = run_text(wf)
     assert "python -m stages.azure.jobs submit" in text
     assert "python -m stages.ci.results_pr" in text
-    for var in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_WORKSPACE_NAME"):
-        assert var in job["env"]
+    submit = next(s for s in job["steps"] if "stages.azure.jobs submit" in s.get("run", ""))
+    from stages.azure.config import WORKSPACE_ENV  # what the Azure commands read
+
+    for var in WORKSPACE_ENV:
+        assert submit["env"][var] == f"${{{{ vars.{var} }}}}"
 
 
 def test_deploy_workflow_is_gated_and_reviewed():
@@ -190,6 +193,10 @@ def test_deploy_workflow_is_gated_and_reviewed():
     assert rollout["needs"] == "gate" and rollout["environment"] == "prod"
     text = run_text({"jobs": {"r": rollout}})
     assert "python -m stages.azure.endpoints deploy" in text
+    deploy_step = next(s for s in rollout["steps"] if "stages.azure.endpoints deploy" in s.get("run", ""))
+    from stages.azure.config import WORKSPACE_ENV
+
+    assert set(deploy_step["env"]) == set(WORKSPACE_ENV)
     assert "git tag -f deployed/prod" in text
     assert "live-deployment" in text and "infra/prod.bicepparam" in text
     # rollback on failure happens inside the rollout (stages/azure/rollout.py); a failed deploy
