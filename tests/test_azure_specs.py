@@ -641,3 +641,97 @@ def test_two_processes_join_the_distributed_stage(tmp_path):
     assert (tmp_path / "results/metrics/w.txt").is_file() and (tmp_path / "results/dvc.lock").is_file()
     assert "[rank 1] worker_stage train" in logs[1] and "dvc push" not in logs[1]
     assert any((tmp_path / "remote").rglob("*")), "rank 0 pushed nothing"
+
+
+# ---------------------------------------------------------------- submit/deploy paths on a fake MLClient
+
+class _Ops:
+    """Records calls; `create_or_update` returns the entity with a version."""
+
+    def __init__(self, log, kind):
+        self.log, self.kind = log, kind
+
+    def create_or_update(self, entity):
+        self.log.append((self.kind, "create_or_update", getattr(entity, "name", None)))
+        if self.kind in ("models", "environments"):
+            entity.version = entity.version or "5"
+        if self.kind == "jobs":
+            self.submitted = entity
+            return type("Submitted", (), {"name": "job-123", "studio_url": "https://studio/job-123"})()
+        return entity
+
+    def begin_create_or_update(self, entity):
+        self.log.append((self.kind, "begin_create_or_update", getattr(entity, "name", None)))
+        self.last = entity
+        return _Poller(entity)
+
+
+def test_submit_registers_environment_streams_downloads_and_applies(tmp_path, params, monkeypatch):
+    import stages.azure.jobs as jobs
+
+    log = []
+    status = {"value": "Completed"}
+
+    class Jobs(_Ops):
+        def stream(self, name):
+            log.append(("jobs", "stream", name))
+
+        def get(self, name):
+            return type("J", (), {"status": status["value"]})()
+
+        def download(self, name, download_path, output_name):
+            log.append(("jobs", "download", output_name))
+            collect(Path(download_path) / "named-outputs" / output_name,
+                    yaml.safe_load((ROOT / "dvc.yaml").read_text()), root=fake_job)
+
+    fake_job = tmp_path / "job"
+    (fake_job / "metrics").mkdir(parents=True)
+    (fake_job / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (fake_job / "metrics" / "train.json").write_text('{"eval_loss": 1.5}')
+    workspace = type("W", (), {"key_vault": "/subscriptions/s/resourceGroups/r/providers/Microsoft.KeyVault/vaults/kv-ws"})()
+    client = type("C", (), {"jobs": Jobs(log, "jobs"), "environments": _Ops(log, "environments"),
+                            "workspace_name": "ws",
+                            "workspaces": type("WS", (), {"get": lambda self, name: workspace})()})()
+    for name in WORKSPACE_ENV:
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setattr(az, "ml_client", lambda workspace=None: client)
+    repo = tmp_path / "repo"   # what submit reads: the graph and the pins
+    repo.mkdir()
+    for name in ("dvc.yaml", "requirements.txt", "requirements.lock", "requirements-gpu.txt"):
+        if (ROOT / name).is_file():
+            (repo / name).write_text((ROOT / name).read_text())
+    rc = jobs.submit(params, tmp_path / "azure" / "train-job.yml", tmp_path / "results", repo_root=repo)
+    assert rc == 0
+    assert [entry[:2] for entry in log] == [("environments", "create_or_update"), ("jobs", "create_or_update"),
+                                            ("jobs", "stream"), ("jobs", "download")]
+    job = client.jobs.submitted
+    assert job.environment == f"{params.azure.training_job.environment.name}:{yaml.safe_load((tmp_path / 'azure/train-job.yml').read_text())['environment']['version']}"
+    assert job.environment_variables["AZURE_KEY_VAULT_URL"] == "https://kv-ws.vault.azure.net/"
+    assert (repo / "metrics" / "train.json").read_text() == '{"eval_loss": 1.5}'
+    assert (repo / "dvc.lock").read_text().startswith("schema: '2.0'")
+    status["value"] = "Failed"
+    assert jobs.submit(params, tmp_path / "azure" / "train-job.yml", tmp_path / "results", repo_root=repo) == 1
+
+
+def test_batch_deploy_registers_then_points_the_endpoint_default(inputs, params, monkeypatch):
+    import stages.azure.batch as batch
+
+    log = []
+
+    class Endpoints(_Ops):
+        def get(self, name):
+            return type("B", (), {"name": name, "defaults": None})()
+
+    client = type("C", (), {"batch_endpoints": Endpoints(log, "batch_endpoints"),
+                            "batch_deployments": _Ops(log, "batch_deployments"),
+                            "models": _Ops(log, "models"), "environments": _Ops(log, "environments")})()
+    monkeypatch.setattr(az, "ml_client", lambda workspace=None: client)
+    real = batch.write_batch_specs
+    monkeypatch.setattr(batch, "write_batch_specs", lambda p, out, **kw: real(
+        p, out, **kw, **{k: v for k, v in inputs.items() if k != "out"}))
+    assert batch.deploy(params, inputs["out"]) == 0
+    assert [entry[0] for entry in log] == ["batch_endpoints", "models", "environments", "batch_deployments",
+                                           "batch_endpoints"]
+    deployment = client.batch_deployments.last
+    assert deployment.model == f"{params.azure.endpoint.model_name}:5"
+    assert client.batch_endpoints.last.defaults == {"deployment_name": params.azure.batch.deployment_name}

@@ -119,7 +119,11 @@ def deploy(params: Params, out_dir: Path) -> int:
     deployment = load_batch_deployment_spec(paths["deployment"])
     client.batch_deployments.begin_create_or_update(deployment).result()
     endpoint = client.batch_endpoints.get(params.azure.batch.endpoint_name)
-    endpoint.defaults.deployment_name = params.azure.batch.deployment_name
+    defaults = endpoint.defaults
+    if defaults is None or isinstance(defaults, dict):
+        endpoint.defaults = {**(defaults or {}), "deployment_name": params.azure.batch.deployment_name}
+    else:  # the service's BatchEndpointDefaults object
+        defaults.deployment_name = params.azure.batch.deployment_name
     client.batch_endpoints.begin_create_or_update(endpoint).result()
     print(f"batch endpoint {endpoint.name}: deployment {deployment.name} (model {model.name}:{model.version})")
     return 0
