@@ -201,10 +201,10 @@ def test_curves_and_mermaid_charts(tmp_path):
     assert lines[0] == "```mermaid" and lines[1] == "xychart-beta" and lines[-1] == "```"
     labels = lines[3][len("  x-axis ["):-1].split(", ")
     values = lines[5][len("  line ["):-1].split(", ")
-    assert len(labels) == len(values) == 40 and labels[0] == "0" and labels[-1] == "99"
+    assert len(labels) == len(values) == 40 and labels[0] == '"0"' and labels[-1] == '"99"'
     metrics = {"base": {"rouge_l": 0.1, "bleu4": 0.05}, "tuned": {"rouge_l": 0.8, "bleu4": 0.6, "fact_recall": 0.9}}
     bars = pc.mermaid_metrics(metrics)
-    assert "x-axis [rouge_l, bleu4]" in bars and "bar [0.8, 0.6]" in bars and "line [0.1, 0.05]" in bars
+    assert 'x-axis ["rouge_l", "bleu4"]' in bars and "bar [0.8, 0.6]" in bars and "line [0.1, 0.05]" in bars
     assert pc.mermaid_metrics({"base": None}) is None and pc.read_curves(tmp_path / "nowhere") == {}
 
 

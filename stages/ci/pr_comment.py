@@ -507,7 +507,7 @@ def mermaid_curve(name: str, points: list[tuple[float, float]]) -> str:
     ys = [y for _, y in pts]
     lo, hi = min(ys), max(ys)
     pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
-    labels = ", ".join(str(int(x)) if float(x).is_integer() else f"{x:g}" for x, _ in pts)
+    labels = ", ".join(f'"{int(x)}"' if float(x).is_integer() else f'"{x:g}"' for x, _ in pts)
     return "\n".join([
         "```mermaid", "xychart-beta", f'  title "{name} by step"', f"  x-axis [{labels}]",
         f'  y-axis "{name.split("/")[-1]}" {lo - pad:.4g} --> {hi + pad:.4g}',
@@ -524,7 +524,8 @@ def mermaid_metrics(eval_metrics: dict | None) -> str | None:
     if not names:
         return None
     return "\n".join([
-        "```mermaid", "xychart-beta", '  title "tuned (bars) vs base (line)"', f"  x-axis [{', '.join(names)}]",
+        "```mermaid", "xychart-beta", '  title "tuned (bars) vs base (line)"',
+        "  x-axis [" + ", ".join(f'"{m}"' for m in names) + "]",
         '  y-axis "score" 0 --> 1',
         "  bar [" + ", ".join(f"{_num(tuned[m]):.4g}" for m in names) + "]",
         "  line [" + ", ".join(f"{_num(base[m]):.4g}" for m in names) + "]", "```"])
