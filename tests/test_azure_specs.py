@@ -735,3 +735,56 @@ def test_batch_deploy_registers_then_points_the_endpoint_default(inputs, params,
     deployment = client.batch_deployments.last
     assert deployment.model == f"{params.azure.endpoint.model_name}:5"
     assert client.batch_endpoints.last.defaults == {"deployment_name": params.azure.batch.deployment_name}
+
+
+def test_first_deploy_creates_endpoint_registers_and_goes_live(inputs, params, monkeypatch):
+    from azure.core.exceptions import ResourceNotFoundError
+
+    import stages.azure.endpoints as ep
+    from stages.azure import rollout as ro
+
+    log = []
+
+    class Endpoints(_Ops):
+        exists = False
+
+        def get(self, name):
+            if not self.exists:
+                raise ResourceNotFoundError("not found")
+            return self.endpoint
+
+        def begin_create_or_update(self, endpoint):
+            Endpoints.exists = True
+            self.endpoint = endpoint
+            log.append(("online_endpoints", "traffic", dict(getattr(endpoint, "traffic", {}) or {})))
+            return _Poller(endpoint)
+
+        def invoke(self, endpoint_name, deployment_name, request_file):
+            log.append(("online_endpoints", "invoke", deployment_name))
+            return json.dumps({"response": "ok"})
+
+    class Deployments(_Ops):
+        def begin_delete(self, name, endpoint_name):
+            log.append(("online_deployments", "delete", name))
+            return _Poller()
+
+    client = type("C", (), {"online_endpoints": Endpoints(log, "online_endpoints"),
+                            "online_deployments": Deployments(log, "online_deployments"),
+                            "models": _Ops(log, "models"), "environments": _Ops(log, "environments")})()
+    for name in WORKSPACE_ENV:
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setattr(az, "ml_client", lambda workspace=None: client)
+    monkeypatch.setattr(ep.AzureWorld, "gate", lambda self: (True, "passed"))
+    monkeypatch.setattr(ep, "request_health", lambda *a: ro.Health(100, 0))
+    monkeypatch.setattr(ep.time, "sleep", lambda s: None)
+    real = ep.write_endpoint_specs
+    monkeypatch.setattr(ep, "write_endpoint_specs", lambda p, out, **kw: real(
+        p, out, **kw, **{k: v for k, v in inputs.items() if k != "out"}))
+    assert ep.deploy(params, inputs["out"]) == 0
+    kinds = [entry[:2] for entry in log]
+    assert kinds[:3] == [("online_endpoints", "traffic"), ("models", "create_or_update"),
+                         ("environments", "create_or_update")]
+    assert ("online_deployments", "begin_create_or_update") in kinds
+    assert ("online_endpoints", "invoke") in kinds
+    assert log[-1] == ("online_endpoints", "traffic", {"blue": 100})
+    assert not any(entry[1] == "delete" for entry in log)
