@@ -146,7 +146,7 @@ def run_model(model, tokenizer, test, val, params: Params, device) -> ModelRun:
 def _perplexity(loss: float | None) -> float | None:
     if loss is None:
         return None
-    return round(math.exp(loss), 4) if loss < 700 else float("inf")
+    return round(math.exp(loss), 4) if loss < 700 else None  # overflow: JSON has no infinity
 
 
 def summary(run: ModelRun, idx: list[int], references: list[str]) -> dict:
@@ -295,8 +295,8 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
 
     metrics = build_metrics(test, base, tuned, len(val))
     metrics["judge"] = judge_info
-    metrics["encoder"] = {"name": params.evaluate.encoder, "path": semantic.path,
-                          "bertscore_layer": semantic.layer}
+    # the encoder's name, not its path: a path differs between machines and would show in every diff
+    metrics["encoder"] = {"name": params.evaluate.encoder, "bertscore_layer": semantic.layer}
     if comparison is not None:
         metrics["reference"] = compare(metrics["tuned"], comparison[0], comparison[1],
                                        params.evaluate.gate.regression_metrics, params.evaluate.gate.max_regression)

@@ -91,7 +91,7 @@ def _bar_chart(metrics: dict, path: Path) -> str:
     ax.set_xlim(0, 1)
     ax.set_xlabel("score (0-1)")
     ax.set_title(f"Base vs tuned on the test split (n={metrics.get('n_test')})")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
