@@ -178,7 +178,7 @@ def test_multi_node_plans():
     upstream = ["preprocess"]
     rank0 = plan_for_rank(RankInfo(0, 0, 4), "package", "train", upstream, "/out")
     assert [s.kind for s in rank0] == ["secrets", "run", "run", "decide", "signal_ready", "run", "run", "collect"]
-    assert rank0[2] == Step("run", ("dvc", "repro", "preprocess")) and rank0[5] == Step("run", ("dvc", "repro", "package"))
+    assert rank0[2] == Step("run", ("dvc", "repro", "preprocess")) and rank0[5] == Step("run", ("dvc", "repro", "--no-run-cache", "package"))
     leader = plan_for_rank(RankInfo(2, 0, 4), "package", "train", upstream, "/out")
     assert [s.kind for s in leader] == ["secrets", "run", "run", "decide", "signal_ready", "worker_stage"]
     follower = plan_for_rank(RankInfo(3, 1, 4), "package", "train", upstream, "/out")

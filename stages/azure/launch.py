@@ -107,7 +107,8 @@ def plan_for_rank(info: RankInfo, target: str, distributed_stage: str, upstream:
     else:
         prepare += [Step("wait_ready")]
     if info.rank == 0:
-        return prepare + [Step("run", ("dvc", "repro", target)), Step("run", ("dvc", "push")),
+        # --no-run-cache: the workers were told the distributed stage runs, so it must really run
+        return prepare + [Step("run", ("dvc", "repro", "--no-run-cache", target)), Step("run", ("dvc", "push")),
                           Step("collect", (results,))]
     return prepare + [Step("worker_stage", (distributed_stage,))]
 
@@ -143,6 +144,15 @@ def collect(results: str | Path, dvc_yaml: dict, root: Path = Path(".")) -> list
         copied.append(relative)
     (results / "results.json").write_text(json.dumps({"files": copied}, indent=2) + "\n", encoding="utf-8")
     return copied
+
+
+def stage_commands(stage: str) -> list[str]:
+    """The stage's command(s) as DVC resolves them (params templating such as ${train.x} applied)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        cmd = repo.stage.collect(stage)[0].cmd
+    return list(cmd) if isinstance(cmd, (list, tuple)) else [cmd]
 
 
 def stage_is_stale(stage: str) -> bool:
@@ -189,8 +199,8 @@ def execute(steps: list[Step], dvc_yaml: dict, info: RankInfo, wait_s: float = 7
             if not run_stage:
                 print(f"[rank {info.rank}] {step.args[0]} is up to date: nothing to do", flush=True)
                 continue
-            cmd = dvc_yaml["stages"][step.args[0]]["cmd"]
-            subprocess.run(cmd, shell=True, check=True)
+            for cmd in stage_commands(step.args[0]):
+                subprocess.run(cmd, shell=True, check=True)
         elif step.kind == "collect":
             copied = collect(step.args[0], dvc_yaml)
             print(f"[rank {info.rank}] results: {', '.join(copied)}", flush=True)
