@@ -4,6 +4,7 @@ the single source of truth of the Python side."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -288,6 +289,8 @@ def test_autoscale_targets_the_named_deployment_within_params_range(azure):
     assert target["type"] == "resource_id"
     assert "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments" in target["parameters"].values()
     assert "autoscaleDeploymentName" in target["parameters"].values()
+    # one setting per colour: a setting's target never changes
+    assert body(auto)["name"] == "autoscale-${endpointName}-${autoscaleDeploymentName}"
     props = body(auto)["properties"]
     assert props["targetResourceUri"] == "deploymentId"
     (profile,) = props["profiles"]
@@ -409,3 +412,42 @@ def test_checkov_skips_are_in_the_bicep_with_reasons():
     script = (ROOT / ".ci" / "checkov.sh").read_text()
     assert re.search(r'CHECKOV_VERSION="\d+\.\d+\.\d+"', script)
     assert "--framework bicep -d infra" in script
+
+
+def _lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("env", ["dev", "prod"])
+def test_every_params_yaml_annotation_in_the_param_files_is_true(env, azure):
+    """Each `param x = v  // params.yaml azure.a.b [+ 'suffix']` line holds exactly that value."""
+    params = {"azure": azure}
+    _, values = parse_bicepparam(PARAM_FILES[env])
+    annotated = 0
+    for line in PARAM_FILES[env].read_text().splitlines():
+        m = re.match(r"param (\w+) = .*//\s*params\.yaml ((?:azure)(?:\.\w+)+)(?: \+ '([\w-]*)')?", line)
+        if not m:
+            continue
+        annotated += 1
+        name, key, suffix = m.groups()
+        want = _lookup(params, key)
+        if suffix is not None:
+            want = f"{want}{suffix}"
+        assert values[name] == want, f"{env}.bicepparam: {name} = {values[name]!r} but params.yaml {key} = {want!r}"
+    assert annotated >= 14
+
+
+def test_a_changed_params_yaml_value_is_caught(azure):
+    """The agreement check is not vacuous: a different VM size or idle time in params.yaml fails it."""
+    _, values = parse_bicepparam(PARAM_FILES["prod"])
+    changed = json.loads(json.dumps(azure))
+    changed["compute"]["vm_size"] = "Standard_ND96isr_H100_v5"
+    changed["compute"]["idle_seconds_before_scale_down"] = 600
+    expected = _expected_from_params(changed)
+    wrong = sorted(k for k, v in expected.items() if values.get(k) != v)
+    assert wrong == ["clusterIdleSecondsBeforeScaleDown", "clusterVmSize"]

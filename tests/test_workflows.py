@@ -199,6 +199,7 @@ def test_deploy_workflow_is_gated_and_reviewed():
     assert set(deploy_step["env"]) == set(WORKSPACE_ENV)
     assert "git tag -f deployed/prod" in text
     assert "live-deployment" in text and "infra/prod.bicepparam" in text
+    assert "az monitor autoscale delete" in text  # the retired colour's setting
     # rollback on failure happens inside the rollout (stages/azure/rollout.py); a failed deploy
     # step stops the job before the tag moves
     names = [s.get("name", "") for s in rollout["steps"]]

@@ -113,13 +113,14 @@ resource endpointDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-p
 var deploymentId = resourceId('Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments', workspaceName, endpointName, autoscaleDeploymentName)
 
 // Azure Monitor autoscale of the live deployment: +1 instance when utilisation stays high,
-// -1 when it stays low, within [minInstances, maxInstances].
+// -1 when it stays low, within [minInstances, maxInstances]. One setting per colour (its target
+// never changes); deploy.yml deletes the setting of a colour that no longer serves.
 resource autoscale 'Microsoft.Insights/autoscalesettings@2022-10-01' = if (!empty(autoscaleDeploymentName)) {
-  name: 'autoscale-${endpointName}'
+  name: 'autoscale-${endpointName}-${autoscaleDeploymentName}'
   location: location
   tags: tags
   properties: {
-    name: 'autoscale-${endpointName}'
+    name: 'autoscale-${endpointName}-${autoscaleDeploymentName}'
     enabled: true
     targetResourceUri: deploymentId
     profiles: [
