@@ -788,3 +788,23 @@ def test_first_deploy_creates_endpoint_registers_and_goes_live(inputs, params, m
     assert ("online_endpoints", "invoke") in kinds
     assert log[-1] == ("online_endpoints", "traffic", {"blue": 100})
     assert not any(entry[1] == "delete" for entry in log)
+
+
+def test_every_azure_key_is_documented():
+    """docs/azure.md lists every key of the azure: section (the infra and workflow code reads it)."""
+    from pydantic import BaseModel
+
+    from stages.core.params import AzureParams
+
+    def keys(model, prefix):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from keys(annotation, f"{prefix}.{name}")
+            else:
+                yield f"{prefix}.{name}", name
+
+    docs = (ROOT / "docs" / "azure.md").read_text()
+    missing = [full for full, leaf in keys(AzureParams, "azure")
+               if f"`{full}`" not in docs and f"`{leaf}`" not in docs and f"{leaf}`" not in docs]
+    assert not missing, f"not in docs/azure.md: {missing}"
