@@ -57,7 +57,7 @@ def requirements_lines(path: Path) -> list[str]:
 
 
 def serving_conda(requirements: Path) -> dict:
-    return {"name": "llama-serve", "channels": ["conda-forge"],
+    return {"name": "llama-serve", "channels": ["conda-forge", "nodefaults"],
             "dependencies": [f"python={SERVE_PYTHON}", "pip", {"pip": requirements_lines(requirements)}]}
 
 
