@@ -1,1 +1,1 @@
-"""Benchmarks: training throughput (train_bench) and the endpoint (endpoint_bench)."""
+"""Benchmarks (python -m bench.train_bench)."""

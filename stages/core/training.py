@@ -1,37 +1,81 @@
-"""The training loop's pieces: batching, the completion-only loss, the schedule.
+"""The training loop and its pieces: batching and packing, the loss head, backends, checkpoints.
 
-The loss projects to the 128k-token vocabulary only at positions that have a label, so the LM head,
-which dominates a small Llama's step time, does no work on prompt or padding tokens.
+Speed without changing the maths (docs/training.md):
+- Padding-free packing: a micro-batch's records are concatenated into one row whose position ids
+  restart at 0 for every record. With `attention_mask=None`, transformers (masking_utils.
+  find_packed_sequence_indices) turns position-id restarts into a block-diagonal causal mask, so a
+  record never attends to another one (tests/test_training_core.py proves it); no FLOP is spent on
+  padding.
+- The loss head projects to the 128k-token vocabulary only at positions that have a label (on CPU),
+  or uses liger-kernel's fused linear cross-entropy (on CUDA), which never materialises the logits.
+- The loss of an optimizer step is the sum over all its labelled tokens divided by their number,
+  however the step's records are split into micro-batches or processes, so packing, micro-batch
+  size and data parallelism give the same gradients as one big padded batch.
+
+Everything here takes values (params objects, example lists, a model), never paths from
+params.yaml, so tests call it directly; stages/train.py does the I/O around it.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
+import os
 import random
-from dataclasses import dataclass
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .chat import IGNORE_INDEX, PAD_ID, EncodedExample
+from .params import ConfigError
 
+
+class TrainingError(Exception):
+    """Training could not finish (out of memory, diverged); the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
 
 @dataclass
 class Batch:
+    """Right-padded rows (attention_mask) or packed rows (position_ids, attention_mask None)."""
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    # targets[b, t] = the label of token t+1 of the same record (IGNORE_INDEX at a record's end).
+    targets: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.targets is None:
+            shifted = torch.full_like(self.labels, IGNORE_INDEX)
+            shifted[:, :-1] = self.labels[:, 1:]
+            self.targets = shifted
 
     @property
     def num_label_tokens(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+        return int((self.targets != IGNORE_INDEX).sum())
 
     @property
     def num_real_tokens(self) -> int:
+        if self.attention_mask is None:
+            return int(self.input_ids.numel())
         return int(self.attention_mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
+                     move(self.position_ids), move(self.targets))
 
 
 def collate(examples: list[EncodedExample]) -> Batch:
@@ -48,6 +92,45 @@ def collate(examples: list[EncodedExample]) -> Batch:
     return Batch(ids, mask, labels)
 
 
+def pack(examples: list[EncodedExample]) -> Batch:
+    """One padding-free row: records concatenated, position ids restarting at 0 per record.
+
+    Targets are shifted inside each record, so no record's last token is trained to predict the
+    next record's first token.
+    """
+    ids, positions, labels, targets = [], [], [], []
+    for example in examples:
+        n = len(example.input_ids)
+        ids += example.input_ids
+        positions += range(n)
+        labels += example.labels
+        targets += list(example.labels[1:]) + [IGNORE_INDEX]
+    as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+    return Batch(as_row(ids), None, as_row(labels), as_row(positions), as_row(targets))
+
+
+def pack_groups(examples: list[EncodedExample], max_tokens: int) -> list[list[EncodedExample]]:
+    """Consecutive records grouped into rows of at most max_tokens (a longer record gets its own row)."""
+    groups, current, used = [], [], 0
+    for example in examples:
+        n = len(example.input_ids)
+        if current and used + n > max_tokens:
+            groups.append(current)
+            current, used = [], 0
+        current.append(example)
+        used += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def micro_batches(examples: list[EncodedExample], batch_size: int, packing: bool, pack_tokens: int) -> list[Batch]:
+    """A step's (or a rank's share of a step's) records as padded or packed micro-batches."""
+    if packing:
+        return [pack(group) for group in pack_groups(examples, pack_tokens)]
+    return [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+
 def batches(examples: list[EncodedExample], batch_size: int, seed: int | None) -> list[list[EncodedExample]]:
     """Micro-batches in a seeded random order (no shuffling when seed is None)."""
     order = list(range(len(examples)))
@@ -56,22 +139,91 @@ def batches(examples: list[EncodedExample], batch_size: int, seed: int | None) -
     return [[examples[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
 
 
+def epoch_steps(num_examples: int, records_per_step: int, epoch: int, seed: int, world_size: int = 1) -> list[list[int]]:
+    """Record indices of each optimizer step of an epoch, in a order fixed by (seed, epoch).
+
+    A last step with fewer records than processes is merged into the step before it, so every
+    process gets at least one record in every step (DDP needs one backward per process per step).
+    """
+    order = list(range(num_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    steps = [order[i:i + records_per_step] for i in range(0, num_examples, records_per_step)]
+    if len(steps) > 1 and len(steps[-1]) < world_size:
+        steps[-2].extend(steps.pop())
+    return steps
+
+
+def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    return indices[rank::world_size]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss heads
+# --------------------------------------------------------------------------------------------------
+
+def _unwrap(model):
+    inner = getattr(model, "module", model)  # DDP / FSDP wrapper
+    if isinstance(inner, LossModule):
+        inner = inner.model
+    inner = getattr(inner, "module", inner)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def _body_and_head(model):
-    """The transformer body and the LM head of a (peft-wrapped) causal LM."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(inner, "module", inner)  # DDP
+    """The transformer body and the LM head of a (peft-wrapped, DDP-wrapped) causal LM."""
+    inner = _unwrap(model)
     return inner.model, inner.lm_head
 
 
-def completion_loss_sum(model, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and how many there were."""
+def _hidden(body, batch: Batch) -> torch.Tensor:
+    if batch.attention_mask is None:
+        # Packed: no 2-D mask, so transformers derives the block-diagonal mask from position_ids.
+        return body(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                    use_cache=False).last_hidden_state
+    return body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+
+
+def completion_loss_sum(model, batch: Batch, head_mode: str = "completion") -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were.
+
+    head_mode "completion": logits only at labelled positions; "liger": fused linear cross-entropy
+    (CUDA); "full": logits at every position (what a plain Trainer does; used by the benchmark).
+    """
     body, head = _body_and_head(model)
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    targets = batch.labels[:, 1:]
+    hidden = _hidden(body, batch)
+    targets = batch.targets
     keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    count = int(keep.sum())
+    if head_mode == "liger":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden[keep], targets[keep])
+    elif head_mode == "full":
+        logits = head(hidden).float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    else:
+        logits = head(hidden[keep]).float()
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss, count
+
+
+class LossModule(torch.nn.Module):
+    """model + loss head as one module, so DDP/FSDP wrap the whole forward (their hooks need it)."""
+
+    def __init__(self, model, head_mode: str = "completion"):
+        super().__init__()
+        self.model = model
+        self.head_mode = head_mode
+
+    def forward(self, input_ids, attention_mask, labels, position_ids, targets):
+        batch = Batch(input_ids, attention_mask, labels, position_ids, targets)
+        loss, _ = completion_loss_sum(self.model, batch, self.head_mode)
+        return loss
+
+
+def _forward_loss(module, batch: Batch) -> torch.Tensor:
+    return module(batch.input_ids, batch.attention_mask, batch.labels, batch.position_ids, batch.targets)
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
@@ -85,14 +237,463 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[EncodedExample], batch_size: int, device) -> float:
-    """Mean completion-token loss over examples (perplexity is its exp)."""
+def evaluate_loss(model, examples: list[EncodedExample], batch_size: int, device, packing: bool = False,
+                  pack_tokens: int = 4096, head_mode: str = "completion", dist_info=None) -> float:
+    """Mean completion-token loss over examples (perplexity is its exp).
+
+    Under DDP each process scores its share and the sums are all-reduced.
+    """
     was_training = model.training
     model.eval()
+    mine = examples
+    if dist_info is not None and dist_info.world_size > 1:
+        mine = [examples[i] for i in shard(list(range(len(examples))), dist_info.rank, dist_info.world_size)]
     total, count = 0.0, 0
-    for chunk in batches(examples, batch_size, seed=None):
-        loss, n = completion_loss_sum(model, collate(chunk).to(device))
+    for batch in micro_batches(mine, batch_size, packing, pack_tokens):
+        loss, n = completion_loss_sum(model, batch.to(device), "completion" if head_mode == "full" else head_mode)
         total += float(loss)
         count += n
+    if dist_info is not None and dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist_info.device)
+        dist.all_reduce(sums)
+        total, count = float(sums[0]), int(sums[1])
     model.train(was_training)
     return total / max(1, count)
+
+
+# --------------------------------------------------------------------------------------------------
+# Choices: backend, method, loss head, distribution
+# --------------------------------------------------------------------------------------------------
+
+def package_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: str
+    note: str = ""
+
+
+def select_backend(requested: str, allow_fallback: bool, cuda: bool, unsloth_installed: bool) -> Choice:
+    """hf or unsloth. auto picks unsloth only when it can run; an explicit unsloth that cannot run
+    is a ConfigError unless train.allow_backend_fallback is true."""
+    if requested == "hf":
+        return Choice("hf")
+    missing = []
+    if not cuda:
+        missing.append("a CUDA GPU (none is visible to torch)")
+    if not unsloth_installed:
+        missing.append("the unsloth package (pip install -r requirements-gpu.txt)")
+    if not missing:
+        return Choice("unsloth")
+    why = "unsloth needs " + " and ".join(missing)
+    if requested == "auto":
+        return Choice("hf", f"backend auto: {why}; using hf (transformers + peft)")
+    if allow_fallback:
+        return Choice("hf", f"train.backend is unsloth but {why}; falling back to hf because "
+                            "train.allow_backend_fallback is true")
+    raise ConfigError(f"train.backend: unsloth was asked for but {why}. Set train.backend: hf (or auto), "
+                      "or train.allow_backend_fallback: true to fall back")
+
+
+def check_method(method: str, cuda: bool, bitsandbytes_installed: bool) -> None:
+    if method != "qlora":
+        return
+    missing = []
+    if not cuda:
+        missing.append("a CUDA GPU (bitsandbytes 4-bit kernels do not run on CPU)")
+    if not bitsandbytes_installed:
+        missing.append("the bitsandbytes package (pip install -r requirements-gpu.txt)")
+    if missing:
+        raise ConfigError("train.method: qlora needs " + " and ".join(missing)
+                          + "; use method lora on this machine")
+
+
+def select_loss_head(fused_loss: str, cuda: bool, liger_installed: bool) -> Choice:
+    """liger fused linear cross-entropy on CUDA; logits at labelled positions only otherwise."""
+    if fused_loss == "none":
+        return Choice("completion")
+    if cuda and liger_installed:
+        return Choice("liger")
+    why = "liger-kernel needs CUDA (Triton kernels)" if not cuda else "liger-kernel is not installed"
+    if fused_loss == "liger":
+        raise ConfigError(f"train.fused_loss: liger was asked for but {why}; use auto or none")
+    return Choice("completion", f"fused_loss auto: {why}; computing logits at labelled positions only")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """torchrun / accelerate launch set WORLD_SIZE, RANK, LOCAL_RANK: join the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=device)
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, device)
+
+
+def select_distributed(mode: str, method: str, world_size: int) -> str:
+    if world_size <= 1:
+        return "none"
+    if mode == "auto":
+        return "fsdp" if method == "full" else "ddp"
+    if mode == "fsdp" and method == "qlora":
+        raise ConfigError("train.distributed: fsdp does not support qlora here; use ddp")
+    return mode
+
+
+def wrap_distributed(module: torch.nn.Module, kind: str, dist_info: DistInfo):
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+        return DDP(module, device_ids=ids)
+    if kind == "fsdp":
+        import functools
+
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+        return FSDP(module, auto_wrap_policy=policy, use_orig_params=True,
+                    device_id=dist_info.device if dist_info.device.type == "cuda" else None)
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------
+
+def rss_peak_mb() -> float:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
+
+
+def memory_snapshot(device: torch.device) -> dict:
+    out = {"rss_peak_mb": round(rss_peak_mb(), 1)}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    return out
+
+
+def release_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def oom_message(train, device: torch.device, phase: str) -> str:
+    """What to change after a CUDA out-of-memory, with the peak it reached."""
+    snap = memory_snapshot(device) if device.type == "cuda" else {}
+    total = torch.cuda.get_device_properties(device).total_memory / 2**20 if device.type == "cuda" else 0
+    peak = (f"peak allocated {snap.get('cuda_max_allocated_mb', 0):,.0f} MiB, reserved "
+            f"{snap.get('cuda_max_reserved_mb', 0):,.0f} MiB of {total:,.0f} MiB")
+    remedies = []
+    if train.packing:
+        remedies.append(f"lower train.pack_tokens (now {train.pack_tokens}) and raise "
+                        "train.gradient_accumulation_steps to keep the effective batch")
+    else:
+        remedies.append(f"lower train.batch_size (now {train.batch_size}) and raise "
+                        f"train.gradient_accumulation_steps (now {train.gradient_accumulation_steps})")
+    if not train.gradient_checkpointing:
+        remedies.append("set train.gradient_checkpointing: true")
+    if train.method != "full" and train.lora.r > 8:
+        remedies.append(f"lower train.lora.r (now {train.lora.r})")
+    remedies.append("lower model.max_seq_length (longer records are dropped by preprocess)")
+    if train.method != "qlora":
+        remedies.append("use train.method: qlora (4-bit base weights)")
+    if train.fused_loss == "none":
+        remedies.append("set train.fused_loss: auto (fused cross-entropy never builds the 128k-wide logits)")
+    return (f"CUDA out of memory during {phase}: {peak}. Remedies: " + "; ".join(remedies)
+            + ". `python -m stages.dry_run` prints a memory estimate for a configuration.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def resume_key(params_dict: dict, data_hash: str, world_size: int = 1) -> str:
+    """Identity of a run: a checkpoint is resumed only by the run with the same key."""
+    payload = json.dumps({"model": params_dict.get("model"), "train": params_dict.get("train"),
+                          "data": data_hash, "world_size": world_size}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    inner = getattr(model, "module", model)
+    return {name: p.detach().to("cpu", copy=True) for name, p in inner.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    inner = getattr(model, "module", model)
+    params = dict(inner.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device))
+
+
+def save_checkpoint(directory: Path, state: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+
+
+def load_checkpoint(directory: Path | None, key: str) -> tuple[dict | None, str]:
+    """(state, message): the state when it belongs to this run, else None and why."""
+    if directory is None:
+        return None, "no checkpoint directory"
+    path = directory / CHECKPOINT_FILE
+    if not path.is_file():
+        return None, f"no checkpoint in {directory}: starting fresh"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a torn or foreign file must not stop training
+        return None, f"checkpoint {path} is unreadable ({type(exc).__name__}): starting fresh"
+    if state.get("resume_key") != key:
+        return None, (f"checkpoint {path} was written with other params or data "
+                      "(resume key differs): starting fresh")
+    return state, f"resuming from {path} at optimizer step {state['step']} (epoch {state['epoch'] + 1})"
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class FitResult:
+    final_train_loss: float | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+    best_step: int
+    steps: int
+    epochs_run: float
+    early_stopped: bool
+    train_seconds: float
+    eval_seconds: float
+    real_tokens: int
+    label_tokens: int
+    resumed_from_step: int
+    history: list[dict] = field(default_factory=list)
+    memory_per_epoch: list[dict] = field(default_factory=list)
+
+
+def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedExample], train, *,
+        device: torch.device, head_mode: str = "completion", checkpoint_dir: Path | None = None,
+        run_key: str = "", logger=None, dist_info: DistInfo | None = None, distributed: str = "none",
+        log: Callable[[str], None] = print, stop_after_steps: int | None = None) -> FitResult:
+    """Train `model` (a peft model, or a full model) in place; on return it holds the best weights.
+
+    train: TrainParams. logger: a dvclive Live (main process) or None. checkpoint_dir: a checkpoint
+    is written at every evaluation and resumed when its run_key matches. stop_after_steps: stop
+    (as if interrupted) after that many optimizer steps, for tests of resumption.
+    """
+    dist_info = dist_info or DistInfo(device=device)
+    world = dist_info.world_size
+    torch.manual_seed(train.seed)
+    random.seed(train.seed)
+    module = wrap_distributed(LossModule(model, head_mode), distributed, dist_info)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("train: the model has no trainable parameters (check lora.target_modules)")
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    records_per_step = train.batch_size * train.gradient_accumulation_steps
+    steps_per_epoch = len(epoch_steps(len(train_examples), records_per_step, 0, train.seed, world))
+    total_steps = steps_per_epoch * train.epochs
+    scheduler = warmup_cosine(optimizer, int(train.warmup_ratio * total_steps), total_steps)
+    eval_points = sorted({max(1, round(k * steps_per_epoch / train.evals_per_epoch))
+                          for k in range(1, train.evals_per_epoch + 1)})
+
+    step, start_epoch, start_index = 0, 0, 0
+    best_val, best_step, bad_evals = None, 0, 0
+    best_state = None
+    history: list[dict] = []
+    memory_log: list[dict] = []
+    train_seconds = eval_seconds = 0.0
+    real_tokens = label_tokens = 0
+    window_loss, window_tokens = 0.0, 0
+    last_train, last_val = None, None
+    resumed_from = 0
+
+    state, message = load_checkpoint(checkpoint_dir, run_key)
+    if checkpoint_dir is not None:
+        log(message)
+    if state is not None:
+        load_trainable_state(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, start_epoch, start_index = state["step"], state["epoch"], state["index"]
+        best_val, best_step, bad_evals = state["best_val"], state["best_step"], state["bad_evals"]
+        best_state, history, memory_log = state["best_state"], state["history"], state["memory"]
+        train_seconds, eval_seconds = state["train_seconds"], state["eval_seconds"]
+        real_tokens, label_tokens = state["real_tokens"], state["label_tokens"]
+        last_train, last_val = state["last_train"], state["last_val"]
+        torch.set_rng_state(state["torch_rng"])
+        resumed_from = step
+        if logger is not None:
+            for point in history:  # the curve so far (DVC removed the plots before this run)
+                logger.step = point["step"]
+                for name, value in point.items():
+                    if name != "step":
+                        logger.log_metric(name, value)
+                logger.next_step()
+
+    model.train()
+    stopped_early = state is not None and state.get("stopped", False)
+    finished = stopped_early or step >= total_steps
+    epoch = start_epoch
+    while not finished and epoch < train.epochs:
+        plan = epoch_steps(len(train_examples), records_per_step, epoch, train.seed, world)
+        index = start_index if epoch == start_epoch else 0
+        while index < len(plan):
+            indices = plan[index]
+            group = [train_examples[i] for i in indices]
+            n_labels = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in group)
+            mine = [train_examples[i] for i in shard(indices, dist_info.rank, world)]
+            micro = micro_batches(mine, train.batch_size, train.packing, train.pack_tokens)
+            began = time.perf_counter()
+            step_loss = 0.0
+            for k, batch in enumerate(micro):
+                batch = batch.to(dist_info.device)
+                sync = k == len(micro) - 1
+                ctx = module.no_sync() if (distributed == "ddp" and not sync) else _null()
+                with ctx:
+                    loss_sum = _forward_loss(module, batch)
+                    # Divide by the step's label tokens over all processes; DDP averages gradients
+                    # over processes, so multiply by the world size to get the global sum back.
+                    (loss_sum * (world / max(1, n_labels))).backward()
+                step_loss += float(loss_sum.detach())
+                real_tokens += batch.num_real_tokens
+            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_seconds += time.perf_counter() - began
+            if world > 1:
+                step_loss = _all_reduce_sum(step_loss, dist_info)
+            label_tokens += n_labels
+            if not math.isfinite(step_loss):
+                raise TrainingError(f"training loss is {step_loss} at step {step + 1}; lower "
+                                    f"train.learning_rate (now {train.learning_rate}) or check the data")
+            window_loss += step_loss
+            window_tokens += n_labels
+            step += 1
+            index += 1
+            is_eval = index in eval_points or index == len(plan)
+            if is_eval:
+                last_train = window_loss / max(1, window_tokens)
+                window_loss, window_tokens = 0.0, 0
+                began = time.perf_counter()
+                last_val = evaluate_loss(model, val_examples, train.batch_size * 4, dist_info.device,
+                                         train.packing, train.pack_tokens, head_mode, dist_info) \
+                    if val_examples else None
+                eval_seconds += time.perf_counter() - began
+                point = {"step": step, "train/loss": round(last_train, 6)}
+                if last_val is not None:
+                    point["val/loss"] = round(last_val, 6)
+                    point["val/perplexity"] = round(math.exp(min(last_val, 50.0)), 4)
+                history.append(point)
+                if logger is not None:
+                    logger.step = step
+                    for name, value in point.items():
+                        if name != "step":
+                            logger.log_metric(name, value)
+                    logger.next_step()
+                log(f"epoch {epoch + 1} step {step}/{total_steps}: train loss {last_train:.4f}"
+                    + (f", val loss {last_val:.4f}" if last_val is not None else ""))
+                score = last_val if last_val is not None else last_train
+                if best_val is None or score < best_val - 1e-6:
+                    best_val, best_step, bad_evals = score, step, 0
+                    best_state = trainable_state(model)
+                else:
+                    bad_evals += 1
+                stopped_early = bool(train.early_stopping_patience and bad_evals >= train.early_stopping_patience)
+                if index == len(plan):
+                    memory_log.append({"epoch": epoch + 1, **memory_snapshot(dist_info.device)})
+                    log(f"epoch {epoch + 1} memory: {memory_log[-1]}")
+                    release_memory(dist_info.device)
+                next_epoch, next_index = (epoch + 1, 0) if index == len(plan) else (epoch, index)
+                if checkpoint_dir is not None and dist_info.is_main:
+                    save_checkpoint(checkpoint_dir, {
+                        "resume_key": run_key, "step": step, "epoch": next_epoch, "index": next_index,
+                        "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "best_val": best_val, "best_step": best_step,
+                        "bad_evals": bad_evals, "best_state": best_state, "history": history,
+                        "memory": memory_log, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                        "real_tokens": real_tokens, "label_tokens": label_tokens, "last_train": last_train,
+                        "last_val": last_val, "torch_rng": torch.get_rng_state(), "stopped": stopped_early,
+                    })
+                if stopped_early:
+                    log(f"early stopping: {bad_evals} evaluations without a better validation loss "
+                        f"(best {best_val:.4f} at step {best_step})")
+                    break
+            if stop_after_steps is not None and step - resumed_from >= stop_after_steps:
+                raise KeyboardInterrupt(f"stopped after {stop_after_steps} steps (test hook)")
+        if stopped_early:
+            break
+        epoch += 1
+    if best_state is not None:
+        load_trainable_state(model, best_state)
+    return FitResult(
+        final_train_loss=last_train, final_val_loss=last_val, best_val_loss=best_val, best_step=best_step,
+        steps=step, epochs_run=round(step / max(1, steps_per_epoch), 3), early_stopped=stopped_early,
+        train_seconds=train_seconds, eval_seconds=eval_seconds, real_tokens=real_tokens,
+        label_tokens=label_tokens, resumed_from_step=resumed_from, history=history, memory_per_epoch=memory_log,
+    )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _all_reduce_sum(value: float, dist_info: DistInfo) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=dist_info.device)
+    dist.all_reduce(t)
+    return float(t[0])
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic and not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def deep_copy_model(model):
+    return copy.deepcopy(model)

@@ -1,0 +1,335 @@
+"""train stage: LoRA / QLoRA / full fine-tuning of a Llama 3.x model on the processed splits.
+
+    python -m stages.train --data data/processed --output models/adapter \
+        --checkpoints models/checkpoints --metrics metrics/train.json --live dvclive/train
+
+Under `torchrun --nproc_per_node N -m stages.train ...` the same command trains with DDP (FSDP for
+full fine-tuning); only process 0 writes outputs. See docs/training.md.
+
+Outputs (written to a temporary directory, then renamed): models/adapter/{adapter|model, tokenizer,
+manifest.json}, metrics/train.json, dvclive/train (loss curves), models/checkpoints (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .core import cli
+from .core.chat import CHAT_TEMPLATE, encode_example
+from .core.io import atomic_dir, write_json
+from .core.modeling import (EMBEDDED, count_parameters, load_base_model, load_tokenizer, lora_config,
+                            resolve_device, resolve_dtype)
+from .core.params import ConfigError, Params, load_params
+from .core.records import DataError, Problem, content_hash
+from .core.training import (DistInfo, TrainingError, check_method, fit, init_distributed, memory_snapshot,
+                            oom_message, package_available, release_memory, resume_key, seed_everything,
+                            select_backend, select_distributed, select_loss_head)
+
+STAGE = "train"
+SPLIT_FIELDS = ("system", "instruction", "output")
+
+
+def log(message: str) -> None:
+    print(f"[{STAGE}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def read_split(path: Path) -> list[dict]:
+    """The rows of a processed split; every bad line is reported, with its line number."""
+    if not path.is_file():
+        raise DataError(f"{path} not found (run the preprocess stage: dvc repro preprocess)", [])
+    rows, problems = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(str(path), number, f"malformed JSON: {exc.msg}"))
+            continue
+        bad = [f for f in SPLIT_FIELDS if not isinstance(row.get(f), str) or (f != "system" and not row[f].strip())]
+        if bad:
+            problems.append(Problem(str(path), number, f"missing or empty string field(s): {', '.join(bad)}"))
+            continue
+        rows.append(row)
+    if problems:
+        raise DataError(f"{len(problems)} bad line(s) in {path}", problems)
+    return rows
+
+
+def encode_rows(tokenizer, rows: list[dict], completion_only: bool, max_seq_length: int, source: str):
+    examples, problems = [], []
+    for number, row in enumerate(rows, start=1):
+        example = encode_example(tokenizer, row["system"], row["instruction"], row["output"], completion_only)
+        if len(example.input_ids) > max_seq_length:
+            problems.append(Problem(source, number, f"{len(example.input_ids)} tokens > model.max_seq_length "
+                                                    f"{max_seq_length} (preprocess drops these; re-run it)"))
+        examples.append(example)
+    if problems:
+        raise DataError(f"{len(problems)} record(s) too long in {source}", problems)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+def quantization_config(train):
+    from transformers import BitsAndBytesConfig
+
+    q = train.quantization
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+
+
+def _materialise_embedded(params: Params, dtype) -> str:
+    """Save the seeded embedded model so loaders that need a path (unsloth, 4-bit) can read it."""
+    directory = tempfile.mkdtemp(prefix="embedded-llama-")
+    load_base_model(params.model, dtype=dtype, device="cpu").save_pretrained(directory)
+    return directory
+
+
+def build_model_hf(params: Params, device, dtype):
+    train = params.train
+    quant = None
+    model_params = params.model
+    if train.method == "qlora":
+        quant = quantization_config(train)
+        if model_params.base == EMBEDDED:
+            model_params = model_params.model_copy(update={"base": _materialise_embedded(params, dtype)})
+    model = load_base_model(model_params, dtype=dtype, device=device, quantization_config=quant)
+    if getattr(model.config, "_attn_implementation", None) != train.attention:
+        try:
+            model.set_attn_implementation(train.attention)
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"train.attention: {train.attention} is not usable here: {exc}") from None
+    model.config.use_cache = False
+    if train.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+    elif train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(train))
+
+
+def build_model_unsloth(params: Params, dtype):  # pragma: no cover - needs CUDA + unsloth
+    from unsloth import FastLanguageModel
+
+    train = params.train
+    name = params.model.base if params.model.base != EMBEDDED else _materialise_embedded(params, dtype)
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=name, max_seq_length=params.model.max_seq_length, dtype=dtype,
+        load_in_4bit=train.method == "qlora", full_finetuning=train.method == "full",
+        token=os.environ.get("HF_TOKEN"))
+    if train.method == "full":
+        return model
+    targets = train.lora.target_modules
+    if targets == "all-linear":
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return FastLanguageModel.get_peft_model(
+        model, r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
+        target_modules=targets, modules_to_save=train.lora.modules_to_save or None, bias="none",
+        use_gradient_checkpointing="unsloth" if train.gradient_checkpointing else False,
+        random_state=train.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "dvclive", "liger-kernel", "unsloth", "bitsandbytes"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_outputs(output: Path, model, tokenizer, params: Params, data_hash: str, extra: dict) -> None:
+    """models/adapter/{adapter|model, tokenizer, manifest.json}, atomically."""
+    with atomic_dir(output) as tmp:
+        inner = getattr(model, "module", model)
+        if params.train.method == "full":
+            inner.save_pretrained(tmp / "model", safe_serialization=True)
+        else:
+            inner.save_pretrained(tmp / "adapter")
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        write_json(tmp / "manifest.json", {
+            "method": params.train.method, "params": params.model_dump(mode="json"), "data_hash": data_hash,
+            "versions": versions(), "git_commit": git_commit(), **extra,
+        })
+
+
+def open_live(directory: str | None, resume: bool):
+    if not directory:
+        return None
+    from dvclive import Live
+
+    # dvcyaml=False: the plots are declared in our dvc.yaml; dvclive must not write its own.
+    return Live(dir=directory, dvcyaml=False, save_dvc_exp=False, resume=False, report=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path | None, metrics_path: Path | None,
+                 live_dir: str | None, stop_after_steps: int | None = None) -> dict:
+    started = time.perf_counter()
+    train = params.train
+    device = resolve_device()
+    cuda = device.type == "cuda"
+    check_method(train.method, cuda, package_available("bitsandbytes"))
+    backend = select_backend(train.backend, train.allow_backend_fallback, cuda, package_available("unsloth"))
+    head = select_loss_head(train.fused_loss, cuda, package_available("liger_kernel"))
+    dtype = resolve_dtype(train.precision, device)
+    dist_info = init_distributed(device)
+    device = dist_info.device
+    distributed = select_distributed(train.distributed, train.method, dist_info.world_size)
+    say = log if dist_info.is_main else (lambda _m: None)
+    for note in (backend.note, head.note):
+        if note:
+            say(note)
+
+    train_rows = read_split(data_dir / "train.jsonl")
+    val_rows = read_split(data_dir / "val.jsonl") if (data_dir / "val.jsonl").is_file() else []
+    if not train_rows:
+        raise DataError(f"{data_dir / 'train.jsonl'} has no records", [])
+    data_hash = content_hash([{k: r[k] for k in SPLIT_FIELDS} for r in train_rows + val_rows])
+    tokenizer = load_tokenizer(params.model.tokenizer)
+    train_ex = encode_rows(tokenizer, train_rows, train.completion_only_loss, params.model.max_seq_length,
+                           str(data_dir / "train.jsonl"))
+    val_ex = encode_rows(tokenizer, val_rows, True, params.model.max_seq_length, str(data_dir / "val.jsonl"))
+
+    seed_everything(train.seed)
+    if backend.value == "unsloth":  # pragma: no cover - needs CUDA
+        model = build_model_unsloth(params, dtype)
+    else:
+        model = build_model_hf(params, device, dtype)
+    trainable, total = count_parameters(model)
+    say(f"{params.model.base} {train.method} on {device} ({dtype}), backend {backend.value}, loss head "
+        f"{head.value}, packing {train.packing}, {distributed if distributed != 'none' else 'single process'}; "
+        f"{trainable:,} of {total:,} parameters trainable; {len(train_ex)} train / {len(val_ex)} val records")
+
+    key = resume_key(params.model_dump(mode="json"), data_hash, dist_info.world_size)
+    live = open_live(live_dir, resume=False) if dist_info.is_main else None
+    try:
+        result = fit(model, train_ex, val_ex, train, device=device, head_mode=head.value,
+                     checkpoint_dir=checkpoints, run_key=key, logger=live, dist_info=dist_info,
+                     distributed=distributed, log=say, stop_after_steps=stop_after_steps)
+    except torch.cuda.OutOfMemoryError:  # pragma: no cover - needs CUDA
+        release_memory(device)
+        raise TrainingError(oom_message(train, device, "training")) from None
+    finally:
+        if live is not None:
+            live.end()
+    release_memory(device)
+    wall = time.perf_counter() - started
+    world = dist_info.world_size
+    memory = memory_snapshot(device)
+    metrics = {
+        "method": train.method, "backend": backend.value, "loss_head": head.value, "packing": train.packing,
+        "device": device.type, "processes": world,
+        "final_train_loss": _r(result.final_train_loss), "final_val_loss": _r(result.final_val_loss),
+        "best_val_loss": _r(result.best_val_loss), "best_step": result.best_step,
+        "final_val_perplexity": _r(math.exp(min(result.final_val_loss, 50))) if result.final_val_loss else None,
+        "steps": result.steps, "epochs_run": result.epochs_run, "early_stopped": result.early_stopped,
+        "resumed_from_step": result.resumed_from_step,
+        "wall_time_s": round(wall, 2), "train_time_s": round(result.train_seconds, 2),
+        "eval_time_s": round(result.eval_seconds, 2),
+        "real_tokens": result.real_tokens * world,
+        "real_tokens_per_s": round(result.real_tokens * world / max(result.train_seconds, 1e-9), 1),
+        "trainable_params": trainable, "total_params": total,
+        "peak_rss_mb": memory["rss_peak_mb"],
+    }
+    if cuda:
+        metrics["cuda_max_allocated_mb"] = memory["cuda_max_allocated_mb"]
+        metrics["cuda_max_reserved_mb"] = memory["cuda_max_reserved_mb"]
+    if dist_info.is_main:
+        save_outputs(output, model, tokenizer, params, data_hash,
+                     {"train_records": len(train_ex), "val_records": len(val_ex), "best_step": result.best_step})
+        if metrics_path is not None:
+            write_json(metrics_path, metrics)
+        say(f"done in {wall:.1f} s: best val loss {metrics['best_val_loss']}, "
+            f"{metrics['real_tokens_per_s']:,} real tokens/s; wrote {output}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def _r(value):
+    return None if value is None else round(float(value), 6)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="data/processed", help="folder with train.jsonl and val.jsonl")
+    parser.add_argument("--output", default="models/adapter")
+    parser.add_argument("--checkpoints", default="models/checkpoints", help="resumable checkpoints ('' = none)")
+    parser.add_argument("--metrics", default="metrics/train.json")
+    parser.add_argument("--live", default="dvclive/train", help="dvclive folder ('' = no curves)")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        params = load_params(args.params)
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        run_training(params, Path(args.data), Path(args.output),
+                     Path(args.checkpoints) if args.checkpoints else None,
+                     Path(args.metrics) if args.metrics else None, args.live or None)
+        return 0
+
+    def guarded() -> int:
+        try:
+            return body()
+        except TrainingError as exc:
+            print(f"[{STAGE}] training failed: {exc}", file=sys.stderr)
+            return 3
+        except KeyboardInterrupt:
+            print(f"[{STAGE}] interrupted; re-run the same command to resume from the last checkpoint",
+                  file=sys.stderr)
+            return 130
+
+    return cli.run(guarded, STAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
