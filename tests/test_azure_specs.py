@@ -808,3 +808,19 @@ def test_every_azure_key_is_documented():
     missing = [full for full, leaf in keys(AzureParams, "azure")
                if f"`{full}`" not in docs and f"`{leaf}`" not in docs and f"{leaf}`" not in docs]
     assert not missing, f"not in docs/azure.md: {missing}"
+
+
+def test_serving_environment_from_the_real_serve_folder(tmp_path, params):
+    from azure.ai.ml import load_environment
+
+    from stages.azure.endpoints import SERVE_CONDA, SERVE_REQUIREMENTS, serving_environment_body
+
+    if not (ROOT / SERVE_CONDA).is_file() and not (ROOT / SERVE_REQUIREMENTS).is_file():
+        pytest.fail("serve/environment/ has neither conda.yaml nor requirements.txt")
+    spec = tmp_path / "serve-environment.yml"
+    az.write_spec(spec, "environment", serving_environment_body(params, spec))
+    env = load_environment(spec)
+    assert env.image == params.azure.endpoint.environment.image
+    pip = next(d for d in env.conda_file["dependencies"] if isinstance(d, dict))["pip"]
+    assert any(p.startswith("azureml-inference-server-http==") for p in pip)
+    assert any(p.startswith("torch==") for p in pip)
