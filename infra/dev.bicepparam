@@ -11,6 +11,8 @@ param githubEnvironments = [
   'dev'
 ]
 param ciCanDeployInfra = true
+// true only for the first, manual deployment (Owner): CREATE_WHATIF_ROLE=true az deployment group create ...
+param createWhatIfRole = bool(readEnvironmentVariable('CREATE_WHATIF_ROLE', 'false'))
 
 param location = 'uksouth'                                // params.yaml azure.location
 

@@ -37,6 +37,9 @@ param githubEnvironments array
 @description('Let the CI identity deploy this template (Contributor + a role-limited RBAC administrator on the resource group).')
 param ciCanDeployInfra bool = false
 
+@description('Create the custom what-if role of the pull-request identity. Needs Owner or User Access Administrator, so true only for the first, manual deployment (CREATE_WHATIF_ROLE=true).')
+param createWhatIfRole bool = false
+
 // ---- training cluster: params.yaml azure.compute ----------------------------------------
 
 param clusterName string = 'llama-h100-cluster'
@@ -258,6 +261,7 @@ module roles 'modules/roles.bicep' = {
     prPrincipalId: githubPullRequestIdentity.outputs.principalId
     workspacePrincipalId: workspace.outputs.workspacePrincipalId
     ciCanDeployInfra: ciCanDeployInfra
+    createWhatIfRole: createWhatIfRole
   }
 }
 

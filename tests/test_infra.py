@@ -22,7 +22,6 @@ ROLE_IDS = {  # Azure built-in role definition ids
     "storageBlobDataReader": "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1",
     "storageFileDataPrivilegedContributor": "69566ab7-960f-475b-8e7c-b3118f30c6bd",
     "azureMLDataScientist": "f6c7c914-8db3-469d-8ca1-694a8f32e121",
-    "reader": "acdd72a7-3385-48ef-bd42-f606fba81ae7",
     "keyVaultSecretsUser": "4633458b-17de-408a-b874-0445c86b69e6",
     "contributor": "b24988ac-6180-42a0-ab88-20f7382dd24c",
     "rbacAdministrator": "f58310d9-a9f6-439a-9e8d-f62e7b41a168",
@@ -310,7 +309,8 @@ def _assignments() -> dict[str, tuple[str, str, str | None]]:
     for name, res in resources_of_type(module("roles"), "Microsoft.Authorization/roleAssignments").items():
         cfg = body(res)
         props = cfg["properties"]
-        role = props["roleDefinitionId"]["function"]["parameters"]["resource_name_1"]["operator"]["operands"]["operand_2"]
+        ref = props["roleDefinitionId"]["function"]["parameters"]["resource_name_1"]
+        role = ref if isinstance(ref, str) else ref["operator"]["operands"]["operand_2"]  # roles.X -> X
         out[name] = (props["principalId"], role, cfg.get("scope"))
     return out
 
@@ -322,12 +322,30 @@ def test_role_assignments_least_privilege():
     assert ("ciPrincipalId", "azureMLDataScientist", "workspace") in got
     assert ("clusterPrincipalId", "keyVaultSecretsUser", "keyVault") in got  # HF token, read only
     assert ("prPrincipalId", "storageBlobDataReader", "dvcContainer") in got
+    assert ("prPrincipalId", "whatIfRoleName", None) in got
     # pull-request identity: read only, whatever the scope
-    assert {r for p, r, _ in got if p == "prPrincipalId"} <= {"storageBlobDataReader", "reader"}
+    assert {r for p, r, _ in got if p == "prPrincipalId"} == {"storageBlobDataReader", "whatIfRoleName"}
     # role keys map to the real built-in role ids
     roles_var = module("roles")["variables"]["roles"]["value"]
-    for key in {r for _, r, _ in got}:
+    for key in {r for _, r, _ in got} - {"whatIfRoleName"}:
         assert roles_var[key] == ROLE_IDS[key], key
+
+
+def test_what_if_role_reads_and_previews_but_cannot_write():
+    parsed = module("roles")
+    (role,) = resources_of_type(parsed, "Microsoft.Authorization/roleDefinitions").values()
+    assert role["config"]["condition"] == "createWhatIfRole"  # needs Owner: first, manual deployment only
+    props = body(role)["properties"]
+    (perm,) = props["permissions"]
+    assert sorted(perm["actions"]) == sorted(["*/read", "Microsoft.Resources/deployments/whatIf/action",
+                                              "Microsoft.Resources/deployments/validate/action"])
+    assert not any("write" in a.lower() or "delete" in a.lower() or a == "*" for a in perm["actions"])
+    assert body(role)["name"] == "whatIfRoleName"
+    assert parsed["parameters"]["createWhatIfRole"]["default"] is False
+    for env, path in PARAM_FILES.items():  # off unless CREATE_WHATIF_ROLE=true is set by hand
+        value = parse_bicepparam(path)[1]["createWhatIfRole"]["function"]
+        assert value["type"] == "bool"
+        assert value["parameters"]["arg_1"]["function"]["parameters"] == {"arg_1": "CREATE_WHATIF_ROLE", "arg_2": "false"}
 
 
 def test_ci_infra_rights_are_opt_in_and_limited():

@@ -9,7 +9,9 @@
 //   workspace identity-> blob and file data access on its own storage account (identity-based
 //                        system datastores; shared keys are off)
 //   PR identity       -> Storage Blob Data Reader on the DVC container (dvc pull in pull requests)
-//                        and Reader on the resource group (what-if with --validation-level ProviderNoRbac)
+//                        and the custom role "what-if reader" on the resource group: Reader plus
+//                        deployments/whatIf and validate, so `what-if --validation-level
+//                        ProviderNoRbac` works without any write permission
 //   CI identity, only if ciCanDeployInfra -> Contributor on the resource group and Role Based
 //                        Access Control Administrator limited (ABAC condition) to granting the
 //                        two data roles above, so infra.yml can deploy this template on main.
@@ -26,10 +28,12 @@ param workspacePrincipalId string
 @description('Give the CI identity the rights to deploy this template (infra.yml on main).')
 param ciCanDeployInfra bool = false
 
+@description('Create the custom what-if role (needs Owner or User Access Administrator: the first, manual deployment). Later deployments reference it.')
+param createWhatIfRole bool = false
+
 var roles = {
   storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
   storageBlobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
-  reader: 'acdd72a7-3385-48ef-bd42-f606fba81ae7'
   keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
   storageFileDataPrivilegedContributor: '69566ab7-960f-475b-8e7c-b3118f30c6bd'
   azureMLDataScientist: 'f6c7c914-8db3-469d-8ca1-694a8f32e121'
@@ -40,6 +44,31 @@ var roles = {
 // The RBAC administrator may only create or delete assignments of the data roles it needs.
 var grantableRoles = '${roles.storageBlobDataContributor}, ${roles.storageFileDataPrivilegedContributor}, ${roles.azureMLDataScientist}'
 var rbacCondition = '((!(ActionMatches{\'Microsoft.Authorization/roleAssignments/write\'})) OR (@Request[Microsoft.Authorization/roleAssignments:RoleDefinitionId] ForAnyOfAnyValues:GuidEquals {${grantableRoles}})) AND ((!(ActionMatches{\'Microsoft.Authorization/roleAssignments/delete\'})) OR (@Resource[Microsoft.Authorization/roleAssignments:RoleDefinitionId] ForAnyOfAnyValues:GuidEquals {${grantableRoles}}))'
+
+// Reader plus the two deployment actions what-if and validate need; nothing that writes.
+var whatIfRoleName = guid(subscription().id, resourceGroup().id, 'bicep-what-if-reader')
+
+resource whatIfRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = if (createWhatIfRole) {
+  name: whatIfRoleName
+  properties: {
+    roleName: 'Bicep what-if reader ${subscription().subscriptionId}/${resourceGroup().name}'
+    description: 'Read everything in the resource group and run deployment what-if/validate (--validation-level ProviderNoRbac); no write.'
+    type: 'customRole'
+    permissions: [
+      {
+        actions: [
+          '*/read'
+          'Microsoft.Resources/deployments/whatIf/action'
+          'Microsoft.Resources/deployments/validate/action'
+        ]
+        notActions: []
+      }
+    ]
+    assignableScopes: [
+      resourceGroup().id
+    ]
+  }
+}
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -151,14 +180,17 @@ resource prDvc 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-resource prReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(resourceGroup().id, prPrincipalId, roles.reader)
+resource prWhatIf 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(resourceGroup().id, prPrincipalId, whatIfRoleName)
   properties: {
     principalId: prPrincipalId
     principalType: 'ServicePrincipal'
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.reader)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', whatIfRoleName)
     description: 'GitHub Actions pull requests: read-only what-if of infra/main.bicep'
   }
+  dependsOn: [
+    whatIfRole
+  ]
 }
 
 resource ciContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (ciCanDeployInfra) {
