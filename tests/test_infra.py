@@ -247,7 +247,8 @@ def test_key_vault_uses_rbac_and_purge_protection():
     assert props["enableRbacAuthorization"] is True
     assert props["enablePurgeProtection"] is True
     assert props["enableSoftDelete"] is True
-    assert props["networkAcls"]["defaultAction"] == "Deny"
+    assert props["enabledForTemplateDeployment"] is False  # no secret leaves through ARM
+    assert "accessPolicies" not in props
 
 
 def test_registry_and_workspace_use_identities_not_keys():

@@ -1,5 +1,6 @@
 // Key Vault of the Azure ML workspace: RBAC authorisation (no access policies), soft delete and
 // purge protection (a deleted vault and its secrets stay recoverable for the retention period).
+// Holds the Hugging Face token for gated Llama weights (params.yaml azure.secrets).
 
 @description('Azure region.')
 param location string
@@ -21,7 +22,8 @@ param logAnalyticsId string
 param tags object = {}
 
 resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
-  //checkov:skip=CKV_AZURE_189: The public endpoint stays on but its firewall denies everything except trusted Microsoft services (Azure ML); turning it off needs a private endpoint and a virtual network this template does not create.
+  //checkov:skip=CKV_AZURE_189: The training cluster has no virtual network, so its managed identity reaches the vault over the public endpoint (RBAC-only access, no access policies); closing it needs a VNet-injected cluster and a private endpoint.
+  //checkov:skip=CKV_AZURE_109: Firewall default Allow for the same reason: cluster nodes use public Azure addresses that the trusted-services bypass does not cover; every secret read needs Entra ID and the Key Vault Secrets User role.
   name: keyVaultName
   location: location
   tags: tags
@@ -39,10 +41,12 @@ resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     enabledForDiskEncryption: false
     enabledForTemplateDeployment: false
     publicNetworkAccess: 'Enabled'
-    // Deny by default; Azure ML (a trusted Microsoft service) still reaches the vault.
+    // Allow: the training cluster (no virtual network) reads the Hugging Face token with its
+    // managed identity from public Azure addresses that the trusted-services bypass does not
+    // cover. Every read still needs an Entra ID token and an RBAC role (Key Vault Secrets User).
     networkAcls: {
       bypass: 'AzureServices'
-      defaultAction: 'Deny'
+      defaultAction: 'Allow'
     }
   }
 }
