@@ -824,3 +824,51 @@ def test_serving_environment_from_the_real_serve_folder(tmp_path, params):
     pip = next(d for d in env.conda_file["dependencies"] if isinstance(d, dict))["pip"]
     assert any(p.startswith("azureml-inference-server-http==") for p in pip)
     assert any(p.startswith("torch==") for p in pip)
+
+
+@pytest.mark.slow
+def test_batch_driver_with_the_real_scoring_script(tmp_path_factory, tmp_path, params, monkeypatch):
+    """The batch code folder (serve/ + batch_score.py) scores a JSONL file with serve/score.py and a
+    real packaged embedded model: one output row per input line, errors only for the bad lines."""
+    import importlib.util
+
+    import torch
+
+    from stages.azure.batch import build_batch_code_folder
+    from test_package import packaged_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        merged = packaged_model(tmp_path_factory)
+        code = build_batch_code_folder(params, tmp_path / "code")
+        serve = params.serve.model_copy(update={"log_path": "", "max_new_tokens_default": 8})
+        (tmp_path / "serve.json").write_text(json.dumps(serve.model_dump()))
+        monkeypatch.setenv("SERVE_CONFIG", str(tmp_path / "serve.json"))
+        monkeypatch.setenv("AZUREML_MODEL_DIR", str(merged))
+        monkeypatch.setenv("BATCH_RECORDS_PER_CALL", "3")
+        monkeypatch.syspath_prepend(str(code))
+        for name in [m for m in sys.modules if m == "serve" or m.startswith("serve.")]:
+            monkeypatch.delitem(sys.modules, name)
+        spec = importlib.util.spec_from_file_location("batch_score_under_test", code / "batch_score.py")
+        driver = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(driver)
+        driver.init()
+        part = tmp_path / "part-0.jsonl"
+        lines = [json.dumps({"id": i, "instruction": q, "max_new_tokens": 6}) for i, q in
+                 enumerate(["What is the PM job code?", "How do I submit an expense report?", "Who approves leave?",
+                            "Where is the travel policy?"])]
+        lines.insert(2, json.dumps({"id": "too-long", "instruction": "x", "max_new_tokens": 100000}))
+        part.write_text("\n".join(lines) + "\n")
+        rows = [json.loads(r) for r in driver.run([str(part)])]
+    finally:
+        torch.set_num_threads(threads)
+        for name, module in list(sys.modules.items()):   # forget the code folder's copies of serve/
+            if str(getattr(module, "__file__", "") or "").startswith(str(tmp_path)):
+                del sys.modules[name]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5]
+    bad = rows[2]
+    assert bad["id"] == "too-long" and "max_new_tokens" in bad["error"]
+    for row in rows[:2] + rows[3:]:
+        assert set(row) >= {"file", "line", "id", "response", "prompt_tokens", "completion_tokens"}, row
+        assert row["completion_tokens"] <= 6 and row["file"] == "part-0.jsonl"
