@@ -81,8 +81,11 @@ def one_request(url: str, instruction: str, max_new_tokens: int) -> dict:
 
 def run_level(url: str, prompts: list[str], concurrency: int, max_new_tokens: int) -> dict:
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    try:
         results = list(pool.map(lambda q: one_request(url, q, max_new_tokens), prompts))
+    finally:  # Ctrl-C: drop the queued requests instead of waiting for them
+        pool.shutdown(wait=False, cancel_futures=True)
     wall = time.perf_counter() - started
     good = [r for r in results if r["ok"]]
     latencies = [r["latency_ms"] for r in good]
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, help="override deploy.bench.max_new_tokens")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="batching")
     parser.add_argument("--compare", action="store_true", help="run every variant (batching, no-batching, workers-2)")
+    parser.add_argument("--torch-threads", type=int, help="override serve.torch_threads of the started server")
     parser.add_argument("--output", default="metrics/endpoint_bench.json")
     args = parser.parse_args(argv)
 
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in (sorted(VARIANTS, key=list(VARIANTS).index) if args.compare else [args.variant]):
                 variant = VARIANTS[name]
                 serve = merge(params.serve.model_dump(), {"cache": {"enabled": False}, "log_path": "", **variant["serve"]})
+                if args.torch_threads is not None:
+                    serve["torch_threads"] = args.torch_threads
                 print(f"variant {name}: workers {variant['workers']}, threads {serve['threads']}, "
                       f"batching max {serve['batching']['max_batch']}", flush=True)
                 with LocalServer(args.model, serve, host="127.0.0.1", port=0, workers=variant["workers"],

@@ -213,6 +213,9 @@ class Engine:
         self.model_dir = find_model_dir(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        # The fast tokenizer may re-borrow its Rust state on a call ("Already borrowed" when two
+        # request threads meet); encoding is cheap, so calls are serialised.
+        self._tokenizer_lock = threading.Lock()
         check_tokenizer(self.tokenizer)
         # Stored dtype on a GPU (bf16 for a real Llama); fp32 on a CPU, where bf16 kernels are slow.
         dtype = "auto" if self.device.type == "cuda" else torch.float32
@@ -231,7 +234,16 @@ class Engine:
         self.batcher.submit([Job(prompt_ids(self.tokenizer, self.default_system, "Hello"), 2, 0.0)])
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        with self._tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def prompt(self, system: str, instruction: str) -> list[int]:
+        with self._tokenizer_lock:
+            return prompt_ids(self.tokenizer, system, instruction)
+
+    def decode(self, tokens: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def parse(self, raw) -> tuple[list[GenRequest], bool]:
         return parse_request(raw, self.limits, self.count_tokens)
@@ -240,7 +252,7 @@ class Engine:
         prompts, problems = [], []
         for index, request in enumerate(requests):
             system = self.default_system if request.system is None else request.system
-            prompt = prompt_ids(self.tokenizer, system, request.instruction)
+            prompt = self.prompt(system, request.instruction)
             if self.context_length and len(prompt) + request.max_new_tokens > self.context_length:
                 where = f"requests[{index}].max_new_tokens" if is_batch else "max_new_tokens"
                 problems.append((where, f"prompt ({len(prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
@@ -265,7 +277,7 @@ class Engine:
         for index, job in jobs.items():
             request = requests[index]
             system, prompt = prompts[index]
-            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            text = self.decode(job.tokens)
             if self.redact_output:
                 text, _ = redact(text)
             finish_reason = "stop" if job.finished else "length"
