@@ -1,0 +1,193 @@
+"""The train stage end to end on a tiny embedded model: outputs, metrics, curves, resume, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.core.params import validate_params
+
+TINY = {
+    "model": {"embedded": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+                           "intermediate_size": 64}},
+    "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.1, "modules_to_save": ["norm"]}, "epochs": 2,
+              "batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 0.003,
+              "evals_per_epoch": 2, "early_stopping_patience": 0, "pack_tokens": 256},
+}
+
+
+def merged(base: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, root) -> Path:
+    rows = [json.loads(line) for line in (root / "data/raw/corporate_qa.jsonl").read_text().splitlines()[:16]]
+    d = tmp_path_factory.mktemp("processed")
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:12]))
+    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[12:16]))
+    return d
+
+
+def run(tmp: Path, data_dir: Path, extra: dict | None = None, **kwargs) -> dict:
+    from stages.train import run_training
+
+    params = validate_params(merged(TINY, extra or {}))
+    return run_training(params, data_dir, tmp / "adapter", tmp / "ckpt", tmp / "train.json", str(tmp / "live"), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("run1")
+    return tmp, run(tmp, data_dir)
+
+
+def test_outputs_follow_the_contract(first):
+    tmp, metrics = first
+    out = tmp / "adapter"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "manifest.json", "tokenizer"]
+    assert (out / "adapter/adapter_config.json").is_file() and (out / "adapter/adapter_model.safetensors").is_file()
+    assert (out / "tokenizer/tokenizer.json").is_file()
+    assert "start_header_id" in (out / "tokenizer/tokenizer_config.json").read_text() or \
+        (out / "tokenizer/chat_template.jinja").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"method", "params", "data_hash", "versions", "git_commit"} <= set(manifest)
+    assert manifest["method"] == "lora" and manifest["params"]["train"]["lora"]["r"] == 4
+    assert len(manifest["data_hash"]) == 64 and "torch" in manifest["versions"]
+    assert not list(tmp.glob(".adapter.*")), "no temporary directory left behind"
+
+
+def test_metrics_keys_and_ranges(first):
+    tmp, metrics = first
+    saved = json.loads((tmp / "train.json").read_text())
+    assert saved == metrics
+    for key in ("final_train_loss", "final_val_loss", "best_val_loss", "wall_time_s", "real_tokens_per_s",
+                "peak_rss_mb", "steps", "epochs_run", "trainable_params", "total_params"):
+        assert saved[key] is not None, key
+    assert saved["steps"] == 6 and saved["epochs_run"] == 2.0  # 12 records / (2 x 2) = 3 steps per epoch
+    assert saved["best_val_loss"] <= saved["final_val_loss"]
+    assert 0 < saved["trainable_params"] < saved["total_params"]
+    assert saved["real_tokens_per_s"] > 0 and saved["peak_rss_mb"] > 100
+    assert saved["packing"] is True and saved["loss_head"] == "completion" and saved["backend"] == "hf"
+
+
+def test_dvclive_curves_for_dvc_plots(first):
+    tmp, _ = first
+    live = tmp / "live"
+    train_tsv = (live / "plots/metrics/train/loss.tsv").read_text().splitlines()
+    val_tsv = (live / "plots/metrics/val/loss.tsv").read_text().splitlines()
+    assert train_tsv[0].split("\t") == ["step", "loss"] and len(train_tsv) == 1 + 4  # 2 evals x 2 epochs
+    assert [int(line.split("\t")[0]) for line in val_tsv[1:]] == [2, 3, 5, 6]
+    assert not (live / "dvc.yaml").exists(), "dvclive must not write its own dvc.yaml"
+
+
+def test_same_params_and_data_give_the_same_metrics(tmp_path, first, data_dir):
+    _, before = first
+    again = run(tmp_path, data_dir)
+    for key in ("final_train_loss", "final_val_loss", "best_val_loss", "steps"):
+        assert again[key] == before[key], key
+
+
+def test_interrupted_run_resumes_and_matches(tmp_path, first, data_dir):
+    _, uninterrupted = first
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, data_dir, stop_after_steps=3)  # checkpoint written at the evaluation after step 3
+    assert (tmp_path / "ckpt/checkpoint.pt").is_file()
+    assert not (tmp_path / "adapter").exists()
+    resumed = run(tmp_path, data_dir)
+    assert resumed["resumed_from_step"] == 3
+    assert resumed["steps"] == 6
+    for key in ("final_train_loss", "final_val_loss", "best_val_loss"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5), key
+    val_tsv = (tmp_path / "live/plots/metrics/val/loss.tsv").read_text().splitlines()
+    assert len(val_tsv) == 1 + 4, "the curve keeps the points from before the interruption"
+
+
+def test_changed_params_start_fresh(tmp_path, first, data_dir, capsys):
+    run(tmp_path, data_dir, extra={"train": {"epochs": 1}})
+    changed = run(tmp_path, data_dir, extra={"train": {"epochs": 1, "learning_rate": 0.001}})
+    assert changed["resumed_from_step"] == 0
+    assert "other params or data (resume key differs): starting fresh" in capsys.readouterr().out
+
+
+def test_lora_freezes_base_and_moves_adapter(data_dir):
+    import torch
+
+    from stages.core.training import fit
+    from stages.train import build_model_hf, encode_rows, read_split
+    from stages.core.modeling import load_tokenizer
+
+    params = validate_params(merged(TINY, {"train": {"epochs": 1, "lora": {"modules_to_save": []}}}))
+    tok = load_tokenizer("embedded")
+    ex = encode_rows(tok, read_split(data_dir / "train.jsonl"), True, 256, "train")
+    model = build_model_hf(params, torch.device("cpu"), torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(model, ex, [], params.train, device=torch.device("cpu"), log=lambda _m: None)
+    after = dict(model.named_parameters())
+    frozen = [n for n in before if "lora_" not in n]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert all(not after[n].requires_grad for n in frozen)
+    moved = [n for n in before if "lora_B" in n and not torch.equal(before[n], after[n])]
+    assert len(moved) == len([n for n in before if "lora_B" in n]) > 0
+
+
+def test_full_fine_tuning_saves_model_weights(tmp_path, data_dir):
+    metrics = run(tmp_path, data_dir, extra={"train": {"method": "full", "epochs": 1, "learning_rate": 0.0005,
+                                                       "lora": {"modules_to_save": []}}})
+    assert (tmp_path / "adapter/model/config.json").is_file()
+    assert not (tmp_path / "adapter/adapter").exists()
+    assert metrics["trainable_params"] == metrics["total_params"]
+    from stages.core.modeling import load_tuned_model
+
+    params = validate_params(merged(TINY, {}))
+    assert load_tuned_model(params.model, tmp_path / "adapter", "full") is not None
+
+
+def _cli(tmp_path, data_dir, params_text: str, capsys):
+    from stages.train import main
+
+    (tmp_path / "params.yaml").write_text(params_text)
+    code = main(["--params", str(tmp_path / "params.yaml"), "--data", str(data_dir), "--output",
+                 str(tmp_path / "out"), "--checkpoints", "", "--metrics", str(tmp_path / "m.json"), "--live", ""])
+    return code, capsys.readouterr().err
+
+
+def test_bad_params_exit_2_with_the_key_and_no_traceback(tmp_path, data_dir, capsys):
+    code, err = _cli(tmp_path, data_dir, yaml.safe_dump(merged(TINY, {"train": {"lora": {"rank": 8}}})), capsys)
+    assert code == 2
+    assert "train.lora.rank: unknown key" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_on_cpu_is_a_clear_config_error(tmp_path, data_dir, capsys):
+    code, err = _cli(tmp_path, data_dir, yaml.safe_dump(merged(TINY, {"train": {"method": "qlora"}})), capsys)
+    assert code == 2 and "train.method: qlora needs a CUDA GPU" in err
+
+
+def test_unsloth_without_fallback_is_a_clear_config_error(tmp_path, data_dir, capsys):
+    text = yaml.safe_dump(merged(TINY, {"train": {"backend": "unsloth", "allow_backend_fallback": False}}))
+    code, err = _cli(tmp_path, data_dir, text, capsys)
+    assert code == 2 and "train.backend: unsloth was asked for" in err
+
+
+def test_missing_or_bad_data_is_a_data_error(tmp_path, data_dir, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"system": "s", "instruction": "q", "output": "a"}\nnot json\n'
+                                     '{"system": "s", "instruction": "", "output": "a"}\n')
+    from stages.train import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    code = main(["--params", str(tmp_path / "params.yaml"), "--data", str(bad), "--output", str(tmp_path / "o"),
+                 "--checkpoints", "", "--metrics", "", "--live", ""])
+    err = capsys.readouterr().err
+    assert code == 1 and "train.jsonl:2: malformed JSON" in err and "train.jsonl:3: missing or empty" in err

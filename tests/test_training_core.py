@@ -1,0 +1,184 @@
+"""The training loop's pieces: packing (no cross-record attention), loss heads, steps, choices, messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.core.chat import EOT_ID, IGNORE_INDEX, PAD_ID, encode_example
+from stages.core.params import ConfigError, validate_params
+from stages.core.training import (collate, completion_loss_sum, epoch_steps, load_checkpoint, micro_batches,
+                                  oom_message, pack, pack_groups, resume_key, save_checkpoint, select_backend,
+                                  select_distributed, select_loss_head, check_method, shard)
+
+RECORDS = [
+    ("You are helpful.", "What does the PM job code mean?", "PM job code indicates Full Time Employee."),
+    ("You are helpful.", "How many vacation days do I get?", "Employees get 25 days of paid vacation a year."),
+    ("", "Who approves purchases above $5,000?", "A director approves purchases above $5,000."),
+]
+
+
+def tiny_params(**train):
+    raw = {"model": {"embedded": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+                                  "intermediate_size": 64}},
+           "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, **train}}
+    return validate_params(raw)
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    return [encode_example(tokenizer, *r) for r in RECORDS]
+
+
+@pytest.fixture(scope="module")
+def model():
+    from stages.core.modeling import load_base_model
+
+    m = load_base_model(tiny_params().model)
+    m.eval()
+    return m
+
+
+def test_pack_resets_positions_and_shifts_targets_inside_each_record(examples):
+    batch = pack(examples)
+    lengths = [len(e.input_ids) for e in examples]
+    assert batch.input_ids.shape == (1, sum(lengths))
+    assert batch.attention_mask is None
+    assert PAD_ID not in batch.input_ids.tolist()[0]
+    pos = batch.position_ids[0].tolist()
+    start = 0
+    for e, n in zip(examples, lengths):
+        assert pos[start:start + n] == list(range(n))
+        # the last token of a record (its <|eot_id|>) predicts nothing: no target crosses records
+        assert batch.input_ids[0, start + n - 1] == EOT_ID
+        assert batch.targets[0, start + n - 1] == IGNORE_INDEX
+        assert batch.targets[0, start:start + n - 1].tolist() == e.labels[1:]
+        start += n
+    assert batch.num_label_tokens == sum(e.num_completion_tokens for e in examples)
+    assert batch.num_real_tokens == sum(lengths)
+
+
+def test_packed_logits_equal_each_record_alone(model, examples):
+    """No cross-record attention: every record's logits inside a pack equal its logits alone."""
+    with torch.no_grad():
+        packed = pack(examples)
+        inside = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits[0]
+        start = 0
+        for e in examples:
+            alone = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+            n = len(e.input_ids)
+            torch.testing.assert_close(inside[start:start + n], alone, rtol=1e-4, atol=1e-4)
+            start += n
+
+
+def test_packing_without_position_reset_would_leak(model, examples):
+    """The control: with plain 0..T-1 positions the same pack attends across records."""
+    with torch.no_grad():
+        packed = pack(examples)
+        leaky = model(input_ids=packed.input_ids, use_cache=False).logits[0]
+        n0 = len(examples[0].input_ids)
+        second = model(input_ids=torch.tensor([examples[1].input_ids]), use_cache=False).logits[0]
+        assert not torch.allclose(leaky[n0:n0 + len(examples[1].input_ids)], second, atol=1e-3)
+
+
+def test_packed_and_padded_losses_agree(model, examples):
+    with torch.no_grad():
+        packed_loss, packed_n = completion_loss_sum(model, pack(examples))
+        padded_loss, padded_n = completion_loss_sum(model, collate(examples))
+        full_loss, full_n = completion_loss_sum(model, collate(examples), head_mode="full")
+    assert packed_n == padded_n == full_n == sum(e.num_completion_tokens for e in examples)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(full_loss, padded_loss, rtol=1e-4, atol=1e-3)
+
+
+def test_collate_pads_with_finetune_pad_and_masks(examples):
+    batch = collate(examples)
+    longest = max(len(e.input_ids) for e in examples)
+    short = min(range(3), key=lambda i: len(examples[i].input_ids))
+    n = len(examples[short].input_ids)
+    assert batch.input_ids.shape == (3, longest)
+    assert set(batch.input_ids[short, n:].tolist()) <= {PAD_ID}
+    assert batch.attention_mask[short, n:].sum() == 0
+    assert (batch.targets[short, n - 1:] == IGNORE_INDEX).all()
+
+
+def test_pack_groups_respect_the_token_budget(examples):
+    lengths = [len(e.input_ids) for e in examples]
+    groups = pack_groups(examples, lengths[0] + lengths[1])
+    assert [len(g) for g in groups] == [2, 1]
+    assert [len(g) for g in pack_groups(examples, 1)] == [1, 1, 1]  # a longer record gets its own row
+    assert len(micro_batches(examples, 2, packing=False, pack_tokens=0)) == 2
+
+
+def test_epoch_steps_are_seeded_complete_and_give_every_process_a_record():
+    steps = epoch_steps(50, 16, epoch=0, seed=42)
+    assert sorted(i for s in steps for i in s) == list(range(50))
+    assert steps == epoch_steps(50, 16, epoch=0, seed=42)
+    assert steps != epoch_steps(50, 16, epoch=1, seed=42)
+    merged = epoch_steps(49, 16, epoch=0, seed=1, world_size=2)  # 16+16+16+1 -> last merged
+    assert [len(s) for s in merged] == [16, 16, 17]
+    assert shard(list(range(7)), 1, 2) == [1, 3, 5]
+
+
+def test_backend_selection_and_messages():
+    assert select_backend("hf", False, cuda=True, unsloth_installed=True).value == "hf"
+    assert select_backend("auto", False, cuda=True, unsloth_installed=True).value == "unsloth"
+    auto = select_backend("auto", False, cuda=False, unsloth_installed=False)
+    assert auto.value == "hf" and "CUDA GPU" in auto.note
+    fallback = select_backend("unsloth", True, cuda=False, unsloth_installed=True)
+    assert fallback.value == "hf" and "allow_backend_fallback" in fallback.note
+    with pytest.raises(ConfigError, match=r"train.backend: unsloth was asked for but unsloth needs a CUDA GPU"):
+        select_backend("unsloth", False, cuda=False, unsloth_installed=True)
+    with pytest.raises(ConfigError, match=r"the unsloth package \(pip install -r requirements-gpu.txt\)"):
+        select_backend("unsloth", False, cuda=True, unsloth_installed=False)
+
+
+def test_qlora_needs_cuda_and_bitsandbytes():
+    check_method("lora", cuda=False, bitsandbytes_installed=False)
+    check_method("qlora", cuda=True, bitsandbytes_installed=True)
+    with pytest.raises(ConfigError, match=r"train.method: qlora needs a CUDA GPU .* and the bitsandbytes package"):
+        check_method("qlora", cuda=False, bitsandbytes_installed=False)
+
+
+def test_loss_head_selection():
+    assert select_loss_head("auto", cuda=True, liger_installed=True).value == "liger"
+    cpu = select_loss_head("auto", cuda=False, liger_installed=True)
+    assert cpu.value == "completion" and "CUDA" in cpu.note
+    assert select_loss_head("none", cuda=True, liger_installed=True).value == "completion"
+    with pytest.raises(ConfigError, match="train.fused_loss: liger was asked for but liger-kernel needs CUDA"):
+        select_loss_head("liger", cuda=False, liger_installed=True)
+
+
+def test_distributed_selection():
+    assert select_distributed("auto", "lora", 1) == "none"
+    assert select_distributed("auto", "lora", 2) == "ddp"
+    assert select_distributed("auto", "full", 2) == "fsdp"
+    with pytest.raises(ConfigError, match="fsdp"):
+        validate_params({"train": {"method": "qlora", "distributed": "fsdp"}})
+
+
+def test_oom_message_names_the_remedies():
+    message = oom_message(validate_params({"train": {"packing": False}}).train, torch.device("cpu"), "training")
+    for remedy in ("train.batch_size (now 4)", "gradient_accumulation_steps", "gradient_checkpointing: true",
+                   "train.lora.r", "max_seq_length", "method: qlora", "stages.dry_run"):
+        assert remedy in message
+    assert "pack_tokens" in oom_message(tiny_params(packing=True).train, torch.device("cpu"), "training")
+
+
+def test_checkpoint_is_resumed_only_with_the_same_key(tmp_path):
+    p = tiny_params().model_dump(mode="json")
+    key = resume_key(p, "data-1")
+    assert key == resume_key(p, "data-1")
+    assert key != resume_key(p, "data-2")
+    other = tiny_params(learning_rate=0.01).model_dump(mode="json")
+    assert key != resume_key(other, "data-1")
+    state, message = load_checkpoint(tmp_path, key)
+    assert state is None and "starting fresh" in message
+    save_checkpoint(tmp_path, {"resume_key": key, "step": 3, "epoch": 0})
+    state, message = load_checkpoint(tmp_path, key)
+    assert state["step"] == 3 and "resuming" in message
+    state, message = load_checkpoint(tmp_path, resume_key(other, "data-1"))
+    assert state is None and "other params or data" in message
+    (tmp_path / "checkpoint.pt").write_bytes(b"torn")
+    state, message = load_checkpoint(tmp_path, key)
+    assert state is None and "unreadable" in message
