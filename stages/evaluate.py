@@ -324,6 +324,11 @@ def write_outputs(metrics: dict, predictions: list[dict], metrics_path: str | Pa
     io.write_json(metrics_path, metrics)
 
 
+def _all_local(params: Params) -> bool:
+    names = (params.model.base, params.model.tokenizer, params.evaluate.encoder)
+    return all(name == "embedded" or Path(name).exists() for name in names)
+
+
 def _print_gate(gate: dict, out=sys.stdout) -> None:
     if gate["passed"]:
         print(f"quality gate: PASSED ({len(gate['checks'])} checks)", file=out)
@@ -350,9 +355,10 @@ def stage_main(argv: list[str]) -> int:
     parser.add_argument("--reference", default=None,
                         help="metrics file to compare with: PATH or REV:PATH (default: evaluate.reference)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     params = load_params(args.params)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if _all_local(params):  # nothing to download: never let a library try the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     test = read_split(Path(args.data) / "test.jsonl")
     val_path = Path(args.data) / "val.jsonl"
     val = read_split(val_path) if val_path.is_file() else []
