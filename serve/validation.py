@@ -85,7 +85,8 @@ def decode_body(raw) -> object:
     if raw is None or not isinstance(raw, str):
         raise RequestError([("body", f"expected a JSON text, got {type(raw).__name__}")])
     if not raw.strip():
-        raise RequestError([("body", 'empty request body; expected a JSON object such as {"instruction": "..."}')])
+        raise RequestError([("body", 'empty request body; expected a JSON object such as {"instruction": "..."} '
+                                     '(sent with Content-Type: application/json)')])
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:

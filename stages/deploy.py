@@ -40,6 +40,9 @@ from .core.params import ConfigError, DeployParams, load_params
 STAGE = "deploy"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # azmlinfsrv's own entry point with the bind host replaced (it hard-codes 0.0.0.0).
+# Azure ML mounts a registered model at AZUREML_MODEL_DIR=.../azureml-models/<name>/<version>/<folder>;
+# the local server gets the same layout (a link to models/merged), so score.py finds it the same way.
+MODEL_NAME = "corporate-qa-llama"
 BIND_WRAPPER = ("import sys; from azureml_inference_server_http import amlserver; "
                 "amlserver.DEFAULT_HOST = sys.argv.pop(1); sys.exit(amlserver.run())")
 
@@ -103,8 +106,18 @@ class LocalServer:
     def score_url(self) -> str:
         return f"{self.base_url}/score"
 
-    def command(self, entry_script: Path) -> list[str]:
-        args = ["--entry_script", str(entry_script), "--model_dir", str(self.model_dir), "--port", str(self.port)]
+    def mount_model(self) -> Path:
+        """<work>/azureml-models/<name>/1/<model folder name> -> the model: Azure ML's layout."""
+        version_dir = self.work_dir / "azureml-models" / MODEL_NAME / "1"
+        version_dir.mkdir(parents=True, exist_ok=True)
+        link = version_dir / self.model_dir.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(self.model_dir, target_is_directory=True)
+        return version_dir
+
+    def command(self, entry_script: Path, model_root: Path) -> list[str]:
+        args = ["--entry_script", str(entry_script), "--model_dir", str(model_root), "--port", str(self.port)]
         if self.host == "0.0.0.0":
             binary = shutil.which("azmlinfsrv") or str(Path(sys.executable).parent / "azmlinfsrv")
             return [binary, *args]
@@ -126,10 +139,14 @@ class LocalServer:
                     "PYTHONUNBUFFERED": "1"})
         env.update(self.extra_env)
         self._log_handle = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command(code_dir / SCORING_SCRIPT), cwd=code_dir, env=env,
+        self.process = subprocess.Popen(self.command(code_dir / SCORING_SCRIPT, self.mount_model()), cwd=code_dir, env=env,
                                         stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def log_tail(self, chars: int = 4000) -> str:
@@ -143,7 +160,7 @@ class LocalServer:
         while time.monotonic() - started < self.readiness_timeout_s:
             if self.process.poll() is not None:
                 raise ServerError(f"azmlinfsrv exited with status {self.process.returncode} before it was ready; "
-                                  f"log {self.log_path}:\n{self.log_tail()}")
+                                  f"end of its log:\n{self.log_tail()}")
             try:
                 status, body = http("GET", f"{self.base_url}/", timeout=5)
                 if status == 200:
@@ -152,9 +169,8 @@ class LocalServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
                 pass
             time.sleep(0.25)
-        self.stop()
         raise ServerError(f"azmlinfsrv was not ready within {self.readiness_timeout_s:g} s "
-                          f"(deploy.readiness_timeout_s); log {self.log_path}:\n{self.log_tail()}")
+                          f"(deploy.readiness_timeout_s); end of its log:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
         try:
@@ -183,7 +199,7 @@ class LocalServer:
             self._log_handle.close()
             self._log_handle = None
         if self._own_work_dir and self.process is not None and self.process.returncode is not None:
-            shutil.rmtree(self.work_dir / "code", ignore_errors=True)
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalServer":
         return self.start()

@@ -269,6 +269,20 @@ def package(adapter_dir: str | Path, output: str | Path, package_params: Package
     torch_device = resolve_device(device)
     if dtype != torch.float32 and torch_device.type == "cpu":
         log(f"note: checking a {dtype} merge on the CPU (slow for large models)")
+    threads = torch.get_num_threads()
+    if model_params.base == EMBEDDED and torch_device.type == "cpu":
+        # The embedded model's matrices are tiny: one thread is as fast on an idle CPU and several
+        # times faster on a busy one (OpenMP threads waiting for each other).
+        torch.set_num_threads(1)
+    try:
+        return _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_metrics, dvc_lock,
+                        manifest, method, model_params, dtype, torch_device, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_metrics, dvc_lock,
+             manifest, method, model_params, dtype, torch_device, started) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 

@@ -75,7 +75,7 @@ def test_deploy_fails_cleanly_when_the_model_cannot_load(tmp_path, capsys):
     code = main(["--model", str(broken), "--metrics", str(tmp_path / "deploy.json"), "--params", str(params)])
     err = capsys.readouterr().err
     assert code == 1
-    assert "exited with status" in err and "Traceback (most recent call last)" not in err.split("log ")[0]
+    assert "exited with status" in err and "Traceback (most recent call last)" not in err.split("end of its log")[0]
     result = json.loads((tmp_path / "deploy.json").read_text())
     assert result["passed"] is False and "azmlinfsrv exited" in result["error"]
 
