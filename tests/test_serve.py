@@ -348,3 +348,35 @@ def test_serving_environment_is_pinned_and_agrees_with_training():
     assert {"torch", "transformers"} <= shared
     assert {name: serving[name] for name in shared} == {name: training[name] for name in shared}
     assert not {"azure-ai-ml", "dvc", "peft"} & set(serving), "the endpoint needs neither the SDK, DVC nor peft"
+
+
+def test_request_log_feeds_azure_ml_data_collection_when_enabled(tmp_path, monkeypatch):
+    """With the deployment's data collection on (AZUREML_MDC_ENABLED), each record is queued for the
+    model_inputs and model_outputs collections, redacted; the worker that would upload is disabled here."""
+    pytest.importorskip("azureml.ai.monitoring")
+    from azureml.ai.monitoring import init as mdc
+    from azureml.ai.monitoring.queue import get_queue
+
+    from serve.monitoring import RequestLog
+
+    monkeypatch.setenv("AZUREML_MDC_ENABLED", "true")
+    monkeypatch.setenv("AZUREML_MDC_WORKER_DISABLED", "true")
+    mdc.teardown()
+    try:
+        log = RequestLog(tmp_path / "log.jsonl")
+        assert log.collector_active
+        log.record(request_id="r1", status=200, latency_ms=12.5, instruction="mail bob@contoso.com", system="s",
+                   response="ok", prompt_tokens=10, completion_tokens=2, max_new_tokens=8, temperature=0.0,
+                   cache_hit=False, batch_size=1, finish_reason="stop")
+        queue = get_queue()
+        assert queue.length() == 2  # one model_inputs and one model_outputs payload
+        designations = sorted(payload.designation() for payload in queue._queue)
+        assert designations == ["model_inputs", "model_outputs"]
+        content = " ".join(str(payload.content()) for payload in queue._queue)
+        assert "[EMAIL]" in content and "bob@contoso.com" not in content
+        assert len({payload.correlation_id() for payload in queue._queue}) == 1  # inputs and outputs correlated
+        assert json.loads((tmp_path / "log.jsonl").read_text())["instruction"] == "mail [EMAIL]"
+    finally:
+        mdc.teardown()
+    monkeypatch.delenv("AZUREML_MDC_ENABLED")
+    assert not RequestLog(None).collector_active
