@@ -8,6 +8,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
+AZURITE_VERSION := 3.35.0
+AZURITE := .cache/azurite/node_modules/.bin/azurite-blob
+
 .PHONY: setup pipeline test test-fast clean
 
 setup: $(VENV)/.installed
@@ -25,8 +28,18 @@ pipeline: setup
 	dvc repro
 	dvc metrics show
 
-test: setup
+# Azurite (Azure's blob emulator, from npm) lets the DVC-remote and Azure-job tests exercise a
+# real blob service; checkov scans the Bicep in infra/ in its own virtual environment.
+$(AZURITE):
+	npm install --prefix .cache/azurite --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
+
+test: setup $(AZURITE)
+	bash .ci/checkov.sh
 	python -m pytest
 
+# The unit tests only: no Azurite, no checkov, no slow end-to-end runs.
+test-fast: setup
+	python -m pytest -m "not slow" --deselect tests/test_dvc_remote.py
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-checkov .cache/azurite

@@ -416,27 +416,27 @@ def test_workspace_from_env():
 
 
 def test_hf_token_comes_from_key_vault_and_is_never_printed(params, capsys):
-    from stages.azure import secrets
+    from stages.azure import keyvault
 
     gated = params.model_copy(update={"model": params.model.model_copy(
         update={"base": "meta-llama/Llama-3.2-1B-Instruct", "tokenizer": "meta-llama/Llama-3.2-1B-Instruct"})})
-    assert not secrets.needs_hf_token(params)          # the embedded default needs no token
-    assert secrets.needs_hf_token(gated)
+    assert not keyvault.needs_hf_token(params)          # the embedded default needs no token
+    assert keyvault.needs_hf_token(gated)
     env = {"AZURE_KEY_VAULT_URL": "https://kv-llama.vault.azure.net/"}
     seen = []
-    source = secrets.provide_hf_token(gated, env, fetch=lambda url, name: seen.append((url, name)) or "hf_s3cr3t")
+    source = keyvault.provide_hf_token(gated, env, fetch=lambda url, name: seen.append((url, name)) or "hf_s3cr3t")
     assert source == "key vault" and env["HF_TOKEN"] == "hf_s3cr3t"
     assert seen == [("https://kv-llama.vault.azure.net/", params.azure.secrets.hf_token_secret_name)]
     assert "hf_s3cr3t" not in capsys.readouterr().out
-    assert secrets.provide_hf_token(gated, {"HF_TOKEN": "x"}) == "environment"
+    assert keyvault.provide_hf_token(gated, {"HF_TOKEN": "x"}) == "environment"
     with pytest.raises(ConfigError, match="AZURE_KEY_VAULT_URL"):
-        secrets.provide_hf_token(gated, {})
+        keyvault.provide_hf_token(gated, {})
 
 
 def test_fetch_secret_uses_bearer_token_and_rest_api():
     import io
 
-    from stages.azure.secrets import fetch_secret, key_vault_url_from_id
+    from stages.azure.keyvault import fetch_secret, key_vault_url_from_id
 
     class Credential:
         def get_token(self, scope):

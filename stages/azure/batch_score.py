@@ -22,7 +22,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
+# In the deployed code folder this file sits next to serve/; only there does its folder go on the
+# import path (from the repository, stages/azure/ on sys.path would shadow other modules).
+if (HERE / "serve").is_dir() and str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 score = None

@@ -210,7 +210,7 @@ def write_training_specs(params: Params, out: str | Path = az.BUILD_DIR / "train
 # ---------------------------------------------------------------- submission
 
 def workspace_key_vault_url(client) -> str:
-    from stages.azure.secrets import key_vault_url_from_id
+    from stages.azure.keyvault import key_vault_url_from_id
 
     workspace = client.workspaces.get(client.workspace_name)
     return key_vault_url_from_id(workspace.key_vault) if workspace.key_vault else ""

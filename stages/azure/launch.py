@@ -176,7 +176,7 @@ def execute(steps: list[Step], dvc_yaml: dict, info: RankInfo, wait_s: float = 7
     for step in steps:
         print(f"[rank {info.rank}] {step.describe()}", flush=True)
         if step.kind == "secrets":
-            from stages.azure.secrets import provide_hf_token
+            from stages.azure.keyvault import provide_hf_token
             from stages.core.params import load_params
 
             print(f"[rank {info.rank}] HF token: {provide_hf_token(load_params())}", flush=True)

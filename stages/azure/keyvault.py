@@ -2,7 +2,7 @@
 workspace's Key Vault with the job's managed identity and put into HF_TOKEN for the child
 processes. It is never in git, never in the job spec, and never printed.
 
-    python -m stages.azure.secrets check    # says whether a token is needed and where it comes from
+    python -m stages.azure.keyvault check    # says whether a token is needed and where it comes from
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] != ["check"]:
-        print("usage: python -m stages.azure.secrets check", file=sys.stderr)
+        print("usage: python -m stages.azure.keyvault check", file=sys.stderr)
         return 2
     params = load_params()
     env = dict(os.environ)
