@@ -1,0 +1,129 @@
+"""The whole DVC graph on a slice of the embedded data, in a temporary copy of the repository.
+
+Asserts the exact outputs and metric keys, that a second `dvc repro` does nothing, and that changing
+one training param invalidates train and its dependants but not preprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+SLICE = 160  # records: enough for every split to be non-empty
+
+
+def _sh(args, cwd, env, check=True):
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, root):
+    dest = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        src = root / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for generated in ("metrics", "dvclive", "dvc.lock"):
+        target = dest / generated
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    raw = (root / "data/raw/corporate_qa.jsonl").read_text().splitlines()[:SLICE]
+    (dest / "data/raw/corporate_qa.jsonl").write_text("\n".join(raw) + "\n")
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"]["epochs"] = 1
+    params["evaluate"]["max_new_tokens"] = 24
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    _sh(["git", "init", "-q"], dest, env)
+    _sh(["git", "add", "-A"], dest, env)
+    _sh(["git", "commit", "-qm", "slice"], dest, env)
+    done = _sh([sys.executable, "-m", "dvc", "repro"], dest, env)
+    return dest, env, done.stdout
+
+
+def test_outputs_exist(repo):
+    dest, _, _ = repo
+    for path in ("data/processed/train.jsonl", "data/processed/val.jsonl", "data/processed/test.jsonl",
+                 "metrics/preprocess.json", "metrics/train.json", "metrics/eval.json", "metrics/package.json",
+                 "metrics/deploy.json", "models/adapter/manifest.json", "models/adapter/adapter/adapter_config.json",
+                 "models/adapter/tokenizer/tokenizer.json", "models/merged/model.safetensors",
+                 "models/merged/chat_template.jinja", "reports/eval/predictions.jsonl", "reports/eval/report.md",
+                 "reports/eval/plots/base.json", "reports/eval/plots/tuned.json", "dvc.lock"):
+        assert (dest / path).exists(), path
+    assert list((dest / "dvclive/train/plots/metrics").rglob("*.tsv")), "no loss curves"
+    lines = (dest / "reports/eval/predictions.jsonl").read_text().splitlines()
+    test_lines = (dest / "data/processed/test.jsonl").read_text().splitlines()
+    assert len(lines) == len(test_lines) > 0
+
+
+def test_metrics_keys_and_ranges(repo):
+    dest, _, _ = repo
+    pre = json.loads((dest / "metrics/preprocess.json").read_text())
+    assert pre["records_in"] == SLICE and sum(pre["splits"].values()) == pre["records_out"]
+    train = json.loads((dest / "metrics/train.json").read_text())
+    for key in ("final_train_loss", "final_val_loss", "wall_time_s", "real_tokens_per_s", "peak_rss_mb"):
+        assert train[key] > 0, key
+    assert train["epochs_run"] == 1 and train["method"] == "lora"
+    ev = json.loads((dest / "metrics/eval.json").read_text())
+    for model in ("base", "tuned"):
+        for metric in ("rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "fact_recall"):
+            assert 0.0 <= ev[model][metric] <= 1.0, (model, metric)
+    assert ev["tuned"]["val_loss"] < ev["base"]["val_loss"]  # even one epoch on the slice learns something
+    assert isinstance(ev["gate"]["passed"], bool) and isinstance(ev["gate"]["reasons"], list)
+    deploy = json.loads((dest / "metrics/deploy.json").read_text())
+    assert deploy["target"] == "local" and deploy["passed"] is True
+
+
+def test_dvc_metrics_show_lists_every_stage(repo):
+    dest, env, _ = repo
+    shown = _sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], dest, env).stdout
+    files = set(json.loads(shown)[""]["data"])
+    assert {"metrics/preprocess.json", "metrics/train.json", "metrics/eval.json"} <= files
+
+
+def test_second_repro_does_nothing(repo):
+    dest, env, _ = repo
+    out = _sh([sys.executable, "-m", "dvc", "repro"], dest, env).stdout
+    assert "Data and pipelines are up to date" in out, out
+
+
+def test_plots_render(repo, tmp_path):
+    dest, env, _ = repo
+    _sh([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots")], dest, env)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "train/loss" in html and "val/loss" in html and "ROUGE-L per topic" in html
+
+
+def test_training_param_change_reruns_train_not_preprocess(repo):
+    dest, env, _ = repo
+    params = dest / "params.yaml"
+    original = params.read_text()
+    try:
+        data = yaml.safe_load(original)
+        data["train"]["lora"]["r"] = 8
+        params.write_text(yaml.safe_dump(data, sort_keys=False))
+        status = json.loads(_sh([sys.executable, "-m", "dvc", "status", "--json"], dest, env).stdout)
+        assert "train" in status and "preprocess" not in status
+        diff = json.loads(_sh([sys.executable, "-m", "dvc", "params", "diff", "--json"], dest, env).stdout)
+        assert diff["params.yaml"]["train.lora.r"]["new"] == 8
+    finally:
+        params.write_text(original)
