@@ -353,7 +353,6 @@ def test_serving_environment_is_pinned_and_agrees_with_training():
 def test_request_log_feeds_azure_ml_data_collection_when_enabled(tmp_path, monkeypatch):
     """With the deployment's data collection on (AZUREML_MDC_ENABLED), each record is queued for the
     model_inputs and model_outputs collections, redacted; the worker that would upload is disabled here."""
-    pytest.importorskip("azureml.ai.monitoring")
     from azureml.ai.monitoring import init as mdc
     from azureml.ai.monitoring.queue import get_queue
 
