@@ -49,6 +49,39 @@ def test_regressions_are_flagged_by_direction_and_tolerance():
     assert sorted(r.name for r in rows.values() if r.regression) == ["gate.passed", "tuned.rouge_l"]
 
 
+def test_new_removed_and_changed_non_numeric_metrics():
+    diff = {"metrics/deploy.json": {
+        "url": {"old": None, "new": "http://127.0.0.1:5001/score"},
+        "server": {"old": "azmlinfsrv 1.5.0", "new": None},
+        "model.method": {"old": "lora", "new": "qlora"},
+        "early_stopped": {"old": False, "new": True},
+        "smoke.passed": {"old": None, "new": True},
+    }}
+    rows = {r.name: r for r in pc.metric_rows(diff, GATED, 0.02)}
+    assert rows["url"].flag == "🆕 new" and rows["server"].flag == "removed"
+    assert rows["model.method"].flag == "changed" and rows["early_stopped"].flag == "changed"
+    assert not any(r.regression for r in rows.values())
+    assert pc._fmt(False, "early_stopped") == "no" and pc._fmt(True, "smoke.passed") == "pass"
+
+
+def test_full_diff_table_is_compacted_and_drops_per_topic_deltas():
+    raw = "\n".join([
+        "| Path               | Metric                              | main    | workspace   | Change   |",
+        "|--------------------|-------------------------------------|---------|-------------|----------|",
+        "| metrics/eval.json  | by_category.leave.delta.rouge_l     | 0.1     | 0.2         | 0.1      |",
+        "| metrics/eval.json  | by_category.leave.tuned.rouge_l     | 0.1     | 0.2         | 0.1      |",
+        "| metrics/eval.json  | tuned.rouge_l                       | 0.1     | 0.2         | 0.1      |",
+    ])
+    table, dropped = pc.compact_diff_table(raw)
+    assert dropped == 1
+    assert table.splitlines() == [
+        "| Path | Metric | main | workspace | Change |",
+        "|---|---|---|---|---|",
+        "| metrics/eval.json | by_category.leave.tuned.rouge_l | 0.1 | 0.2 | 0.1 |",
+        "| metrics/eval.json | tuned.rouge_l | 0.1 | 0.2 | 0.1 |",
+    ]
+
+
 def test_metric_rows_tolerate_malformed_diffs():
     assert pc.metric_rows(None) == [] and pc.metric_rows({"a.json": "oops"}) == []
     rows = pc.metric_rows({"a.json": {"x": "not a dict", "loss": {"old": "n/a", "new": 1.0}}})

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import html
+import re
 import json
 import math
 import os
@@ -188,8 +189,10 @@ def classify(name: str, old, new, regression_metrics: tuple[str, ...] | list[str
         if new is False:
             return ("❌ gate fails" if old is not False else "❌ still failing"), old is not False
         return ("✅ gate passes" if old is not True else ""), False
-    if o is None or n is None:
-        return ("🆕 new" if o is None and n is not None else ("removed" if n is None else "")), False
+    if old is None or new is None:
+        return ("🆕 new" if old is None and new is not None else ("removed" if old is not None else "")), False
+    if o is None or n is None or isinstance(old, bool) or isinstance(new, bool):
+        return ("changed" if old != new else ""), False
     direction = metric_direction(name)
     change = (n - o) * direction
     if direction == 0 or abs(n - o) < 1e-12:
@@ -226,16 +229,30 @@ def metric_rows(diff: dict, regression_metrics=(), tolerance: float = 0.0) -> li
     return rows
 
 
-def _fmt(value) -> str:
+def _fmt(value, name: str = "") -> str:
     if value is None:
         return "—"
     if isinstance(value, bool):
-        return "pass" if value else "fail"
+        if name.split(".")[-1] == "passed" or name.endswith("_passed"):
+            return "pass" if value else "fail"
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
     return _cell(str(value))
+
+
+def compact_diff_table(raw_md: str) -> tuple[str, int]:
+    """dvc's Markdown diff without its column padding and without the per-topic `.delta.` rows,
+    which together push a default run's table past GitHub's comment size limit."""
+    kept, dropped = [], 0
+    for line in raw_md.strip().splitlines():
+        if re.search(r"\|\s*by_[a-z_]+\.[^|]*\.delta\.", line):
+            dropped += 1
+            continue
+        kept.append(re.sub(r" {2,}", " ", line) if not re.fullmatch(r"[|\-\s:]+", line) else re.sub(r"-{4,}", "---", line))
+    return "\n".join(kept), dropped
 
 
 def _cell(text: str) -> str:
@@ -260,13 +277,16 @@ def metrics_section(rows: list[MetricRow], base_label: str, raw_md: str | None, 
         for r in headline:
             o, n = _num(r.old), _num(r.new)
             change = f"{n - o:+.4g}" if (o is not None and n is not None and not isinstance(r.new, bool)) else ""
-            lines.append(f"| {_cell(r.path)} | `{r.name}` | {_fmt(r.old)} | {_fmt(r.new)} | {change} | {r.flag} |")
+            lines.append(f"| {_cell(r.path)} | `{r.name}` | {_fmt(r.old, r.name)} | {_fmt(r.new, r.name)} | {change} | {r.flag} |")
         if len(headline) < len(rows):
             lines.append(f"\n_{len(rows) - len(headline)} more metric(s) changed (per category, per split, speed): "
                          "see the full table below._")
     if _table_rows(raw_md):
+        full, dropped = compact_diff_table(raw_md)
+        note = (f"{dropped} per-topic `delta` row(s) left out (tuned minus base, derivable from the rows "
+                "shown); reports/eval/report.md has the per-topic table.") if dropped else ""
         lines += ["", f"<details><summary><code>dvc metrics diff {base_label} --md</code></summary>", "",
-                  raw_md.strip(), "", "</details>"]
+                  full, "", note, "</details>"]
     return "\n".join(lines)
 
 
