@@ -235,7 +235,7 @@ def check_azure(run: DryRun, params, require: bool):
     missing = [name for name in AZURE_ENV if not os.environ.get(name)]
     if missing:
         run.add("azure environment", "FAIL" if require else "WARN",
-                f"not set: {', '.join(missing)} (needed to submit the job; set them or use the GitHub secrets)")
+                f"not set: {', '.join(missing)} (needed to submit the job; set them locally; in CI they are GitHub variables, see docs/ci.md)")
     else:
         run.add("azure environment", "PASS", f"{', '.join(AZURE_ENV)} are set (values not shown)")
     from .core.estimate import VM_GPUS
