@@ -417,8 +417,8 @@ def oom_message(train, device: torch.device, phase: str) -> str:
             f"{snap.get('cuda_max_reserved_mb', 0):,.0f} MiB of {total:,.0f} MiB")
     remedies = []
     if train.packing:
-        remedies.append(f"lower train.pack_tokens (now {train.pack_tokens}) and raise "
-                        "train.gradient_accumulation_steps to keep the effective batch")
+        remedies.append(f"lower train.pack_tokens (now {train.pack_tokens}): the step still holds "
+                        "batch_size x gradient_accumulation_steps records, in more, shorter packed rows")
     else:
         remedies.append(f"lower train.batch_size (now {train.batch_size}) and raise "
                         f"train.gradient_accumulation_steps (now {train.gradient_accumulation_steps})")
