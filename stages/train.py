@@ -34,7 +34,7 @@ from .core.params import ConfigError, Params, load_params
 from .core.records import DataError, Problem, content_hash
 from .core.training import (DistInfo, TrainingError, check_method, fit, init_distributed, memory_snapshot,
                             oom_message, package_available, release_memory, resume_key, seed_everything,
-                            select_backend, select_distributed, select_loss_head)
+                            select_backend, select_distributed, select_loss_head, trainable_state)
 
 STAGE = "train"
 SPLIT_FIELDS = ("system", "instruction", "output")
@@ -179,14 +179,16 @@ def git_commit() -> str | None:
         return None
 
 
-def save_outputs(output: Path, model, tokenizer, params: Params, data_hash: str, extra: dict) -> None:
-    """models/adapter/{adapter|model, tokenizer, manifest.json}, atomically."""
+def save_outputs(output: Path, model, tokenizer, params: Params, data_hash: str, extra: dict,
+                 state_dict: dict | None = None) -> None:
+    """models/adapter/{adapter|model, tokenizer, manifest.json}, atomically. state_dict: the full
+    weights gathered from FSDP shards (the model's own parameters are shards then)."""
     with atomic_dir(output) as tmp:
         inner = getattr(model, "module", model)
         if params.train.method == "full":
-            inner.save_pretrained(tmp / "model", safe_serialization=True)
+            inner.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
         else:
-            inner.save_pretrained(tmp / "adapter")
+            inner.save_pretrained(tmp / "adapter", state_dict=state_dict)
         tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_json(tmp / "manifest.json", {
@@ -280,9 +282,12 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     if cuda:
         metrics["cuda_max_allocated_mb"] = memory["cuda_max_allocated_mb"]
         metrics["cuda_max_reserved_mb"] = memory["cuda_max_reserved_mb"]
+    # Under FSDP each process holds shards: gather the full weights (every process takes part).
+    full_state = trainable_state(model) if distributed == "fsdp" else None
     if dist_info.is_main:
         save_outputs(output, model, tokenizer, params, data_hash,
-                     {"train_records": len(train_ex), "val_records": len(val_ex), "best_step": result.best_step})
+                     {"train_records": len(train_ex), "val_records": len(val_ex), "best_step": result.best_step},
+                     state_dict=full_state)
         if metrics_path is not None:
             write_json(metrics_path, metrics)
         say(f"done in {wall:.1f} s: best val loss {metrics['best_val_loss']}, "

@@ -263,6 +263,45 @@ def evaluate_loss(model, examples: list[EncodedExample], batch_size: int, device
     return total / max(1, count)
 
 
+def equalize_micro_batches(micro: list, dist_info) -> list:
+    """Pad this process's micro-batches (repeating its last one, to be weighted 0) to the largest
+    count over the processes: under FSDP every forward and backward all-gathers and reduce-scatters,
+    so a process that stopped early would leave the others waiting."""
+    import torch.distributed as dist
+
+    count = torch.tensor([len(micro)], dtype=torch.int64, device=dist_info.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return micro + [micro[-1]] * (int(count[0]) - len(micro))
+
+
+@torch.no_grad()
+def evaluate_loss_sharded(module, examples: list[EncodedExample], batch_size: int, packing: bool,
+                          pack_tokens: int, dist_info) -> float:
+    """evaluate_loss for an FSDP-wrapped LossModule: through the root module (whose forward gathers
+    the embeddings and LM head) and with the same number of forwards on every process."""
+    import torch.distributed as dist
+
+    was_training = module.training
+    module.eval()
+    mine = [examples[i] for i in shard(list(range(len(examples))), dist_info.rank, dist_info.world_size)]
+    micro = micro_batches(mine, batch_size, packing, pack_tokens) if mine else []
+    real = len(micro)
+    if not micro:  # fewer validation records than processes: score a record with weight 0
+        micro = micro_batches(examples[:1], batch_size, packing, pack_tokens)
+    micro = equalize_micro_batches(micro, dist_info)
+    total, count = 0.0, 0
+    for k, batch in enumerate(micro):
+        batch = batch.to(dist_info.device)
+        loss = _forward_loss(module, batch)
+        if k < real:
+            total += float(loss)
+            count += int((batch.targets != IGNORE_INDEX).sum())
+    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist_info.device)
+    dist.all_reduce(sums)
+    module.train(was_training)
+    return float(sums[0]) / max(1, int(sums[1]))
+
+
 # --------------------------------------------------------------------------------------------------
 # Choices: backend, method, loss head, distribution
 # --------------------------------------------------------------------------------------------------
@@ -371,15 +410,16 @@ def wrap_distributed(module: torch.nn.Module, kind: str, dist_info: DistInfo):
         ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         return DDP(module, device_ids=ids)
     if kind == "fsdp":
-        import functools
+        # FSDP2 (fully_shard): each decoder layer is its own shard group, the rest (embeddings, final
+        # norm, LM head) belongs to the root. It runs on CUDA (NCCL) and on CPU (gloo), so the
+        # two-process test covers the same code the cluster runs.
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
-        return FSDP(module, auto_wrap_policy=policy, use_orig_params=True,
-                    device_id=dist_info.device if dist_info.device.type == "cuda" else None)
+        mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+        for layer in [m for m in module.modules() if type(m).__name__.endswith("DecoderLayer")]:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module, mesh=mesh)
     return module
 
 
@@ -449,17 +489,38 @@ def resume_key(params_dict: dict, data_hash: str, world_size: int = 1) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Full (unsharded) copies of the trainable parameters, on the CPU. Under FSDP this gathers the
+    shards, a collective: every process must call it."""
     inner = getattr(model, "module", model)
-    return {name: p.detach().to("cpu", copy=True) for name, p in inner.named_parameters() if p.requires_grad}
+    state = {}
+    for name, p in inner.named_parameters():
+        if p.requires_grad:
+            value = p.detach()
+            state[name] = (value.full_tensor() if _is_sharded(value) else value).to("cpu", copy=True)
+    return state
 
 
 def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of trainable_state; under FSDP each process keeps its own shard of the full value."""
+    from torch.distributed.tensor import distribute_tensor
+
     inner = getattr(model, "module", model)
     params = dict(inner.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value.to(params[name].device))
+            target = params[name]
+            if _is_sharded(target):
+                local = value.to(target.device, target.dtype)
+                target.copy_(distribute_tensor(local, target.device_mesh, target.placements, src_data_rank=None))
+            else:
+                target.copy_(value.to(target.device))
 
 
 def save_checkpoint(directory: Path, state: dict) -> None:
@@ -523,6 +584,12 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
     torch.manual_seed(train.seed)
     random.seed(train.seed)
     module = wrap_distributed(LossModule(model, head_mode), distributed, dist_info)
+    fsdp = distributed == "fsdp"
+    if fsdp and checkpoint_dir is not None:
+        # The optimizer state is sharded across processes; saving and restoring it is not
+        # implemented, so an FSDP run neither writes nor resumes checkpoints (DDP runs do).
+        log("checkpoints: not written under FSDP (an interrupted FSDP run starts again)")
+        checkpoint_dir = None
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("train: the model has no trainable parameters (check lora.target_modules)")
@@ -581,19 +648,24 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
             n_labels = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in group)
             mine = [train_examples[i] for i in shard(indices, dist_info.rank, world)]
             micro = micro_batches(mine, train.batch_size, train.packing, train.pack_tokens)
+            real = len(micro)
+            if fsdp:  # every forward/backward is a collective: all processes run as many
+                micro = equalize_micro_batches(micro, dist_info)
             began = time.perf_counter()
             step_loss = 0.0
             for k, batch in enumerate(micro):
                 batch = batch.to(dist_info.device)
                 sync = k == len(micro) - 1
                 ctx = module.no_sync() if (distributed == "ddp" and not sync) else _null()
+                weight = 1.0 if k < real else 0.0  # a padding micro-batch adds nothing
                 with ctx:
-                    loss_sum = _forward_loss(module, batch)
-                    # Divide by the step's label tokens over all processes; DDP averages gradients
-                    # over processes, so multiply by the world size to get the global sum back.
+                    loss_sum = _forward_loss(module, batch) * weight
+                    # Divide by the step's label tokens over all processes; DDP and FSDP average
+                    # gradients over processes, so multiply by the world size to get the global sum back.
                     (loss_sum * (world / max(1, n_labels))).backward()
                 step_loss += float(loss_sum.detach())
-                real_tokens += batch.num_real_tokens
+                if k < real:
+                    real_tokens += batch.num_real_tokens
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -614,9 +686,14 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
                 last_train = window_loss / max(1, window_tokens)
                 window_loss, window_tokens = 0.0, 0
                 began = time.perf_counter()
-                last_val = evaluate_loss(model, val_examples, train.batch_size * 4, dist_info.device,
-                                         train.packing, train.pack_tokens, head_mode, dist_info) \
-                    if val_examples else None
+                if not val_examples:
+                    last_val = None
+                elif fsdp:
+                    last_val = evaluate_loss_sharded(module, val_examples, train.batch_size * 4, train.packing,
+                                                     train.pack_tokens, dist_info)
+                else:
+                    last_val = evaluate_loss(model, val_examples, train.batch_size * 4, dist_info.device,
+                                             train.packing, train.pack_tokens, head_mode, dist_info)
                 eval_seconds += time.perf_counter() - began
                 point = {"step": step, "train/loss": round(last_train, 6)}
                 if last_val is not None:
