@@ -62,6 +62,10 @@ def test_new_removed_and_changed_non_numeric_metrics():
     assert rows["model.method"].flag == "changed" and rows["early_stopped"].flag == "changed"
     assert not any(r.regression for r in rows.values())
     assert pc._fmt(False, "early_stopped") == "no" and pc._fmt(True, "smoke.passed") == "pass"
+    # the merge check: a smaller logit difference is better; the logits' magnitude gets no judgement
+    assert pc.metric_direction("merge_check.relative_logit_diff") == -1
+    assert pc.metric_direction("merge_check.max_abs_logit") == 0
+    assert pc.metric_direction("merge_check.logits_tolerance") == 0
 
 
 def test_full_diff_table_is_compacted_and_drops_per_topic_deltas():

@@ -43,9 +43,10 @@ MAX_COMMENT_CHARS = 60_000
 HEADLINE_EVAL = ("rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
                  "no_end_token_rate", "val_loss", "val_perplexity", "judge_score")
 LOWER_IS_BETTER_WORDS = ("loss", "perplexity", "no_end_token_rate", "error", "missing", "rejected",
-                         "dropped", "latency")
+                         "dropped", "latency", "diff")
 NEUTRAL_WORDS = ("seconds", "_s", "time", "tokens_per_s", "count", "records", "steps", "step", "epoch",
-                 "length_ratio", "n_", "lr", "learning_rate", "memory", "peak", "params", "size")
+                 "length_ratio", "n_", "lr", "learning_rate", "memory", "peak", "params", "size",
+                 "max_abs_logit", "tolerance")
 CHART_METRICS = ("rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "fact_recall", "exact_match")
 
 
