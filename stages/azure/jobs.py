@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from stages.azure import config as az
-from stages.azure.launch import tracked_results
+from stages.azure.launch import copy_tracked_results
 from stages.core.io import write_text_atomic
 from stages.core.params import ConfigError, Params
 
@@ -220,19 +220,7 @@ def apply_results(downloaded: Path, params_dvc_yaml: dict, repo_root: Path) -> l
     """Copy dvc.lock and the git-tracked metrics/plots from the downloaded output into the tree."""
     candidates = [p for p in downloaded.rglob("results.json")]
     base = candidates[0].parent if candidates else downloaded
-    applied = []
-    for relative in tracked_results(params_dvc_yaml):
-        source = base / relative
-        target = repo_root / relative
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        elif source.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-        else:
-            continue
-        applied.append(relative)
-    return applied
+    return copy_tracked_results(params_dvc_yaml, base, repo_root)
 
 
 def submit(params: Params, out: Path, results_dir: Path, wait: bool = True, apply: bool = True,

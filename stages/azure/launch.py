@@ -126,14 +126,13 @@ def tracked_results(dvc_yaml: dict) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def collect(results: str | Path, dvc_yaml: dict, root: Path = Path(".")) -> list[str]:
-    """Copy dvc.lock and the git-tracked metrics/plots into the `results` output folder."""
-    results = Path(results)
-    results.mkdir(parents=True, exist_ok=True)
+def copy_tracked_results(dvc_yaml: dict, source_root: Path, target_root: Path) -> list[str]:
+    """Copy each of tracked_results(dvc_yaml) that exists under source_root to the same relative
+    path under target_root; the paths copied."""
     copied = []
     for relative in tracked_results(dvc_yaml):
-        source = root / relative
-        target = results / relative
+        source = source_root / relative
+        target = target_root / relative
         if source.is_dir():
             shutil.copytree(source, target, dirs_exist_ok=True)
         elif source.is_file():
@@ -142,6 +141,14 @@ def collect(results: str | Path, dvc_yaml: dict, root: Path = Path(".")) -> list
         else:
             continue
         copied.append(relative)
+    return copied
+
+
+def collect(results: str | Path, dvc_yaml: dict, root: Path = Path(".")) -> list[str]:
+    """Copy dvc.lock and the git-tracked metrics/plots into the `results` output folder."""
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    copied = copy_tracked_results(dvc_yaml, root, results)
     (results / "results.json").write_text(json.dumps({"files": copied}, indent=2) + "\n", encoding="utf-8")
     return copied
 
