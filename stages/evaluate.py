@@ -387,12 +387,7 @@ def gate_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     path = Path(args.metrics)
-    if not path.is_file():
-        raise ConfigError(f"{path} not found (run the evaluate stage first: dvc repro evaluate)")
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    metrics = io.read_json(path, missing=" (run the evaluate stage first: dvc repro evaluate)")
     if not isinstance(metrics, dict) or not isinstance(metrics.get("tuned"), dict):
         raise ConfigError(f"{path} has no 'tuned' metrics: is it an evaluate stage output?")
     spec = args.reference if args.reference is not None else params.evaluate.reference

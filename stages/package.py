@@ -34,7 +34,7 @@ import torch
 from .core import cli
 from .core.chat import (BEGIN_OF_TEXT_ID, CHAT_TEMPLATE, PAD, PAD_ID, STOP_IDS, check_tokenizer, prompt_ids)
 from .core.generate import generate_batch
-from .core.io import atomic_dir, read_jsonl, write_json, write_text_atomic
+from .core.io import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
 from .core.modeling import EMBEDDED, count_parameters, load_tuned_model, resolve_device
 from .core.params import ConfigError, ModelParams, PackageParams, load_params
 
@@ -63,12 +63,7 @@ def log(message: str) -> None:
 
 def read_manifest(adapter_dir: Path) -> dict:
     path = adapter_dir / "manifest.json"
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: --adapter must be a train stage output (dvc repro train)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    manifest = read_json(path, missing=": --adapter must be a train stage output (dvc repro train)")
     missing = [key for key in ("method", "params") if key not in manifest]
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}")

@@ -136,16 +136,6 @@ def lineage_tags(repo: str | Path = ".", adapter_manifest: str | Path = "models/
     return tags
 
 
-def read_json(path: str | Path) -> dict | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-
-
 # ---------------------------------------------------------------- CLI wrapper
 
 def run_cli(main: Callable[[list[str] | None], int | None], name: str, argv: list[str] | None = None) -> int:

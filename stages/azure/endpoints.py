@@ -28,7 +28,7 @@ from pathlib import Path
 
 from stages.azure import config as az
 from stages.azure import rollout as ro
-from stages.core.io import write_text_atomic
+from stages.core.io import read_json, write_text_atomic
 from stages.core.params import ConfigError, Params
 
 MODEL_DIR = Path("models/merged")
@@ -99,7 +99,7 @@ def model_body(params: Params, spec_path: Path, repo_root: Path = az.REPO_ROOT,
         raise ConfigError(f"{model_dir} not found: run `dvc repro package` (or `dvc pull`) first")
     tags = az.lineage_tags(repo_root, adapter_manifest or "models/adapter/manifest.json")
     tags["base_model"] = params.model.base
-    metrics = az.read_json(metrics_path) or {}
+    metrics = read_json(metrics_path) or {}
     gate = metrics.get("gate", {})
     tags["eval_gate_passed"] = str(gate.get("passed", "unknown")).lower()
     properties: dict[str, str] = {}
@@ -215,7 +215,7 @@ class AzureWorld:
         self._window_start = time.time()
 
     def gate(self) -> tuple[bool, str]:
-        metrics = az.read_json(self.repo_root / EVAL_METRICS)
+        metrics = read_json(self.repo_root / EVAL_METRICS)
         if metrics is None:
             return False, f"{EVAL_METRICS} not found (run the evaluate stage)"
         gate = metrics.get("gate", {})

@@ -27,6 +27,22 @@ def write_json(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+def read_json(path: str | Path, missing: str | None = None):
+    """A JSON file's content. A missing file gives None or, when `missing` is given, a ConfigError
+    "<path> not found<missing>"; a file that is not JSON (or not UTF-8) is a ConfigError."""
+    from .params import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        if missing is None:
+            return None
+        raise ConfigError(f"{path} not found{missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+
+
 def jsonl_text(rows) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
