@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository root, the embedded tokenizer (loaded once), params, GPU/Azure skips."""
+"""Shared fixtures: the repository root, the embedded tokenizer (loaded once), params, one torch thread,
+a packaged embedded model, GPU/Azure skips."""
 
 from __future__ import annotations
 
@@ -30,6 +31,26 @@ def params():
     from stages.core.params import load_params
 
     return load_params(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one thread is as fast on an idle machine and much faster on a busy one
+    (threads only add contention on 2 shared cores). Restored when the module is done."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, one_torch_thread):
+    """A packaged embedded model (models/merged), built once per session by tests/test_package.py."""
+    from test_package import packaged_model
+
+    return packaged_model(tmp_path_factory)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -827,20 +827,14 @@ def test_serving_environment_from_the_real_serve_folder(tmp_path, params):
 
 
 @pytest.mark.slow
-def test_batch_driver_with_the_real_scoring_script(tmp_path_factory, tmp_path, params, monkeypatch):
+def test_batch_driver_with_the_real_scoring_script(merged, tmp_path, params, monkeypatch):
     """The batch code folder (serve/ + batch_score.py) scores a JSONL file with serve/score.py and a
     real packaged embedded model: one output row per input line, errors only for the bad lines."""
     import importlib.util
 
-    import torch
-
     from stages.azure.batch import build_batch_code_folder
-    from test_package import packaged_model
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        merged = packaged_model(tmp_path_factory)
         code = build_batch_code_folder(params, tmp_path / "code")
         serve = params.serve.model_copy(update={"log_path": "", "max_new_tokens_default": 8})
         (tmp_path / "serve.json").write_text(json.dumps(serve.model_dump()))
@@ -862,7 +856,6 @@ def test_batch_driver_with_the_real_scoring_script(tmp_path_factory, tmp_path, p
         part.write_text("\n".join(lines) + "\n")
         rows = [json.loads(r) for r in driver.run([str(part)])]
     finally:
-        torch.set_num_threads(threads)
         for name, module in list(sys.modules.items()):   # forget the code folder's copies of serve/
             if str(getattr(module, "__file__", "") or "").startswith(str(tmp_path)):
                 del sys.modules[name]

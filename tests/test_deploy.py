@@ -10,20 +10,9 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from test_package import packaged_model
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield packaged_model(tmp_path_factory)
-    torch.set_num_threads(threads)
 
 
 def write_params(path: Path, **deploy) -> Path:

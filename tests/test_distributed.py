@@ -10,16 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_train import TINY as TRAIN_TINY
+from test_train import merged as merged_params
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "model": {"embedded": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
-                           "intermediate_size": 64}},
-    # dropout 0: each process draws its own dropout masks, which would make the runs differ by design.
-    "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": ["norm"]}, "epochs": 2,
-              "batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 0.003,
-              "evals_per_epoch": 1, "early_stopping_patience": 0, "pack_tokens": 256},
-}
+# The train tests' tiny model, with dropout 0: each process draws its own dropout masks, which
+# would make the runs differ by design.
+TINY = merged_params(TRAIN_TINY, {"train": {"lora": {"dropout": 0.0}, "evals_per_epoch": 1}})
 
 
 def _train(world_size: int, rank: int, out: Path, packing: bool, method: str = "lora") -> None:

@@ -14,19 +14,10 @@ import pytest
 from evaluate_fixtures import TEST_RECORDS, make_adapter, write_data, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 METRIC_KEYS = {"rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
                "length_ratio", "no_end_token_rate", "val_loss", "val_perplexity"}
 UNIT_METRICS = METRIC_KEYS - {"length_ratio", "val_loss", "val_perplexity"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add contention on 2 shared cores
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

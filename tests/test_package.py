@@ -24,6 +24,7 @@ ROWS = [
     {"system": OTHER_SYSTEM, "instruction": "Who approves annual leave?", "output": "Your line manager.", "category": "x"},
 ]
 FAST = PackageParams(check_prompts=3, check_max_new_tokens=8)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_adapter(dest: Path, method: str = "lora", seed: int = 1) -> Path:
@@ -68,15 +69,6 @@ def packaged_model(tmp_path_factory) -> Path:
         adapter = make_adapter(root / "adapter")
         package(adapter, merged, FAST, data_dir=make_data(root / "data"), dvc_lock=None)
     return merged
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices: one thread is as fast on an idle machine and much faster on a busy one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from stages.core.params import ServeParams
 from stages.deploy import LocalServer, http
-from test_package import SYSTEM, packaged_model
+from test_package import SYSTEM
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = dict(max_new_tokens_default=8, max_new_tokens_limit=32, temperature_max=1.5, max_batch_requests=4,
@@ -35,14 +34,6 @@ def serve_config(log_path: Path, **overrides) -> dict:
                          threads=16, torch_threads=1, log_path=str(log_path)).model_dump()
     config.update(overrides)
     return config
-
-
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield packaged_model(tmp_path_factory)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
