@@ -238,28 +238,44 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[EncodedExample], batch_size: int, device, packing: bool = False,
-                  pack_tokens: int = 4096, head_mode: str = "completion", dist_info=None) -> float:
+                  pack_tokens: int = 4096, head_mode: str = "completion", dist_info=None,
+                  sharded_module=None) -> float:
     """Mean completion-token loss over examples (perplexity is its exp).
 
-    Under DDP each process scores its share and the sums are all-reduced.
+    Under DDP each process scores its share and the sums are all-reduced. sharded_module: the
+    FSDP-wrapped LossModule of `model`; the loss then goes through it (its forward gathers the
+    embeddings and LM head) and every process runs as many forwards (see equalize_micro_batches).
     """
-    was_training = model.training
-    model.eval()
+    net = model if sharded_module is None else sharded_module
+    was_training = net.training
+    net.eval()
+    distributed = dist_info is not None and dist_info.world_size > 1
     mine = examples
-    if dist_info is not None and dist_info.world_size > 1:
+    if distributed:
         mine = [examples[i] for i in shard(list(range(len(examples))), dist_info.rank, dist_info.world_size)]
+    micro = micro_batches(mine, batch_size, packing, pack_tokens) if mine else []
+    real = len(micro)
+    if sharded_module is not None:
+        if not micro:  # fewer validation records than processes: score a record with weight 0
+            micro = micro_batches(examples[:1], batch_size, packing, pack_tokens)
+        micro = equalize_micro_batches(micro, dist_info)
     total, count = 0.0, 0
-    for batch in micro_batches(mine, batch_size, packing, pack_tokens):
-        loss, n = completion_loss_sum(model, batch.to(device), "completion" if head_mode == "full" else head_mode)
-        total += float(loss)
-        count += n
-    if dist_info is not None and dist_info.world_size > 1:
+    for k, batch in enumerate(micro):
+        batch = batch.to(device)
+        if sharded_module is not None:
+            loss, n = _forward_loss(sharded_module, batch), int((batch.targets != IGNORE_INDEX).sum())
+        else:
+            loss, n = completion_loss_sum(model, batch, "completion" if head_mode == "full" else head_mode)
+        if k < real:
+            total += float(loss)
+            count += n
+    if distributed:
         import torch.distributed as dist
 
         sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist_info.device)
         dist.all_reduce(sums)
         total, count = float(sums[0]), int(sums[1])
-    model.train(was_training)
+    net.train(was_training)
     return total / max(1, count)
 
 
@@ -272,34 +288,6 @@ def equalize_micro_batches(micro: list, dist_info) -> list:
     count = torch.tensor([len(micro)], dtype=torch.int64, device=dist_info.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return micro + [micro[-1]] * (int(count[0]) - len(micro))
-
-
-@torch.no_grad()
-def evaluate_loss_sharded(module, examples: list[EncodedExample], batch_size: int, packing: bool,
-                          pack_tokens: int, dist_info) -> float:
-    """evaluate_loss for an FSDP-wrapped LossModule: through the root module (whose forward gathers
-    the embeddings and LM head) and with the same number of forwards on every process."""
-    import torch.distributed as dist
-
-    was_training = module.training
-    module.eval()
-    mine = [examples[i] for i in shard(list(range(len(examples))), dist_info.rank, dist_info.world_size)]
-    micro = micro_batches(mine, batch_size, packing, pack_tokens) if mine else []
-    real = len(micro)
-    if not micro:  # fewer validation records than processes: score a record with weight 0
-        micro = micro_batches(examples[:1], batch_size, packing, pack_tokens)
-    micro = equalize_micro_batches(micro, dist_info)
-    total, count = 0.0, 0
-    for k, batch in enumerate(micro):
-        batch = batch.to(dist_info.device)
-        loss = _forward_loss(module, batch)
-        if k < real:
-            total += float(loss)
-            count += int((batch.targets != IGNORE_INDEX).sum())
-    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist_info.device)
-    dist.all_reduce(sums)
-    module.train(was_training)
-    return float(sums[0]) / max(1, int(sums[1]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -686,14 +674,9 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
                 last_train = window_loss / max(1, window_tokens)
                 window_loss, window_tokens = 0.0, 0
                 began = time.perf_counter()
-                if not val_examples:
-                    last_val = None
-                elif fsdp:
-                    last_val = evaluate_loss_sharded(module, val_examples, train.batch_size * 4, train.packing,
-                                                     train.pack_tokens, dist_info)
-                else:
-                    last_val = evaluate_loss(model, val_examples, train.batch_size * 4, dist_info.device,
-                                             train.packing, train.pack_tokens, head_mode, dist_info)
+                last_val = evaluate_loss(model, val_examples, train.batch_size * 4, dist_info.device,
+                                         train.packing, train.pack_tokens, head_mode, dist_info,
+                                         sharded_module=module if fsdp else None) if val_examples else None
                 eval_seconds += time.perf_counter() - began
                 point = {"step": step, "train/loss": round(last_train, 6)}
                 if last_val is not None:
