@@ -285,12 +285,12 @@ def part_qlora(ctx) -> dict:
     from stages.core.modeling import load_tokenizer
     from stages.core.params import ConfigError
     from stages.core.training import check_method, package_available
+    from stages.train import build_model_hf  # imported before the check, so the smoke proves it imports
 
     try:
         check_method("qlora", torch.cuda.is_available() and not ctx["smoke"], package_available("bitsandbytes"))
     except ConfigError as exc:
         raise Skip(str(exc)) from None
-    from stages.train import build_model_hf
 
     device = device_of(ctx)
     tokenizer = load_tokenizer("embedded")
