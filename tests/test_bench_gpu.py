@@ -196,3 +196,19 @@ def test_the_kit_trains_the_exact_llama_3_2_architecture(params, size, shape):
     assert config.vocab_size == 128256 and config.tie_word_embeddings is True
     rope = config.rope_parameters
     assert rope["rope_type"] == "llama3" and rope["rope_theta"] == 500000.0 and rope["factor"] == 32.0
+
+
+def test_without_cuda_the_gpu_run_writes_a_table_of_skips(tmp_path, root, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the real run would start")
+    assert gpu.main([str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "gpu_bench.json").read_text(encoding="utf-8"))
+    assert report["kit"]["mode"] == "cuda" and list(report["parts"]) == list(gpu.ORDER)
+    assert {row["status"] for row in report["rows"]} == {
+        "skipped: no CUDA GPU visible to torch (python -m bench.gpu OUT_DIR --cpu-smoke runs the CPU code path)"}
+    assert report["estimate"]["paste"] is None
+    markdown = (tmp_path / "out" / "gpu_bench.md").read_text(encoding="utf-8")
+    assert markdown.count("| skipped: no CUDA GPU") == len(gpu.ORDER)
+    assert markdown in capsys.readouterr().out
