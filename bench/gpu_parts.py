@@ -79,7 +79,7 @@ def materialise(ctx, size: str, tokenizer, device) -> Path:
     from transformers import LlamaForCausalLM
 
     from bench.train_bench import GPU_MODELS
-    from stages.core.chat import PAD_ID, STOP_IDS
+    from stages.core.chat import chat_format
     from stages.core.estimate import model_config
     from stages.core.modeling import load_base_model
     from stages.core.params import load_params
@@ -90,14 +90,15 @@ def materialise(ctx, size: str, tokenizer, device) -> Path:
         return path
     params = load_params(ROOT / "params.yaml")
     if name == "embedded":
-        model = load_base_model(params.model, dtype=torch.float32, device="cpu")
+        model = load_base_model(params.model, dtype=torch.float32, device="cpu", tokenizer=tokenizer)
     else:
         config = model_config(params.model.model_copy(update={"base": GPU_MODELS[name]}))
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(config).to(torch.bfloat16)
-        model.generation_config.pad_token_id = PAD_ID
-        model.generation_config.eos_token_id = list(STOP_IDS)
+        fmt = chat_format(tokenizer)
+        model.generation_config.pad_token_id = fmt.pad_id
+        model.generation_config.eos_token_id = list(fmt.stop_ids)
     staging = path.with_name(path.name + ".partial")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
@@ -300,7 +301,7 @@ def part_qlora(ctx) -> dict:
         "model": params.model.model_copy(update={"base": str(folder)}),
         "train": params.train.model_copy(update={"method": "qlora"})})
     release(device)
-    model = build_model_hf(params, device, torch.bfloat16)
+    model = build_model_hf(params, device, torch.bfloat16, tokenizer=tokenizer)
     r = measure_variant("ours", "1b", params, tokenizer, train_ex, val_ex, device, torch.bfloat16,
                         warmup_records=ctx["warmup_records"], peak_flops=ctx.get("peak_flops"), model=model)
     q = params.train.quantization

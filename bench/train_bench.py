@@ -115,9 +115,10 @@ def bench_params(epochs: int, **train_overrides):
 
 
 def encode_rows(tokenizer, rows: list[dict]) -> list:
-    from stages.core.chat import encode_example
+    from stages.core.chat import chat_format
 
-    return [encode_example(tokenizer, r["system"], r["instruction"], r["output"]) for r in rows]
+    fmt = chat_format(tokenizer)
+    return [fmt.encode(r["system"], r["instruction"], r["output"]) for r in rows]
 
 
 def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, val_ex, device, dtype, *,
@@ -133,8 +134,11 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
 
     from stages.core.training import evaluate_loss, fit, package_available, seed_everything, select_loss_head
 
+    from stages.core.chat import chat_format
+
     train = params.train
     epochs = train.epochs
+    pad_id = chat_format(tokenizer).pad_id
     real_tokens = sum(len(e.input_ids) for e in train_ex) * epochs
     seed_everything(train.seed)
     if model is None:
@@ -142,7 +146,8 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
     if variant == "ours":
         head = select_loss_head(train.fused_loss, device.type == "cuda", package_available("liger_kernel")).value
         run = lambda examples, t: fit(model, examples, val_ex if t is train else [], t,  # noqa: E731
-                                      device=device, head_mode=head, log=lambda _m: None).train_seconds
+                                      device=device, head_mode=head, log=lambda _m: None,
+                                      pad_id=pad_id).train_seconds
         setting = f"packing={train.packing} ({train.pack_tokens} tokens), head={head}, " \
                   f"{model.config._attn_implementation}"
     else:
@@ -155,7 +160,7 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
     seconds = run(train_ex, train)
     wall = time.perf_counter() - began
     peak = _peak_mb(device)
-    val_loss = evaluate_loss(model, val_ex, 16, device)
+    val_loss = evaluate_loss(model, val_ex, 16, device, pad_id=pad_id)
     out = {"variant": variant, "model": model_name, "device": device.type, "setting": setting,
            "records": len(train_ex), "epochs": epochs, "real_tokens": real_tokens,
            "train_s": round(seconds, 2), "wall_s": round(wall, 2),
@@ -196,9 +201,9 @@ def _hf_trainer(model, tokenizer, train_ex, train, device, dtype):
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from stages.core.chat import PAD_ID
+    from stages.core.chat import chat_format
 
-    tokenizer.pad_token_id = PAD_ID
+    tokenizer.pad_token_id = chat_format(tokenizer).pad_id
     # A plain list is a map-style dataset for the Trainer's DataLoader; no `datasets` package needed
     # (the GPU image lacks it).
     dataset = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
