@@ -132,7 +132,7 @@ class LocalServer:
 
     def __init__(self, model_dir: str | Path, serve: dict, host: str = "127.0.0.1", port: int = 0,
                  workers: int = 1, readiness_timeout_s: float = 180.0, work_dir: str | Path | None = None,
-                 extra_env: dict | None = None):
+                 extra_env: dict | None = None, entry_script: str | Path | None = None):
         self.model_dir = Path(model_dir).resolve()
         self.serve = dict(serve)
         self.host, self.port = host, port or free_port(host if host != "0.0.0.0" else "127.0.0.1")
@@ -141,6 +141,8 @@ class LocalServer:
         self._own_work_dir = work_dir is None
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="endpoint-"))
         self.extra_env = extra_env or {}
+        # Another scoring script copied into the code folder's serve/ and run instead of score.py (tests).
+        self.entry_script = Path(entry_script) if entry_script else None
         self.process: subprocess.Popen | None = None
         self.log_path = self.work_dir / "server.log"
         self.ready_seconds: float | None = None
@@ -186,6 +188,10 @@ class LocalServer:
         if serve.get("log_path"):  # relative to the repository, not to the server's working directory
             serve["log_path"] = str((REPO_ROOT / serve["log_path"]).resolve())
         code_dir = build_code_folder(self.work_dir / "code", serve=serve)
+        entry = code_dir / SCORING_SCRIPT
+        if self.entry_script is not None:
+            entry = code_dir / "serve" / self.entry_script.name
+            shutil.copy2(self.entry_script, entry)
         env = {k: v for k, v in os.environ.items() if k not in ("AZUREML_MODEL_DIR", "SERVE_CONFIG", "PYTHONPATH")}
         env.update(deployment_environment_variables(serve))
         env.update({"WORKER_COUNT": str(self.workers), "AML_APP_ROOT": str(code_dir),
@@ -193,7 +199,7 @@ class LocalServer:
                     "PYTHONUNBUFFERED": "1", "SERVE_INSTANCE_ID": self.instance_id})
         env.update(self.extra_env)
         self._log_handle = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command(code_dir / SCORING_SCRIPT, self.mount_model()), cwd=code_dir, env=env,
+        self.process = subprocess.Popen(self.command(entry, self.mount_model()), cwd=code_dir, env=env,
                                         stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
         try:
