@@ -141,6 +141,11 @@ class RequestLog:
                 try:
                     # An exclusive lock across worker processes: one of them rotates, none writes meanwhile.
                     fcntl.flock(fd, fcntl.LOCK_EX)
+                    if not self._is_current(fd):  # another process rotated meanwhile
+                        os.close(fd)
+                        fd = -1
+                        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                        fcntl.flock(fd, fcntl.LOCK_EX)
                     if os.fstat(fd).st_size + len(line) > self.max_bytes:
                         os.close(fd)
                         fd = -1
@@ -153,6 +158,12 @@ class RequestLog:
                         os.close(fd)
         except Exception as exc:
             self._warn("file", f"cannot write request log {self.path}: {type(exc).__name__}: {exc}")
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     def _rotate(self) -> None:
         """requests.jsonl -> .1 -> .2 ... keeping `backups` files; with 0 backups the log restarts empty."""
