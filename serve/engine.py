@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from stages.core.chat import check_tokenizer, prompt_ids
+from stages.core.chat import chat_format
 from stages.core.generate import generate_batch
 from stages.core.pii import redact
 
@@ -138,9 +138,10 @@ class DecoderDown(Exception):
 class Batcher:
     """One decoding thread that batches the jobs queued while it was busy."""
 
-    def __init__(self, model, max_batch: int, window_ms: float, max_pending: int = 64,
+    def __init__(self, model, max_batch: int, window_ms: float, fmt, max_pending: int = 64,
                  timeout_s: float = 60.0, stall_s: float = 300.0, retry_after_s: float = 1.0):
         self.model = model
+        self.fmt = fmt  # the chat format: pad and stop ids
         self.max_batch = max(1, int(max_batch))
         self.window_s = max(0.0, float(window_ms)) / 1000.0
         self.max_pending = max(1, int(max_pending))
@@ -244,7 +245,7 @@ class Batcher:
 
     def _decode(self, jobs: list[Job], temperature: float) -> None:
         longest = max(job.max_new_tokens for job in jobs)
-        generations = generate_batch(self.model, [job.prompt for job in jobs], longest, temperature)
+        generations = generate_batch(self.model, [job.prompt for job in jobs], longest, self.fmt, temperature)
         self.batches += 1
         self.rows += len(jobs)
         for job, generation in zip(jobs, generations):
@@ -291,7 +292,8 @@ class Engine:
         # The fast tokenizer may re-borrow its Rust state on a call ("Already borrowed" when two
         # request threads meet); encoding is cheap, so calls are serialised.
         self._tokenizer_lock = threading.Lock()
-        check_tokenizer(self.tokenizer)
+        # The chat format the model was trained with (Llama 3, or the tokenizer's own template).
+        self.chat = chat_format(self.tokenizer)
         # Stored dtype on a GPU (bf16 for a real Llama); fp32 on a CPU, where bf16 kernels are slow.
         dtype = "auto" if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device)
@@ -304,11 +306,11 @@ class Engine:
         cache = config["cache"]
         self.cache = LRUCache(int(cache["size"])) if cache["enabled"] else None
         batching, limits = config["batching"], config["queue"]
-        self.batcher = Batcher(self.model, batching["max_batch"], batching["window_ms"],
+        self.batcher = Batcher(self.model, batching["max_batch"], batching["window_ms"], self.chat,
                                max_pending=limits["max_pending"], timeout_s=config["request_timeout_s"],
                                stall_s=config["stall_s"], retry_after_s=limits["retry_after_s"])
         # Warm-up: the first forward pass allocates and picks kernels; keep that off the first request.
-        self.batcher.submit([Job(prompt_ids(self.tokenizer, self.default_system, "Hello"), 2, 0.0)],
+        self.batcher.submit([Job(self.chat.prompt_ids(self.default_system, "Hello"), 2, 0.0)],
                             timeout_s=max(600.0, self.batcher.timeout_s))
 
     def count_tokens(self, text: str) -> int:
@@ -317,7 +319,7 @@ class Engine:
 
     def prompt(self, system: str, instruction: str) -> list[int]:
         with self._tokenizer_lock:
-            return prompt_ids(self.tokenizer, system, instruction)
+            return self.chat.prompt_ids(system, instruction)
 
     def decode(self, tokens: list[int]) -> str:
         with self._tokenizer_lock:
