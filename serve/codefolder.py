@@ -17,7 +17,7 @@ Usage (the Azure deployment spec):
 
     from serve.codefolder import build_code_folder, SCORING_SCRIPT, deployment_environment_variables
     code_dir = build_code_folder("build/endpoint_code")        # -> Path
-    env_vars = deployment_environment_variables()              # GUNICORN_CMD_ARGS, WORKER_COUNT
+    env_vars = deployment_environment_variables()              # GUNICORN_CMD_ARGS (serve/gunicorn_conf.py), WORKER_COUNT
 """
 
 from __future__ import annotations
@@ -80,13 +80,14 @@ def build_code_folder(dest: str | Path, serve: dict | None = None, params_path: 
 
 
 def deployment_environment_variables(serve: dict | None = None, params_path: str | Path | None = None) -> dict:
-    """Server settings for the deployment: one worker process (one model copy) with enough request
-    threads for the scoring script's dynamic batching to see concurrent requests."""
+    """Server settings for the deployment: one worker process (one model copy); gunicorn reads
+    serve/gunicorn_conf.py (gthread with `serve.threads` request threads, enough for the scoring
+    script's dynamic batching to see concurrent requests, and a read deadline against slow clients)."""
     if serve is None:
         serve = serve_config(params_path)
     elif hasattr(serve, "model_dump"):
         serve = serve.model_dump()
-    return {"WORKER_COUNT": "1", "GUNICORN_CMD_ARGS": f"--threads {int(serve['threads'])}"}
+    return {"WORKER_COUNT": "1", "GUNICORN_CMD_ARGS": f"--config python:serve.gunicorn_conf --threads {int(serve['threads'])}"}
 
 
 if __name__ == "__main__":
