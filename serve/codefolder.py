@@ -7,7 +7,8 @@ relative to it, i.e. `code_configuration.scoring_script = SCORING_SCRIPT`):
       serve/__init__.py, score.py, engine.py, validation.py, monitoring.py, ...   (serve/*.py)
       serve/serve_config.json          params.yaml's `serve:` section, resolved and validated
       stages/__init__.py
-      stages/core/__init__.py, chat.py, pii.py, generate.py
+      stages/core/__init__.py, chat.py, pii.py, generate.py, determinism.py (imported by stages/__init__.py;
+      the endpoint imports torch first, so it keeps the machine's fastest kernels)
 
 Nothing else from the repository goes in: the scoring script needs only these modules, torch,
 transformers and the inference server (serve/environment/requirements.txt). The local deploy
@@ -33,7 +34,7 @@ SCORING_SCRIPT = "serve/score.py"
 CONFIG_NAME = "serve_config.json"
 # The core modules the scoring script imports (with their packages' __init__ files).
 CORE_FILES = ("stages/__init__.py", "stages/core/__init__.py", "stages/core/chat.py",
-              "stages/core/pii.py", "stages/core/generate.py")
+              "stages/core/pii.py", "stages/core/generate.py", "stages/core/determinism.py")
 # serve/ modules that only the repository needs (building this folder).
 REPO_ONLY = {"codefolder.py"}
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from .core import cli
 from .core.io import read_json, write_json
+from .core.perf import write_perf
 from .core.params import ConfigError, DeployParams, load_params
 
 STAGE = "deploy"
@@ -334,7 +335,7 @@ def model_summary(model_dir: Path) -> dict:
     card = json.loads(card_path.read_text(encoding="utf-8"))
     return {"name": card.get("name"), "method": card.get("model", {}).get("method"),
             "merge_check_passed": card.get("merge_check", {}).get("passed"),
-            "git_commit": card.get("git", {}).get("commit"), "data_hash": card.get("data_hash")}
+            "data_hash": card.get("data_hash")}
 
 
 def deploy_local(model_dir: Path, serve: dict, deploy: DeployParams) -> dict:
@@ -350,10 +351,13 @@ def deploy_local(model_dir: Path, serve: dict, deploy: DeployParams) -> dict:
     stopped = server.process.returncode is not None
     for entry in smoke["requests"]:
         log(f"smoke: HTTP {entry['status']} in {entry['latency_ms']:.0f} ms: {entry.get('response', '')[:80]!r}")
-    return {"target": "local", "passed": smoke["passed"] and stopped, "url": url,
-            "server": f"azmlinfsrv {azureml_inference_server_http.__version__}", "ready_seconds": round(ready, 2),
+    # The port (free by default) and the timings vary per run: logs/perf/deploy.json, not metrics/.
+    write_perf(STAGE, {"url": url, "ready_seconds": round(ready, 2), "seconds": round(time.perf_counter() - started, 2),
+                       "latency_ms": [entry.pop("latency_ms") for entry in smoke["requests"]]})
+    return {"target": "local", "passed": smoke["passed"] and stopped,
+            "server": f"azmlinfsrv {azureml_inference_server_http.__version__}",
             "threads": serve["threads"], "smoke": smoke, "server_stopped": stopped,
-            "model": model_summary(model_dir), "seconds": round(time.perf_counter() - started, 2)}
+            "model": model_summary(model_dir)}
 
 
 def deploy_azure() -> dict:

@@ -72,3 +72,13 @@ def smol_tokenizer():
     from stages.core.modeling import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def perf_dir(tmp_path, monkeypatch):
+    """Stages write their timings to logs/perf/ (stages/core/perf.py); tests keep them in tmp_path."""
+    from stages.core import perf
+
+    directory = tmp_path / "perf"
+    monkeypatch.setattr(perf, "PERF_DIR", directory)
+    return directory

@@ -31,7 +31,7 @@ def port_closed(url: str) -> bool:
         return sock.connect_ex((host, int(port))) != 0
 
 
-def test_deploy_local_smoke_tests_records_and_stops(merged, tmp_path, capsys):
+def test_deploy_local_smoke_tests_records_and_stops(merged, tmp_path, capsys, perf_dir):
     from stages.deploy import main
 
     params = write_params(tmp_path / "params.yaml")
@@ -42,13 +42,17 @@ def test_deploy_local_smoke_tests_records_and_stops(merged, tmp_path, capsys):
     result = json.loads((tmp_path / "deploy.json").read_text())
     assert result["target"] == "local" and result["passed"] is True
     assert result["server"].startswith("azmlinfsrv ")
-    assert result["url"].startswith("http://127.0.0.1:") and result["url"].endswith("/score")
+    # the free port and the timings are not metrics (their bytes would differ every run): logs/perf
+    assert not {"url", "ready_seconds", "seconds"} & set(result)
+    perf = json.loads((perf_dir / "deploy.json").read_text())
+    assert perf["url"].startswith("http://127.0.0.1:") and perf["url"].endswith("/score")
+    assert len(perf["latency_ms"]) == 2 and perf["ready_seconds"] > 0
     smoke = result["smoke"]
     assert [r["status"] for r in smoke["requests"]] == [200, 200]
     assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] >= 1 for r in smoke["requests"])
     assert smoke["batch_ok"] and smoke["invalid_request_status"] == 400 and smoke["healthy_after"]
     assert result["model"]["merge_check_passed"] is True
-    assert result["server_stopped"] is True and port_closed(result["url"]), "the stage leaves no server behind"
+    assert result["server_stopped"] is True and port_closed(perf["url"]), "the stage leaves no server behind"
     logged = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
     assert {line["status"] for line in logged} == {200, 400}
 
