@@ -13,7 +13,7 @@ from stages.core.params import validate_params
 TINY = {
     "model": {"embedded": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
                            "intermediate_size": 64}},
-    "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.1, "modules_to_save": ["norm"]}, "epochs": 2,
+    "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.1, "modules_to_save": ["model.norm"]}, "epochs": 2,
               "batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 0.003,
               "evals_per_epoch": 2, "early_stopping_patience": 0, "pack_tokens": 256},
 }
@@ -197,3 +197,54 @@ def test_missing_or_bad_data_is_a_data_error(tmp_path, data_dir, capsys):
                  "--checkpoints", "", "--metrics", "", "--live", ""])
     err = capsys.readouterr().err
     assert code == 1 and "train.jsonl:2: malformed JSON" in err and "train.jsonl:3: missing or empty" in err
+
+
+def _train_in_subprocess(tmp: Path, data_dir: Path, root: Path, env_extra: dict) -> dict[str, bytes]:
+    """`python -m stages.train` in a fresh interpreter (the kernel pin happens before torch loads)."""
+    import os
+    import subprocess
+    import sys
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(merged(TINY, {"train": {"epochs": 1}})))
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA",
+                                                           "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")}
+    env.update(env_extra)
+    done = subprocess.run([sys.executable, "-m", "stages.train", "--data", str(data_dir), "--output", str(tmp / "out"),
+                           "--checkpoints", "", "--metrics", str(tmp / "train.json"), "--live", "",
+                           "--params", str(tmp / "params.yaml")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp / "out"
+    return {name: (out / name).read_bytes() for name in ("adapter/adapter_model.safetensors",
+                                                         "adapter/adapter_config.json")} | {
+        "metrics": (tmp / "train.json").read_bytes()}
+
+
+@pytest.mark.slow
+def test_same_bytes_whatever_the_thread_count_and_not_without_the_pin(tmp_path, data_dir, root):
+    """The stage pins ATen, MKL (CNR strict) and oneDNN to AVX2 (stages/core/determinism.py): one thread
+    and two threads give byte-identical weights, config and metrics. Without the pin, this machine's own
+    kernels (AVX-512 here) give different weights, which is what the pin removes across machines."""
+
+    one = _train_in_subprocess(tmp_path / "t1", data_dir, root, {"OMP_NUM_THREADS": "1"})
+    two = _train_in_subprocess(tmp_path / "t2", data_dir, root, {"OMP_NUM_THREADS": "2"})
+    assert one == two
+    native = _train_in_subprocess(tmp_path / "native", data_dir, root,
+                                  {"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO",
+                                   "ONEDNN_MAX_CPU_ISA": "ALL"})
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=True).stdout.strip()
+    if probe == "AVX2":
+        pytest.skip("this CPU's native kernels are the AVX2 ones: nothing to contrast")
+    assert native["adapter/adapter_model.safetensors"] != one["adapter/adapter_model.safetensors"]
+
+
+def test_modules_to_save_must_name_one_module(tmp_path, data_dir):
+    from stages.core.params import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'norm' must name exactly one module, but it matches 5 .*model\.norm"):
+        run(tmp_path, data_dir, {"train": {"lora": {"modules_to_save": ["norm"]}}})
