@@ -80,3 +80,20 @@ def test_make_setup_installs_only_hash_checked_files():
 def test_ci_runs_make_test():
     run = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", run, re.M)
+
+
+def test_make_setup_says_what_it_skipped_when_the_venv_is_installed(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").touch()
+    later = time.time() + 5
+    os.utime(venv / ".installed", (later, later))
+    out = subprocess.run(["make", "--no-print-directory", "setup", f"VENV={venv}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"setup: skipped, {venv} is already installed from requirements-hashed.lock "
+                                  f"requirements-nodeps.txt (rm {venv}/.installed to reinstall)")
