@@ -492,3 +492,12 @@ def test_the_tag_push_hands_its_token_to_git_for_that_command_only():
     step = next(s for s in steps(load("deploy"), "rollout") if _pushes(s))
     assert re.search(r'git -c "http\.\$GITHUB_SERVER_URL/\.extraheader=AUTHORIZATION: basic \$auth"\s*\\\s*push', step["run"])
     assert 'echo "::add-mask::$auth"' in step["run"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_pip_cache_is_keyed_on_the_locks_that_make_setup_installs(name):
+    for job in load(name)["jobs"].values():
+        for step in job.get("steps", []):
+            if step.get("with", {}).get("cache") == "pip":
+                assert step["with"]["cache-dependency-path"].split() == ["requirements-hashed.lock",
+                                                                        "requirements-nodeps.txt"]
