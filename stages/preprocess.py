@@ -35,8 +35,10 @@ def _reject(record_or_problem, reason: str, stage_counts: Counter, kind: str) ->
     stage_counts[kind] += 1
     if isinstance(record_or_problem, Problem):
         return {"source": record_or_problem.source, "line": record_or_problem.line, "reason": reason}
-    record = record_or_problem
-    return {"source": record.source, "line": record.line, "reason": reason, "record": record.as_json()}
+    # rejects.jsonl is a pipeline output (DVC-cached, pushed to the remote): whatever the PII policy,
+    # a rejected record is stored with its PII redacted, never in clear.
+    stored = {name: redact(value)[0] if name in TEXT_FIELDS else value for name, value in record_or_problem.as_json().items()}
+    return {"source": record_or_problem.source, "line": record_or_problem.line, "reason": reason, "record": stored}
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:
@@ -64,10 +66,7 @@ def apply_pii_policy(records: list[Record], policy: str) -> tuple[list[Record], 
                 setattr(record, name, redact(getattr(record, name))[0])
             kept.append(record)
         elif policy == "reject":
-            # rejects.jsonl is a pipeline output (DVC-cached, pushed to the remote): never PII in clear
-            for name in hits:
-                setattr(record, name, redact(getattr(record, name))[0])
-            removed.append((record, f"pii: {described}"))
+            removed.append((record, f"pii: {described}"))  # stored redacted (_reject)
         else:
             problems.append(Problem(record.source, record.line, f"PII found: {described}"))
     if problems:

@@ -134,6 +134,14 @@ def test_pii_rejects_are_stored_redacted(tokenizer):
     assert "jane.doe" not in json.dumps(result.rejects) and "4111" not in json.dumps(result.rejects)
 
 
+def test_rejects_never_hold_pii_in_clear_whatever_the_policy(tokenizer):
+    with_pii = {**GOOD, "output": "Mail jane.doe@contoso.com, card 4111 1111 1111 1111."}
+    result = run({"a": jsonl(with_pii, with_pii)}, tokenizer, on_pii="keep")  # the second is a duplicate
+    [reject] = result.rejects
+    assert reject["reason"].startswith("exact_duplicate") and reject["record"]["output"] == "Mail [EMAIL], card [CARD]."
+    assert result.splits["train"][0]["output"] == with_pii["output"], "keep keeps the kept records as they are"
+
+
 def test_shipped_data_splits(tokenizer, root, params):
     files = {"corporate_qa.jsonl": (root / "data/raw/corporate_qa.jsonl").read_text()}
     result = preprocess(files, params.preprocess, params.model, tokenizer)
