@@ -91,59 +91,104 @@ def _run_variant(variant, model_name, records, epochs, threads):
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from stages.core.chat import chat_format
     from stages.core.modeling import load_tokenizer, resolve_device, resolve_dtype
-    from stages.core.params import load_params
-    from stages.core.training import evaluate_loss, fit, package_available, seed_everything, select_loss_head
 
     torch.set_num_threads(threads)
-    params = load_params(ROOT / "params.yaml")
-    params = params.model_copy(update={"train": params.train.model_copy(update={
-        "epochs": epochs, "early_stopping_patience": 0, "evals_per_epoch": 1,
-        "batch_size": 4, "gradient_accumulation_steps": 4})})
-    train = params.train
+    params = bench_params(epochs)
     device = resolve_device()
-    dtype = resolve_dtype(train.precision, device)
+    dtype = resolve_dtype(params.train.precision, device)
     tokenizer = load_tokenizer(params.model.tokenizer)
     train_rows, val_rows = load_records(ROOT / "data/raw/corporate_qa.jsonl", records)
+    train_ex, val_ex = encode_rows(tokenizer, train_rows), encode_rows(tokenizer, val_rows)
+    return measure_variant(variant, model_name, params, tokenizer, train_ex, val_ex, device, dtype)
+
+
+def bench_params(epochs: int, **train_overrides):
+    """params.yaml with the benchmark's fixed schedule: no early stopping, one evaluation per epoch,
+    4 records x accumulation 4 per step (the reference template's effective batch)."""
+    from stages.core.params import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    return params.model_copy(update={"train": params.train.model_copy(update={
+        "epochs": epochs, "early_stopping_patience": 0, "evals_per_epoch": 1,
+        "batch_size": 4, "gradient_accumulation_steps": 4, **train_overrides})})
+
+
+def encode_rows(tokenizer, rows: list[dict]) -> list:
+    from stages.core.chat import chat_format
+
     fmt = chat_format(tokenizer)
-    enc = lambda rows: [fmt.encode(r["system"], r["instruction"], r["output"]) for r in rows]  # noqa: E731
-    train_ex, val_ex = enc(train_rows), enc(val_rows)
+    return [fmt.encode(r["system"], r["instruction"], r["output"]) for r in rows]
+
+
+def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, val_ex, device, dtype, *,
+                    warmup_records: int = 0, peak_flops: float | None = None, model=None) -> dict:
+    """Train one variant ("ours" or "baseline") on a fresh model and measure it.
+
+    warmup_records: first run the same code on that many records at learning rate 0 (weights
+    unchanged), so one-off costs (kernel compilation, allocator growth, cuBLAS handles) stay out of
+    the timed run. peak_flops: the MFU denominator (default: the GPU's datasheet bf16 peak).
+    model: a ready peft model (default: `build(model_name, ...)`).
+    """
+    import torch
+
+    from stages.core.training import evaluate_loss, fit, package_available, seed_everything, select_loss_head
+
+    from stages.core.chat import chat_format
+
+    train = params.train
+    epochs = train.epochs
+    pad_id = chat_format(tokenizer).pad_id
     real_tokens = sum(len(e.input_ids) for e in train_ex) * epochs
     seed_everything(train.seed)
-    model = build(model_name, params, device, dtype)
-    _peak_reset(device)
+    if model is None:
+        model = build(model_name, params, device, dtype)
     if variant == "ours":
         head = select_loss_head(train.fused_loss, device.type == "cuda", package_available("liger_kernel")).value
-        began = time.perf_counter()
-        result = fit(model, train_ex, val_ex, train, device=device, head_mode=head, log=lambda _m: None)
-        wall = time.perf_counter() - began
-        seconds = result.train_seconds
-        setting = f"packing={train.packing}, head={head}, {model.config._attn_implementation}"
+        run = lambda examples, t: fit(model, examples, val_ex if t is train else [], t,  # noqa: E731
+                                      device=device, head_mode=head, log=lambda _m: None,
+                                      pad_id=pad_id).train_seconds
+        setting = f"packing={train.packing} ({train.pack_tokens} tokens), head={head}, " \
+                  f"{model.config._attn_implementation}"
     else:
-        seconds, wall = _hf_trainer(model, tokenizer, train_ex, train, device, dtype)
+        run = lambda examples, t: _hf_trainer(model, tokenizer, examples, t, device, dtype)[0]  # noqa: E731
         setting = "Trainer, dynamic padding, full logits"
+    if warmup_records:
+        run(train_ex[:warmup_records], train.model_copy(update={"learning_rate": 0.0, "epochs": 1}))
+    _peak_reset(device)
+    began = time.perf_counter()
+    seconds = run(train_ex, train)
+    wall = time.perf_counter() - began
     peak = _peak_mb(device)
-    val_loss = evaluate_loss(model, val_ex, 16, device)
+    val_loss = evaluate_loss(model, val_ex, 16, device, pad_id=pad_id)
     out = {"variant": variant, "model": model_name, "device": device.type, "setting": setting,
            "records": len(train_ex), "epochs": epochs, "real_tokens": real_tokens,
            "train_s": round(seconds, 2), "wall_s": round(wall, 2),
            "tokens_per_s": round(real_tokens / seconds, 1), "peak_mb": round(peak, 1),
            "final_val_loss": round(val_loss, 4)}
     if device.type == "cuda":
-        out["mfu"] = round(_mfu(params, model_name, out["tokens_per_s"], train_ex), 4)
+        out["mfu"] = round(_mfu(params, model_name, out["tokens_per_s"], train_ex, peak_flops), 4)
     return out
 
 
-def _mfu(params, model_name, tokens_per_s, examples):
-    import torch
-
-    from stages.core.estimate import GPUS, flops_per_token, model_config, parameter_counts
+def model_flops_per_token(params, model_name, examples) -> float:
+    """Training FLOPs per real token (stages.core.estimate.flops_per_token) at the records' mean length."""
+    from stages.core.estimate import flops_per_token, model_config, parameter_counts
 
     base = params.model if model_name == "embedded" else params.model.model_copy(update={"base": GPU_MODELS[model_name]})
     config = model_config(base)
     mean_len = sum(len(e.input_ids) for e in examples) / len(examples)
-    flops = flops_per_token(config, "lora", parameter_counts(config, params.train), int(mean_len))
+    return flops_per_token(config, "lora", parameter_counts(config, params.train), int(mean_len))
+
+
+def _mfu(params, model_name, tokens_per_s, examples, peak_flops=None):
+    import torch
+
+    from stages.core.estimate import GPUS
+
+    flops = model_flops_per_token(params, model_name, examples)
+    if peak_flops:
+        return tokens_per_s * flops / peak_flops
     name = torch.cuda.get_device_name(0)
     gpu = "H200" if "H200" in name else "H100-SXM" if ("H100" in name and "NVL" not in name) else \
         "H100-NVL" if "H100" in name else "A100-80GB" if "A100" in name else None
@@ -154,14 +199,15 @@ def _mfu(params, model_name, tokens_per_s, examples):
 def _hf_trainer(model, tokenizer, train_ex, train, device, dtype):
     """The plain baseline: transformers.Trainer + PEFT, reference template settings."""
     import torch
-    from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from stages.core.chat import chat_format
 
     tokenizer.pad_token_id = chat_format(tokenizer).pad_id
-    dataset = Dataset.from_list([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids),
-                                  "labels": e.labels} for e in train_ex])
+    # A plain list is a map-style dataset for the Trainer's DataLoader; no `datasets` package needed
+    # (the GPU image lacks it).
+    dataset = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+               for e in train_ex]
     args = TrainingArguments(
         output_dir=str(Path("/tmp") / f"hf-baseline-{time.time_ns()}"), per_device_train_batch_size=4,
         gradient_accumulation_steps=4, num_train_epochs=train.epochs, learning_rate=train.learning_rate,

@@ -30,7 +30,7 @@ import torch
 from .core import cli
 from .core.chat import chat_format
 from .core.io import atomic_dir, write_json
-from .core.modeling import (EMBEDDED, check_model_fits, count_parameters, load_base_model, load_tokenizer,
+from .core.modeling import (EMBEDDED, check_model_fits, check_modules_to_save, count_parameters, load_base_model, load_tokenizer,
                             lora_config, model_source, resolve_device, resolve_dtype)
 from .core.params import ConfigError, Params, load_params
 from .core.records import DataError, Problem, content_hash, jsonl_lines
@@ -137,7 +137,9 @@ def build_model_hf(params: Params, device, dtype, tokenizer=None):
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(train))
+    model = get_peft_model(model, lora_config(train))
+    check_modules_to_save(model, train.lora.modules_to_save)
+    return model
 
 
 def build_model_unsloth(params: Params, dtype):  # pragma: no cover - needs CUDA + unsloth

@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     has_azure = all(os.environ.get(k) for k in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_WORKSPACE_NAME"))
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        if "azure" in item.keywords and not has_azure:
+        if item.get_closest_marker("azure") and not has_azure:
             item.add_marker(pytest.mark.skip(reason="needs AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP and AZURE_WORKSPACE_NAME"))

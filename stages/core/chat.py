@@ -164,7 +164,15 @@ class ChatFormat(ABC):
     def check_fits(self, vocab_size: int, model_setting: str = "model.base",
                    tokenizer_setting: str = "model.tokenizer") -> None:
         """Fail before any work when the tokenizer's ids exceed the model's embedding table."""
-        largest = max(len(self.tokenizer), self.pad_id + 1, *(i + 1 for i in self.stop_ids))
+        # The ids that can reach the model: the base vocabulary, added tokens that are not special
+        # (special ones never come from record text, which is tokenised with special tokens split),
+        # and the format's own special tokens. A tokenizer may carry unused extras (the Llama 3.2
+        # tokenizer has <|image|> = 128256 beyond the text models' 128,256 rows): they do not count.
+        tok = self.tokenizer
+        added = getattr(tok, "added_tokens_decoder", {}) or {}
+        plain_added = [i for i, t in added.items() if not getattr(t, "special", False)]
+        template = self.encode("s", "u", "a").input_ids
+        largest = 1 + max(int(tok.vocab_size) - 1, self.pad_id, *self.stop_ids, *template, *plain_added)
         if largest > vocab_size:
             raise ChatFormatError(
                 f"{tokenizer_setting} does not fit {model_setting}: the tokenizer has ids up to {largest - 1}, "

@@ -329,6 +329,22 @@ def lora_config(train: TrainParams):
     )
 
 
+def check_modules_to_save(model, names: list[str]) -> None:
+    """peft matches modules_to_save by name suffix, so "norm" also makes every layer's input_layernorm
+    and post_attention_layernorm trainable. Each entry must name exactly one module."""
+    if not names:
+        return
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    for entry in names:
+        hits = sorted({w.split("base_model.model.", 1)[-1] for w in wrapped if w.endswith(entry)})
+        if len(hits) != 1:
+            found = ", ".join(hits[:4]) + (f" and {len(hits) - 4} more" if len(hits) > 4 else "") if hits else "none"
+            raise ConfigError(f"train.lora.modules_to_save: '{entry}' must name exactly one module, but it matches "
+                              f"{len(hits)} ({found}); give the full name, e.g. 'model.norm' for the final norm")
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())

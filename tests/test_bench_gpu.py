@@ -1,0 +1,214 @@
+"""The GPU benchmark kit (bench/gpu.py): its CPU smoke run, budget, failure isolation, estimate line
+and carry list, so the kit that waits for a lent GPU cannot rot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from bench import gpu
+from bench import gpu_parts
+
+# Modules of requirements*.txt that the GPU image lacks (/work/.library/device/KINDS.md) and the kit
+# does not carry: the kit must run without them (bitsandbytes is carried, but only QLoRA needs it).
+ABSENT_ON_GPU_IMAGE = ("dvc", "dvclive", "datasets", "rouge_score", "bert_score", "azure", "azureml", "pycep",
+                       "unsloth", "bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, root):
+    """One `python -m bench.gpu OUT --cpu-smoke`, with the packages the GPU image lacks made unimportable."""
+    out = tmp_path_factory.mktemp("gpu-bench")
+    blocked = ", ".join(f"{name!r}: None" for name in ABSENT_ON_GPU_IMAGE)
+    code = (f"import runpy, sys; sys.modules.update({{{blocked}}}); "
+            f"sys.argv = ['bench.gpu', {str(out)!r}, '--cpu-smoke']; runpy.run_module('bench.gpu', run_name='__main__')")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    return {"proc": proc, "out": out, "seconds": time.monotonic() - began}
+
+
+@pytest.mark.slow
+def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
+    proc, out = smoke["proc"], smoke["out"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_bench.json").read_text(encoding="utf-8"))
+    assert set(report) == {"kit", "parts", "rows", "estimate"}
+    assert report["kit"]["mode"] == "cpu-smoke"
+    assert list(report["parts"]) == list(gpu.ORDER)
+    for name, part in report["parts"].items():
+        status = part["status"]
+        assert status == "ok" or (status.startswith("skipped: ") and len(status) > len("skipped: ") + 10), (name, status)
+    parts = report["parts"]
+    assert parts["qlora"]["status"].startswith("skipped: ") and "bitsandbytes" in parts["qlora"]["status"]
+    assert parts["train_3b"]["status"].startswith("skipped: ")
+
+    # matmul: a positive rate, handed to the other parts as the MFU denominator
+    assert parts["matmul"]["peak_flops"] > 0
+
+    # train: ours and the Trainer + PEFT baseline on the same records, real figures
+    train = {row["run"]: row for row in parts["train_1b"]["rows"]}
+    assert set(train) == {"ours", "baseline"}
+    for row in train.values():
+        assert "status" not in row, row
+        assert row["tokens_per_s"] > 0 and row["peak_mb"] > 0 and math.isfinite(row["final_loss"])
+        assert row["real_tokens"] == train["ours"]["real_tokens"]  # same workload for both
+    assert "packing=True" in train["ours"]["setting"]
+    assert parts["train_1b"]["speedup"] == pytest.approx(train["ours"]["tokens_per_s"] / train["baseline"]["tokens_per_s"], rel=1e-2)
+
+    # loss head: liger needs CUDA; the two logit heads compute the same loss on the same inputs
+    heads = {row["run"]: row for row in parts["loss_head"]["rows"]}
+    assert set(heads) == {"liger", "completion", "full"}
+    assert heads["liger"]["status"] == "skipped: liger-kernel needs CUDA (Triton kernels)"
+    assert heads["completion"]["final_loss"] == pytest.approx(heads["full"]["final_loss"], rel=1e-4)
+    assert heads["completion"]["tokens_per_s"] > 0
+
+    # serving: the endpoint's Engine at each concurrency level
+    serve = parts["serve"]["rows"]
+    assert [row["run"] for row in serve] == ["concurrency 1", "concurrency 2"]
+    for row in serve:
+        assert "status" not in row, row
+        assert row["requests_per_s"] > 0 and 0 < row["p50_s"] <= row["p95_s"]
+        assert 0 < row["mean_output_tokens"] <= 8
+
+    # no GPU figure, so nothing to paste, and it says why
+    assert report["estimate"]["paste"] is None and report["estimate"]["why"]
+
+    # the Markdown table has exactly the JSON's rows, in order, under the kit's header
+    markdown = (out / "gpu_bench.md").read_text(encoding="utf-8")
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert lines[0] == "| " + " | ".join(header for _, header, _ in gpu.COLUMNS) + " |"
+    body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert [(cells[0], cells[2]) for cells in body] == [(row["part"], row["run"]) for row in report["rows"]]
+    assert [cells[-1] for cells in body] == [row["status"] for row in report["rows"]]
+    assert "ours / baseline" in markdown
+    assert markdown in proc.stdout
+
+
+def test_without_cuda_every_part_is_skipped_and_none_starts(tmp_path):
+    results = gpu.run_all({"smoke": False, "work_dir": str(tmp_path)}, list(gpu.ORDER), 420, "fork", cuda=False,
+                          log=lambda *a, **k: None)
+    assert list(results) == list(gpu.ORDER)
+    for result in results.values():
+        assert result["status"].startswith("skipped: no CUDA GPU visible to torch")
+    assert not list(tmp_path.iterdir())  # no part ran
+
+
+def test_parts_that_do_not_fit_the_budget_are_skipped_with_the_numbers(tmp_path):
+    results = gpu.run_all({"smoke": False, "work_dir": str(tmp_path)}, ["matmul", "train_1b"], 15, "fork", cuda=True,
+                          log=lambda *a, **k: None)
+    assert results["matmul"]["status"] == "skipped: budget: needs about 20 s, 15 s left of 15 s"
+    assert results["train_1b"]["status"].startswith("skipped: budget: needs about 90 s")
+
+
+def test_3b_need_is_scaled_from_the_measured_1b_time():
+    assert gpu.need_s("train_3b", {"train_1b": {"status": "ok", "elapsed_s": 50.0}}) == pytest.approx(50 * 2.6 + 30)
+    assert gpu.need_s("train_3b", {"train_1b": {"status": "failed: x"}}) == pytest.approx(90 * 2.6)
+
+
+@pytest.fixture
+def fake_parts(monkeypatch):
+    """Parts that break in each way a real one can; forked children see the patched table."""
+    def boom(ctx):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nsecond line")
+
+    def skip(ctx):
+        raise gpu_parts.Skip("liger-kernel is not installed")
+
+    def crash(ctx):
+        os._exit(3)
+
+    def hang(ctx):
+        time.sleep(60)
+
+    for name, fn in {"boom": boom, "skip": skip, "crash": crash, "hang": hang}.items():
+        monkeypatch.setitem(gpu_parts.PARTS, name, fn)
+
+
+@pytest.mark.parametrize("name, timeout, expected", [
+    ("boom", 30, "failed: RuntimeError: CUDA error: an illegal memory access was encountered"),
+    ("skip", 30, "skipped: liger-kernel is not installed"),
+    ("crash", 30, "failed: the part's process exited with code 3 and no result"),
+    ("hang", 1, "failed: ran past its share of the budget (1 s) and was stopped"),
+])
+def test_a_broken_part_is_reported_and_the_run_goes_on(fake_parts, tmp_path, name, timeout, expected):
+    result = gpu.run_part(name, {"smoke": True, "work_dir": str(tmp_path)}, timeout, "fork")
+    assert result == {"status": expected, "rows": []}
+
+
+def test_estimate_line_has_the_form_params_yaml_expects(params):
+    from stages.core.params import validate_params
+
+    record = gpu.estimate_record("NVIDIA H200", 41234.4)
+    assert record["measured_tokens_per_s"] == {"Standard_ND96isr_H200_v5": 41234}
+    key, value = record["paste"].split(": ", 1)
+    assert key == "estimate.measured_tokens_per_s"
+    assert yaml.safe_load(value) == record["measured_tokens_per_s"]
+    raw = params.model_dump()
+    raw["estimate"]["measured_tokens_per_s"] = yaml.safe_load(value)
+    assert validate_params(raw).estimate.measured_tokens_per_s == {"Standard_ND96isr_H200_v5": 41234}
+
+    assert gpu.estimate_record("NVIDIA H100 NVL", 30000)["measured_tokens_per_s"] == {
+        "Standard_NC40ads_H100_v5": 30000, "Standard_NC80adis_H100_v5": 30000}
+    unknown = gpu.estimate_record("NVIDIA GeForce RTX 4090", 9000.0)
+    assert unknown["paste"] is None and "RTX 4090" in unknown["why"]
+    assert gpu.estimate_record(None, None)["paste"] is None
+
+
+def test_carry_list_pins_every_wheel_and_the_device_call_fits():
+    text = gpu.carry_text()
+    pins = gpu.pinned_versions()
+    download = next(line for line in text.splitlines() if "pip download" in line)
+    for name in gpu.CARRY:
+        assert f"{name}=={pins[gpu._normal(name)]}" in download
+    assert "--python-version 3.12" in download and "--platform manylinux_2_28_x86_64" in download
+    command = gpu.device_command()
+    assert len(command) < 2000
+    assert "python3 -m bench.gpu $OUT" in command and ".whl/*.whl" in command
+    assert f"#   command:   {command}" in text and '#   carry:     [".whl"]' in text
+
+
+def test_markdown_cells_show_a_dash_for_what_a_part_does_not_measure():
+    rows = [{"part": "serve", "model": "1b", "run": "concurrency 8", "setting": "a|b", "tokens_per_s": 1234.4,
+             "requests_per_s": 3.14159, "p50_s": 0.5, "p95_s": 0.75, "status": "ok"}]
+    line = gpu.markdown_table(rows).splitlines()[2]
+    assert line == "| serve | 1b | concurrency 8 | a/b | 1,234 | - | - | - | 3.14 | 0.500 | 0.750 | ok |"
+
+
+@pytest.mark.parametrize("size, shape", [
+    ("1b", (2048, 16, 32, 8, 8192)),
+    ("3b", (3072, 28, 24, 8, 8192)),
+])
+def test_the_kit_trains_the_exact_llama_3_2_architecture(params, size, shape):
+    from bench.train_bench import GPU_MODELS
+    from stages.core.estimate import model_config
+
+    config = model_config(params.model.model_copy(update={"base": GPU_MODELS[size]}))
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.intermediate_size) == shape
+    assert config.vocab_size == 128256 and config.tie_word_embeddings is True
+    rope = config.rope_parameters
+    assert rope["rope_type"] == "llama3" and rope["rope_theta"] == 500000.0 and rope["factor"] == 32.0
+
+
+def test_without_cuda_the_gpu_run_writes_a_table_of_skips(tmp_path, root, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the real run would start")
+    assert gpu.main([str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "gpu_bench.json").read_text(encoding="utf-8"))
+    assert report["kit"]["mode"] == "cuda" and list(report["parts"]) == list(gpu.ORDER)
+    assert {row["status"] for row in report["rows"]} == {
+        "skipped: no CUDA GPU visible to torch (python -m bench.gpu OUT_DIR --cpu-smoke runs the CPU code path)"}
+    assert report["estimate"]["paste"] is None
+    markdown = (tmp_path / "out" / "gpu_bench.md").read_text(encoding="utf-8")
+    assert markdown.count("| skipped: no CUDA GPU") == len(gpu.ORDER)
+    assert markdown in capsys.readouterr().out
