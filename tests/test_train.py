@@ -13,7 +13,7 @@ from stages.core.params import validate_params
 TINY = {
     "model": {"embedded": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
                            "intermediate_size": 64}},
-    "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.1, "modules_to_save": ["norm"]}, "epochs": 2,
+    "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.1, "modules_to_save": ["model.norm"]}, "epochs": 2,
               "batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 0.003,
               "evals_per_epoch": 2, "early_stopping_patience": 0, "pack_tokens": 256},
 }
