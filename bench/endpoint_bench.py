@@ -7,8 +7,10 @@
 For each concurrency level (deploy.bench.concurrency in params.yaml, default 1 4 8 16) it sends
 deploy.bench.requests POST /score requests, that many clients at a time, each asking for
 max_new_tokens tokens (deploy.bench.max_new_tokens) at temperature 0 with a different question
-from the test split, and reports p50/p95 latency (client side), requests/s, output tokens/s, the
-error rate, and the mean input (prompt) and output (completion) tokens per request. The server it
+from the test split, and reports p50/p95 latency of the answered (200) requests (client side),
+requests/s, output tokens/s, the shed requests (429 or 503 with Retry-After: the server's bounded
+queue and deadline turning them away, serve.queue), the error rate (anything else), and the mean
+input (prompt) and output (completion) tokens per request. The server it
 starts has the response cache off, so every request is decoded: the figures measure the model and
 the batching, not the cache. Results: metrics/endpoint_bench.json and a table on stdout.
 
@@ -62,18 +64,20 @@ def questions(data_dir: Path, count: int) -> list[str]:
 
 
 def one_request(url: str, instruction: str, max_new_tokens: int) -> dict:
-    from stages.deploy import http
+    from stages.deploy import http_exchange
 
     body = json.dumps({"instruction": instruction, "max_new_tokens": max_new_tokens, "temperature": 0})
     started = time.perf_counter()
+    headers = {}
     try:
-        status, raw = http("POST", url, body, timeout=300)
+        status, headers, raw = http_exchange("POST", url, body, timeout=300)
         answer = json.loads(raw) if status == 200 else None
     except Exception as exc:  # a refused connection or a timeout is an error, not a crash of the benchmark
         status, answer = f"{type(exc).__name__}", None
     latency_ms = (time.perf_counter() - started) * 1000
     ok = status == 200 and isinstance(answer, dict) and "response" in answer
-    return {"ok": ok, "status": status, "latency_ms": latency_ms,
+    shed = status in (429, 503) and "retry-after" in headers
+    return {"ok": ok, "shed": shed, "status": status, "latency_ms": latency_ms,
             "prompt_tokens": answer.get("prompt_tokens") if ok else None,
             "completion_tokens": answer.get("completion_tokens") if ok else None,
             "server_ms": answer.get("response_time_ms") if ok else None}
@@ -88,18 +92,21 @@ def run_level(url: str, prompts: list[str], concurrency: int, max_new_tokens: in
         pool.shutdown(wait=False, cancel_futures=True)
     wall = time.perf_counter() - started
     good = [r for r in results if r["ok"]]
+    shed = [r for r in results if r["shed"]]
+    errors = len(results) - len(good) - len(shed)
     latencies = [r["latency_ms"] for r in good]
     output_tokens = sum(r["completion_tokens"] for r in good)
     return {
-        "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(good),
-        "error_rate": (len(results) - len(good)) / len(results), "wall_s": round(wall, 3),
+        "concurrency": concurrency, "requests": len(results), "answered": len(good), "shed": len(shed),
+        "shed_statuses": sorted({str(r["status"]) for r in shed}), "errors": errors,
+        "error_rate": errors / len(results), "wall_s": round(wall, 3),
         "requests_per_s": round(len(good) / wall, 3), "output_tokens_per_s": round(output_tokens / wall, 1),
         "latency_p50_ms": round(percentile(latencies, 0.50), 1), "latency_p95_ms": round(percentile(latencies, 0.95), 1),
         "latency_mean_ms": round(statistics.fmean(latencies), 1) if latencies else None,
         "server_time_p50_ms": round(percentile([r["server_ms"] for r in good], 0.50), 1) if good else None,
         "input_tokens_mean": round(statistics.fmean(r["prompt_tokens"] for r in good), 1) if good else None,
         "output_tokens_mean": round(statistics.fmean(r["completion_tokens"] for r in good), 1) if good else None,
-        "error_statuses": sorted({str(r["status"]) for r in results if not r["ok"]}),
+        "error_statuses": sorted({str(r["status"]) for r in results if not r["ok"] and not r["shed"]}),
     }
 
 
@@ -112,7 +119,7 @@ def benchmark(url: str, levels: list[int], requests: int, max_new_tokens: int, d
     for concurrency in levels:
         level = run_level(url, prompts, concurrency, max_new_tokens)
         print(f"  concurrency {concurrency:>3}: {level['requests_per_s']:.2f} req/s, p50 {level['latency_p50_ms']:.0f} ms, "
-              f"p95 {level['latency_p95_ms']:.0f} ms, errors {level['errors']}", flush=True)
+              f"p95 {level['latency_p95_ms']:.0f} ms, shed {level['shed']}, errors {level['errors']}", flush=True)
         results.append(level)
     by_level = {level["concurrency"]: level for level in results}
     sequential = by_level.get(1, {}).get("requests_per_s")
@@ -150,11 +157,11 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| concurrency | requests | errors | req/s | x sequential | p50 ms | p95 ms | output tok/s | in tok | out tok |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| concurrency | requests | shed (429/503) | errors | req/s | x sequential | p50 ms | p95 ms | output tok/s | in tok | out tok |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for level in result["levels"]:
         speedup = result["speedup_vs_sequential"].get(str(level["concurrency"]), float("nan"))
-        lines.append(f"| {level['concurrency']} | {level['requests']} | {level['errors']} | {level['requests_per_s']:.2f} | "
+        lines.append(f"| {level['concurrency']} | {level['requests']} | {level['shed']} | {level['errors']} | {level['requests_per_s']:.2f} | "
                      f"{speedup:.2f} | {level['latency_p50_ms']:.0f} | {level['latency_p95_ms']:.0f} | "
                      f"{level['output_tokens_per_s']:.0f} | {level['input_tokens_mean']} | {level['output_tokens_mean']} |")
     return "\n".join(lines)

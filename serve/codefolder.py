@@ -7,7 +7,8 @@ relative to it, i.e. `code_configuration.scoring_script = SCORING_SCRIPT`):
       serve/__init__.py, score.py, engine.py, validation.py, monitoring.py, ...   (serve/*.py)
       serve/serve_config.json          params.yaml's `serve:` section, resolved and validated
       stages/__init__.py
-      stages/core/__init__.py, chat.py, pii.py, generate.py
+      stages/core/__init__.py, chat.py, pii.py, generate.py, determinism.py (imported by stages/__init__.py;
+      the endpoint imports torch first, so it keeps the machine's fastest kernels)
 
 Nothing else from the repository goes in: the scoring script needs only these modules, torch,
 transformers and the inference server (serve/environment/requirements.txt). The local deploy
@@ -17,7 +18,7 @@ Usage (the Azure deployment spec):
 
     from serve.codefolder import build_code_folder, SCORING_SCRIPT, deployment_environment_variables
     code_dir = build_code_folder("build/endpoint_code")        # -> Path
-    env_vars = deployment_environment_variables()              # GUNICORN_CMD_ARGS, WORKER_COUNT
+    env_vars = deployment_environment_variables()              # GUNICORN_CMD_ARGS (serve/gunicorn_conf.py), WORKER_COUNT
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SCORING_SCRIPT = "serve/score.py"
 CONFIG_NAME = "serve_config.json"
 # The core modules the scoring script imports (with their packages' __init__ files).
 CORE_FILES = ("stages/__init__.py", "stages/core/__init__.py", "stages/core/chat.py",
-              "stages/core/pii.py", "stages/core/generate.py")
+              "stages/core/pii.py", "stages/core/generate.py", "stages/core/determinism.py")
 # serve/ modules that only the repository needs (building this folder).
 REPO_ONLY = {"codefolder.py"}
 
@@ -80,13 +81,14 @@ def build_code_folder(dest: str | Path, serve: dict | None = None, params_path: 
 
 
 def deployment_environment_variables(serve: dict | None = None, params_path: str | Path | None = None) -> dict:
-    """Server settings for the deployment: one worker process (one model copy) with enough request
-    threads for the scoring script's dynamic batching to see concurrent requests."""
+    """Server settings for the deployment: one worker process (one model copy); gunicorn reads
+    serve/gunicorn_conf.py (gthread with `serve.threads` request threads, enough for the scoring
+    script's dynamic batching to see concurrent requests, and a read deadline against slow clients)."""
     if serve is None:
         serve = serve_config(params_path)
     elif hasattr(serve, "model_dump"):
         serve = serve.model_dump()
-    return {"WORKER_COUNT": "1", "GUNICORN_CMD_ARGS": f"--threads {int(serve['threads'])}"}
+    return {"WORKER_COUNT": "1", "GUNICORN_CMD_ARGS": f"--config python:serve.gunicorn_conf --threads {int(serve['threads'])}"}
 
 
 if __name__ == "__main__":

@@ -10,6 +10,15 @@ left-padded, KV-cached, one forward pass per new token for the whole batch. On a
 is what turns concurrent requests into throughput; one thread decoding also keeps torch from
 oversubscribing the cores.
 
+The queue is bounded and every request has a deadline, both enforced here rather than by the
+server (azmlinfsrv's SCORING_TIMEOUT_MS uses SIGALRM, which never fires in a threaded worker):
+- more than `queue.max_pending` requests queued or decoding: Overloaded (the script answers 429
+  with Retry-After, as Azure ML's front end does above max_concurrent_requests_per_instance);
+- not answered within `request_timeout_s`: DeadlineExceeded (503 with Retry-After); a job whose
+  deadline passed while it was queued is dropped without decoding;
+- `Batcher.health()` is unhealthy when the decoding thread has died or has been on one batch for
+  longer than `stall_s` (the liveness route reports it; Azure ML then restarts the container).
+
 Greedy decoding (temperature 0) is deterministic; requests with different temperatures are decoded
 in separate groups. Rows in a batch may ask for different max_new_tokens: the batch runs to the
 largest and each answer is cut at its own limit, which for greedy decoding is exactly the answer
@@ -37,7 +46,7 @@ from .validation import GenRequest, Limits, RequestError, parse_request
 SERVING_METADATA = "serving.json"
 REQUIRED_CONFIG = ("max_new_tokens_default", "max_new_tokens_limit", "temperature_max", "max_batch_requests",
                    "max_instruction_tokens", "max_system_tokens", "default_system", "pii_filter", "cache",
-                   "batching", "threads", "log_path")
+                   "batching", "threads", "log_path", "queue", "request_timeout_s", "stall_s")
 
 
 class ModelDirError(Exception):
@@ -107,29 +116,87 @@ class Job:
     finished: bool = False
     batch_size: int = 0
     error: BaseException | None = None
+    deadline: float = float("inf")      # time.monotonic() after which nobody waits for the answer
+
+
+class Overloaded(Exception):
+    """The decoding queue is full: try again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Overloaded):
+    """The request was not answered within its deadline (queued too long, or a slow batch)."""
+
+
+class DecoderDown(Exception):
+    """The decoding thread is not running: a server fault."""
 
 
 class Batcher:
     """One decoding thread that batches the jobs queued while it was busy."""
 
-    def __init__(self, model, max_batch: int, window_ms: float, fmt):
+    def __init__(self, model, max_batch: int, window_ms: float, fmt, max_pending: int = 64,
+                 timeout_s: float = 60.0, stall_s: float = 300.0, retry_after_s: float = 1.0):
         self.model = model
         self.fmt = fmt  # the chat format: pad and stop ids
         self.max_batch = max(1, int(max_batch))
         self.window_s = max(0.0, float(window_ms)) / 1000.0
+        self.max_pending = max(1, int(max_pending))
+        self.timeout_s = float(timeout_s)
+        self.stall_s = float(stall_s)
+        self.retry_after_s = float(retry_after_s)
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self.batches = self.rows = 0
+        self._lock = threading.Lock()
+        self.pending = 0                    # jobs admitted and not yet finished (queued or decoding)
+        self.busy_since: float | None = None
+        self.batches = self.rows = self.rejected = self.expired = 0
         self._thread = threading.Thread(target=self._loop, name="serve-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, jobs: list[Job]) -> None:
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why): the decoding thread is alive and not stuck on one batch."""
+        if not self._thread.is_alive():
+            return False, "the decoding thread is not running"
+        busy_since = self.busy_since
+        if busy_since is not None and time.monotonic() - busy_since > self.stall_s:
+            return False, f"the decoding thread has been on one batch for over {self.stall_s:g} s"
+        return True, f"decoding thread alive, {self.pending} request(s) pending"
+
+    def submit(self, jobs: list[Job], timeout_s: float | None = None) -> None:
+        """Decode `jobs`; raises Overloaded when the queue is full, DeadlineExceeded when they are
+        not done within the deadline, DecoderDown when the decoding thread is dead."""
+        if not self._thread.is_alive():
+            raise DecoderDown("the decoding thread is not running")
+        with self._lock:
+            if self.pending + len(jobs) > self.max_pending:
+                self.rejected += 1
+                raise Overloaded(f"server busy: {self.pending} requests queued (limit {self.max_pending})",
+                                 self.retry_after_s)
+            self.pending += len(jobs)
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         for job in jobs:
+            job.deadline = deadline
             self._queue.put(job)
         for job in jobs:
-            job.done.wait()
+            if not job.done.wait(max(0.0, deadline - time.monotonic())):
+                for abandoned in jobs:  # the decoding thread drops them if they are still queued
+                    abandoned.deadline = 0.0
+                raise DeadlineExceeded(f"not answered within {self.timeout_s:g} s (serve.request_timeout_s)",
+                                       self.retry_after_s)
         for job in jobs:
+            if isinstance(job.error, DeadlineExceeded):
+                raise job.error
             if job.error is not None:
                 raise RuntimeError(f"generation failed: {job.error!r}") from job.error
+
+    def _finish(self, jobs: list[Job]) -> None:
+        with self._lock:
+            self.pending -= len(jobs)
+        for job in jobs:
+            job.done.set()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -155,18 +222,26 @@ class Batcher:
             if first is None:
                 return
             batch = self._collect(first)
+            now = time.monotonic()
+            expired = [job for job in batch if job.deadline <= now]
+            for job in expired:
+                job.error = DeadlineExceeded("expired in the queue", self.retry_after_s)
+            self.expired += len(expired)
+            self._finish(expired)
             groups: dict[float, list[Job]] = {}
             for job in batch:
-                groups.setdefault(job.temperature, []).append(job)
+                if job.deadline > now:
+                    groups.setdefault(job.temperature, []).append(job)
             for temperature, jobs in groups.items():
+                self.busy_since = time.monotonic()
                 try:
                     self._decode(jobs, temperature)
                 except BaseException as exc:  # the thread must survive anything a batch does
                     for job in jobs:
                         job.error = exc
                 finally:
-                    for job in jobs:
-                        job.done.set()
+                    self.busy_since = None
+                    self._finish(jobs)
 
     def _decode(self, jobs: list[Job], temperature: float) -> None:
         longest = max(job.max_new_tokens for job in jobs)
@@ -230,10 +305,13 @@ class Engine:
         self.redact_output = config["pii_filter"] == "redact"
         cache = config["cache"]
         self.cache = LRUCache(int(cache["size"])) if cache["enabled"] else None
-        batching = config["batching"]
-        self.batcher = Batcher(self.model, batching["max_batch"], batching["window_ms"], self.chat)
+        batching, limits = config["batching"], config["queue"]
+        self.batcher = Batcher(self.model, batching["max_batch"], batching["window_ms"], self.chat,
+                               max_pending=limits["max_pending"], timeout_s=config["request_timeout_s"],
+                               stall_s=config["stall_s"], retry_after_s=limits["retry_after_s"])
         # Warm-up: the first forward pass allocates and picks kernels; keep that off the first request.
-        self.batcher.submit([Job(self.chat.prompt_ids(self.default_system, "Hello"), 2, 0.0)])
+        self.batcher.submit([Job(self.chat.prompt_ids(self.default_system, "Hello"), 2, 0.0)],
+                            timeout_s=max(600.0, self.batcher.timeout_s))
 
     def count_tokens(self, text: str) -> int:
         with self._tokenizer_lock:

@@ -8,20 +8,36 @@ Accepted bodies (JSON):
 A bad body raises RequestError, which the scoring script turns into HTTP 400 with
 {"error": "<field>: <problem>; ...", "details": [{"field": ..., "message": ...}, ...]}.
 Field names are JSON paths: "instruction", "requests[2].max_new_tokens", "body".
-String values are never echoed back (they may hold personal data); numbers are.
+
+Errors are bounded and never echo the client: at most MAX_PROBLEMS problems are listed (the rest
+are counted in "more_problems"), each message at most MAX_MESSAGE_CHARS characters. String
+values and unknown keys are never repeated (they may hold personal data: a key can be an e-mail
+address); unknown keys are counted, with the nearest allowed name as a hint. Numbers are shown,
+shortened when long.
+
+Degenerate but valid input: a temperature below GREEDY_BELOW (1e-300, 5e-324, ...) is greedy
+decoding, as 0 is; dividing logits by it would overflow. Text that cannot be encoded as UTF-8 (a
+lone UTF-16 surrogate such as "\ud800") is a 400 naming its field; JSON nested deeper than the
+parser's recursion limit is a 400 for the body.
 
 Pure standard library: token counting is passed in as a function.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 FIELDS = ("instruction", "system", "max_new_tokens", "temperature")
 BATCH_KEY = "requests"
+MAX_PROBLEMS = 10
+MAX_MESSAGE_CHARS = 200
+# Sampling at a temperature this close to 0 is greedy decoding in all but name.
+GREEDY_BELOW = 1e-3
 # A token is rarely more than a few characters; a string this many times longer than the token
 # limit is rejected before it is tokenised (so a megabyte body costs nothing).
 MAX_CHARS_PER_TOKEN = 32
@@ -34,17 +50,36 @@ class RequestError(Exception):
         self.problems = list(problems)
         super().__init__(self.message)
 
+    def shown(self) -> list[tuple[str, str]]:
+        """The first MAX_PROBLEMS problems, each message cut to MAX_MESSAGE_CHARS."""
+        return [(field[:MAX_MESSAGE_CHARS], _cut(message)) for field, message in self.problems[:MAX_PROBLEMS]]
+
     @property
     def message(self) -> str:
-        return "; ".join(f"{field}: {message}" for field, message in self.problems)
+        text = "; ".join(f"{field}: {message}" for field, message in self.shown())
+        more = len(self.problems) - MAX_PROBLEMS
+        return f"{text}; and {more} more problem(s)" if more > 0 else text
 
     @property
     def fields(self) -> list[str]:
         return [field for field, _ in self.problems]
 
     def body(self) -> dict:
-        return {"error": self.message,
-                "details": [{"field": field, "message": message} for field, message in self.problems]}
+        body = {"error": self.message,
+                "details": [{"field": field, "message": message} for field, message in self.shown()]}
+        if len(self.problems) > MAX_PROBLEMS:
+            body["more_problems"] = len(self.problems) - MAX_PROBLEMS
+        return body
+
+
+def _cut(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _number(value) -> str:
+    """A client's number for a message: as is when short, else its start and its length."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}… ({len(text)} digits)"
 
 
 @dataclass(frozen=True)
@@ -91,7 +126,9 @@ def decode_body(raw) -> object:
         return json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise RequestError([("body", f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")]) from None
-    except ValueError as exc:
+    except RecursionError:
+        raise RequestError([("body", f"JSON nested too deeply (limit about {sys.getrecursionlimit()} levels)")]) from None
+    except ValueError as exc:  # NaN/Infinity, an integer longer than Python converts
         raise RequestError([("body", f"malformed JSON: {exc}")]) from None
 
 
@@ -104,6 +141,11 @@ def _check_text(value, field: str, limit_tokens: int, count_tokens: Callable[[st
                 problems: list, required: bool) -> str | None:
     if not isinstance(value, str):
         problems.append((field, f"must be a string, got {_type_name(value)}"))
+        return None
+    bad = _unencodable_at(value)
+    if bad is not None:
+        problems.append((field, f"not valid Unicode: a lone UTF-16 surrogate at character {bad} "
+                                "(a \\uD800-\\uDFFF escape without its pair)"))
         return None
     if required and not value.strip():
         problems.append((field, "must not be empty"))
@@ -118,6 +160,24 @@ def _check_text(value, field: str, limit_tokens: int, count_tokens: Callable[[st
     return value
 
 
+def _unencodable_at(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return exc.start
+
+
+def _unknown_keys(keys: list, where: str, allowed: tuple[str, ...]) -> tuple[str, str]:
+    """One problem for all unknown keys, without repeating any of them (a key is client text)."""
+    names = [key for key in keys if isinstance(key, str) and _unencodable_at(key) is None]
+    hints = sorted({match for key in names[:100] for match in difflib.get_close_matches(key[:64], allowed, n=1)})
+    hint = f"; did you mean {' or '.join(repr(h) for h in hints)}" if hints else ""
+    count = f"{len(keys)} unknown field{'s' if len(keys) > 1 else ''}"
+    return where, f"{count} (keys are not repeated){hint}; allowed: {', '.join(allowed)}"
+
+
 def check_item(item, prefix: str, limits: Limits, count_tokens: Callable[[str], int],
                problems: list) -> GenRequest | None:
     """One request object; appends (field, message) problems and returns None if any."""
@@ -128,9 +188,9 @@ def check_item(item, prefix: str, limits: Limits, count_tokens: Callable[[str], 
         problems.append((prefix or "body", f"must be a JSON object, got {_type_name(item)}"))
         return None
     before = len(problems)
-    for key in item:
-        if key not in FIELDS:
-            problems.append((name(str(key)), f"unknown field (allowed: {', '.join(FIELDS)})"))
+    unknown = [key for key in item if key not in FIELDS]
+    if unknown:
+        problems.append(_unknown_keys(unknown, prefix or "body", FIELDS))
 
     instruction = None
     if "instruction" not in item or item["instruction"] is None:
@@ -151,7 +211,7 @@ def check_item(item, prefix: str, limits: Limits, count_tokens: Callable[[str], 
         problems.append((name("max_new_tokens"), f"must be an integer, got {_type_name(max_new_tokens)}"))
     elif not 1 <= max_new_tokens <= limits.max_new_tokens_limit:
         problems.append((name("max_new_tokens"),
-                         f"must be between 1 and {limits.max_new_tokens_limit}, got {max_new_tokens}"))
+                         f"must be between 1 and {limits.max_new_tokens_limit}, got {_number(max_new_tokens)}"))
 
     temperature = item.get("temperature")
     if temperature is None:
@@ -160,7 +220,9 @@ def check_item(item, prefix: str, limits: Limits, count_tokens: Callable[[str], 
         problems.append((name("temperature"), f"must be a number, got {_type_name(temperature)}"))
     elif not math.isfinite(temperature) or not 0 <= temperature <= limits.temperature_max:
         problems.append((name("temperature"),
-                         f"must be between 0 and {limits.temperature_max:g}, got {temperature!r}"))
+                         f"must be between 0 and {limits.temperature_max:g}, got {_number(temperature)}"))
+    elif temperature < GREEDY_BELOW:
+        temperature = 0.0
 
     if len(problems) > before:
         return None
@@ -174,8 +236,11 @@ def parse_request(raw, limits: Limits, count_tokens: Callable[[str], int]) -> tu
     problems: list[tuple[str, str]] = []
     if isinstance(body, dict) and BATCH_KEY in body:
         for key in body:
-            if key != BATCH_KEY:
-                problems.append((str(key), f"unknown field in a batch body (only '{BATCH_KEY}' is allowed)"))
+            if key in FIELDS:  # our own names can be repeated
+                problems.append((key, f"not allowed beside '{BATCH_KEY}' (put it in each request)"))
+        unknown = [key for key in body if key != BATCH_KEY and key not in FIELDS]
+        if unknown:
+            problems.append(_unknown_keys(unknown, "body", (BATCH_KEY,)))
         entries = body[BATCH_KEY]
         if not isinstance(entries, list):
             problems.append((BATCH_KEY, f"must be an array of request objects, got {_type_name(entries)}"))

@@ -35,6 +35,7 @@ from .core.generate import generate_batch
 from .core.io import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
 from .core.modeling import EMBEDDED, count_parameters, load_tuned_model, resolve_device
 from .core.params import ConfigError, ModelParams, PackageParams, load_params
+from .core.perf import write_perf
 
 STAGE = "package"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -375,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         card = package(args.adapter, args.output, params.package, data_dir=args.data,
                        eval_metrics=args.eval_metrics, train_metrics=args.train_metrics)
         write_json(args.metrics, {"merge_check": card["merge_check"], "parameters": card["model"]["parameters"],
-                                  "dtype": card["model"]["dtype"], "seconds": card["seconds"]})
+                                  "dtype": card["model"]["dtype"]})
+        write_perf(STAGE, {"seconds": card["seconds"]})
         log(f"wrote {args.output} ({card['model']['parameters']:,} parameters, {card['model']['dtype']}) "
             f"in {card['seconds']} s")
 

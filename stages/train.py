@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,10 +28,12 @@ import torch
 
 from .core import cli
 from .core.chat import chat_format
+from .core.determinism import pin_cpu_isa
 from .core.io import atomic_dir, write_json
 from .core.modeling import (EMBEDDED, check_model_fits, check_modules_to_save, count_parameters, load_base_model, load_tokenizer,
                             lora_config, model_source, resolve_device, resolve_dtype)
 from .core.params import ConfigError, Params, load_params
+from .core.perf import write_perf
 from .core.records import DataError, Problem, content_hash, jsonl_lines
 from .core.training import (DistInfo, TrainingError, check_method, fit, init_distributed, memory_snapshot,
                             TRAINING_LIBRARIES, identity_key, library_versions, oom_message, package_available,
@@ -171,14 +172,6 @@ def versions() -> dict:
     return library_versions(TRAINING_LIBRARIES + ("dvclive",))
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def save_outputs(output: Path, model, tokenizer, params: Params, data_hash: str, extra: dict,
                  state_dict: dict | None = None) -> None:
     """models/adapter/{adapter|model, tokenizer, manifest.json}, atomically. state_dict: the full
@@ -189,14 +182,25 @@ def save_outputs(output: Path, model, tokenizer, params: Params, data_hash: str,
             inner.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
         else:
             inner.save_pretrained(tmp / "adapter", state_dict=state_dict)
+            canonical_adapter_config(tmp / "adapter" / "adapter_config.json")
         fmt = chat_format(tokenizer)
         fmt.prepare_tokenizer()
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_json(tmp / "manifest.json", {
             "method": params.train.method, "params": params.model_dump(mode="json"), "data_hash": data_hash,
             "base_model": model_source(params.model.base).provenance(), "chat_format": fmt.describe(),
-            "versions": versions(), "git_commit": git_commit(), **extra,
+            "versions": versions(), "cpu_kernels": pin_cpu_isa(), **extra,
         })
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes from run to run; sorted lists
+    and keys make the file (and models/adapter's hash in dvc.lock) a function of the params alone."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in config.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[key] = sorted(value)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def open_live(directory: str | None, resume: bool):
@@ -213,7 +217,7 @@ def open_live(directory: str | None, resume: bool):
 # ---------------------------------------------------------------------------------------------
 
 def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path | None, metrics_path: Path | None,
-                 live_dir: str | None, stop_after_steps: int | None = None) -> dict:
+                 live_dir: str | None, stop_after_steps: int | None = None, perf_dir: str | Path | None = None) -> dict:
     started = time.perf_counter()
     train = params.train
     device = resolve_device()
@@ -277,16 +281,20 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         "final_val_perplexity": _r(math.exp(min(result.final_val_loss, 50))) if result.final_val_loss else None,
         "steps": result.steps, "epochs_run": result.epochs_run, "early_stopped": result.early_stopped,
         "resumed_from_step": result.resumed_from_step,
-        "wall_time_s": round(wall, 2), "train_time_s": round(result.train_seconds, 2),
-        "eval_time_s": round(result.eval_seconds, 2),
         "real_tokens": result.real_tokens * world,
-        "real_tokens_per_s": round(result.real_tokens * world / max(result.train_seconds, 1e-9), 1),
         "trainable_params": trainable, "total_params": total,
-        "peak_rss_mb": memory["rss_peak_mb"],
+    }
+    # Machine- and load-dependent figures: logs/perf/train.json, not metrics/ (stages/core/perf.py).
+    perf = {
+        "wall_time_s": round(wall, 2), "train_time_s": round(result.train_seconds, 2),
+        "eval_time_s": round(result.eval_seconds, 2), "real_tokens": result.real_tokens * world,
+        "real_tokens_per_s": round(result.real_tokens * world / max(result.train_seconds, 1e-9), 1),
+        "peak_rss_mb": memory["rss_peak_mb"], "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_kernels": pin_cpu_isa(),
     }
     if cuda:
-        metrics["cuda_max_allocated_mb"] = memory["cuda_max_allocated_mb"]
-        metrics["cuda_max_reserved_mb"] = memory["cuda_max_reserved_mb"]
+        perf["cuda_max_allocated_mb"] = memory["cuda_max_allocated_mb"]
+        perf["cuda_max_reserved_mb"] = memory["cuda_max_reserved_mb"]
     # Under FSDP each process holds shards: gather the full weights (every process takes part).
     full_state = trainable_state(model) if distributed == "fsdp" else None
     if dist_info.is_main:
@@ -295,14 +303,15 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
                      state_dict=full_state)
         if metrics_path is not None:
             write_json(metrics_path, metrics)
+        write_perf(STAGE, perf, perf_dir)
         say(f"done in {wall:.1f} s: best val loss {metrics['best_val_loss']}, "
-            f"{metrics['real_tokens_per_s']:,} real tokens/s; wrote {output}")
+            f"{perf['real_tokens_per_s']:,} real tokens/s; wrote {output}")
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
-    return metrics
+    return {**metrics, "perf": perf}
 
 
 def _r(value):

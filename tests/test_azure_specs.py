@@ -279,7 +279,7 @@ def test_missing_model_and_bad_concurrency_are_config_errors(inputs, params, tmp
     with pytest.raises(ConfigError, match="dvc repro package"):
         write_endpoint_specs(params, inputs["out"], model_dir=tmp_path / "absent",
                              serve_requirements=inputs["serve_requirements"])
-    settings = params.azure.endpoint.request_settings.model_copy(update={"max_concurrent_requests_per_instance": 64})
+    settings = params.azure.endpoint.request_settings.model_copy(update={"max_concurrent_requests_per_instance": params.serve.threads + 1})
     bad = params.model_copy(update={"azure": params.azure.model_copy(update={
         "endpoint": params.azure.endpoint.model_copy(update={"request_settings": settings})})})
     with pytest.raises(ConfigError, match="exceeds serve.threads"):

@@ -28,9 +28,8 @@ def _sh(args, cwd, env, check=True):
     return done
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, root):
-    dest = tmp_path_factory.mktemp("repo")
+def build_repo(dest: Path, root: Path, records: int, preset: str | None = None, max_new_tokens: int = 24):
+    """A git repository with this tree's files, a slice of the data, one epoch, and `dvc repro` run."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -44,20 +43,39 @@ def repo(tmp_path_factory, root):
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    raw = (root / "data/raw/corporate_qa.jsonl").read_text().splitlines()[:SLICE]
+    raw = (root / "data/raw/corporate_qa.jsonl").read_text().splitlines()[:records]
     (dest / "data/raw/corporate_qa.jsonl").write_text("\n".join(raw) + "\n")
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["train"]["epochs"] = 1
-    params["evaluate"]["max_new_tokens"] = 24
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+           "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid",
+           # the converted SmolLM2 model is shared with the test session instead of converted again
+           "LLAMA_FT_MODEL_CACHE": str(root / ".cache" / "models")}
+    if preset:
+        _sh([sys.executable, "-m", "stages.preset", "apply", preset], dest, env)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"]["epochs"] = 1
+    params["evaluate"]["max_new_tokens"] = max_new_tokens
+    params["deploy"]["require_gate"] = False  # a one-epoch slice is not meant to pass the gate
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _sh(["git", "init", "-q"], dest, env)
     _sh(["git", "add", "-A"], dest, env)
     _sh(["git", "commit", "-qm", "slice"], dest, env)
     done = _sh([sys.executable, "-m", "dvc", "repro"], dest, env)
     return dest, env, done.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, root):
+    """The default params (whatever params.yaml selects) on a slice."""
+    return build_repo(tmp_path_factory.mktemp("repo"), root, SLICE)
+
+
+@pytest.fixture(scope="module")
+def other_model_repo(tmp_path_factory, root):
+    """The other model: SmolLM2 when the default is the embedded model, and the other way round."""
+    base = yaml.safe_load((root / "params.yaml").read_text())["model"]["base"]
+    preset = "smollm2-135m" if base == "embedded" else "embedded"
+    return build_repo(tmp_path_factory.mktemp("other"), root, 96, preset, max_new_tokens=16), preset
 
 
 def test_outputs_exist(repo):
@@ -80,8 +98,10 @@ def test_metrics_keys_and_ranges(repo):
     pre = json.loads((dest / "metrics/preprocess.json").read_text())
     assert pre["records_in"] == SLICE and sum(pre["splits"].values()) == pre["records_out"]
     train = json.loads((dest / "metrics/train.json").read_text())
-    for key in ("final_train_loss", "final_val_loss", "wall_time_s", "real_tokens_per_s", "peak_rss_mb"):
+    for key in ("final_train_loss", "final_val_loss"):
         assert train[key] > 0, key
+    perf = json.loads((dest / "logs/perf/train.json").read_text())  # timings: not in metrics/
+    assert perf["real_tokens_per_s"] > 0 and perf["peak_rss_mb"] > 0
     assert train["epochs_run"] == 1 and train["method"] == "lora"
     ev = json.loads((dest / "metrics/eval.json").read_text())
     for model in ("base", "tuned"):
@@ -127,3 +147,21 @@ def test_training_param_change_reruns_train_not_preprocess(repo):
         assert diff["params.yaml"]["train.lora.r"]["new"] == 8
     finally:
         params.write_text(original)
+
+
+def test_the_other_model_runs_the_whole_graph_and_answers_through_azmlinfsrv(other_model_repo):
+    (dest, _, _), preset = other_model_repo
+    manifest = json.loads((dest / "models/adapter/manifest.json").read_text())
+    assert manifest["params"]["model"]["base"] == preset
+    fmt = "template" if preset == "smollm2-135m" else "llama3"
+    card = json.loads((dest / "models/merged/card.json").read_text())
+    assert card["serving"]["chat_format"]["format"] == fmt and card["merge_check"]["passed"]
+    if preset == "smollm2-135m":
+        assert card["base_model"]["license"] == "Apache-2.0" and len(card["base_model"]["sha256"]) == 64
+        assert card["model"]["dtype"] == "bfloat16"  # merge verified in fp32, saved and checked in bf16
+    ev = json.loads((dest / "metrics/eval.json").read_text())
+    assert ev["tuned"]["val_loss"] < ev["base"]["val_loss"]
+    deploy = json.loads((dest / "metrics/deploy.json").read_text())
+    assert deploy["passed"] is True
+    answers = [r["response"] for r in deploy["smoke"]["requests"]]
+    assert all(isinstance(a, str) and a.strip() for a in answers)

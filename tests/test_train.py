@@ -60,7 +60,10 @@ def test_outputs_follow_the_contract(first):
     assert "start_header_id" in (out / "tokenizer/tokenizer_config.json").read_text() or \
         (out / "tokenizer/chat_template.jinja").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {"method", "params", "data_hash", "versions", "git_commit"} <= set(manifest)
+    assert {"method", "params", "data_hash", "versions", "base_model", "chat_format", "cpu_kernels"} <= set(manifest)
+    assert "git_commit" not in manifest  # a commit is not an input: it would change the adapter's hash
+    config = (out / "adapter/adapter_config.json").read_text()
+    assert json.loads(config)["target_modules"] == sorted(json.loads(config)["target_modules"])
     assert manifest["method"] == "lora" and manifest["params"]["train"]["lora"]["r"] == 4
     assert len(manifest["data_hash"]) == 64 and "torch" in manifest["versions"]
     assert not list(tmp.glob(".adapter.*")), "no temporary directory left behind"
@@ -69,14 +72,17 @@ def test_outputs_follow_the_contract(first):
 def test_metrics_keys_and_ranges(first):
     tmp, metrics = first
     saved = json.loads((tmp / "train.json").read_text())
-    assert saved == metrics
-    for key in ("final_train_loss", "final_val_loss", "best_val_loss", "wall_time_s", "real_tokens_per_s",
-                "peak_rss_mb", "steps", "epochs_run", "trainable_params", "total_params"):
+    perf = metrics["perf"]
+    assert saved == {k: v for k, v in metrics.items() if k != "perf"}
+    for key in ("final_train_loss", "final_val_loss", "best_val_loss", "steps", "epochs_run", "trainable_params",
+                "total_params", "real_tokens"):
         assert saved[key] is not None, key
+    # timings vary per run and machine: logs/perf/train.json, never metrics/train.json
+    assert not {"wall_time_s", "real_tokens_per_s", "peak_rss_mb", "train_time_s"} & set(saved)
     assert saved["steps"] == 6 and saved["epochs_run"] == 2.0  # 12 records / (2 x 2) = 3 steps per epoch
     assert saved["best_val_loss"] <= saved["final_val_loss"]
     assert 0 < saved["trainable_params"] < saved["total_params"]
-    assert saved["real_tokens_per_s"] > 0 and saved["peak_rss_mb"] > 100
+    assert perf["real_tokens_per_s"] > 0 and perf["peak_rss_mb"] > 100 and perf["wall_time_s"] > 0
     assert saved["packing"] is True and saved["loss_head"] == "completion" and saved["backend"] == "hf"
 
 

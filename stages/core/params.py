@@ -397,6 +397,18 @@ class ServeBatchingParams(Section):
     window_ms: float = Field(5.0, ge=0, le=1000, description="wait for more requests after the first")
 
 
+class ServeQueueParams(Section):
+    max_pending: int = Field(32, ge=1, le=100000,
+                             description="requests queued or decoding; beyond it HTTP 429 with Retry-After")
+    retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After of a 429 or 503")
+
+
+class ServeLogParams(Section):
+    max_bytes: int = Field(10_000_000, ge=10_000, description="request log size before it is rotated")
+    backups: int = Field(3, ge=0, le=100, description="rotated files kept (requests.jsonl.1 ...); 0 = truncate")
+    field_chars: int = Field(2000, ge=16, le=1_000_000, description="longest text field kept in a record")
+
+
 class ServeParams(Section):
     """What the scoring script (serve/score.py) accepts and how it decodes, filters and logs."""
     max_new_tokens_default: int = Field(64, ge=1)
@@ -412,6 +424,13 @@ class ServeParams(Section):
     threads: int = Field(16, ge=1, le=256, description="request threads per server worker (gunicorn --threads)")
     torch_threads: int = Field(0, ge=0, le=1024, description="torch intra-op threads per worker; 0 = torch's default")
     log_path: str = Field("logs/requests.jsonl", description='JSONL request log; "" disables the file')
+    log: ServeLogParams = ServeLogParams()
+    queue: ServeQueueParams = ServeQueueParams()
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline per request; HTTP 503 after it")
+    stall_s: float = Field(120.0, gt=0, description="one batch decoding longer than this makes GET / unhealthy")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get HTTP 413")
+    read_timeout_s: float = Field(10.0, gt=0, le=600,
+                                  description="a client must send its whole request within this (slow clients)")
 
     @model_validator(mode="after")
     def _default_within_limit(self):
@@ -435,8 +454,9 @@ class DeployBenchParams(Section):
 class DeployParams(Section):
     target: Literal["local", "azure", "none"] = "local"
     host: str = "127.0.0.1"
-    port: int = Field(5001, ge=0, le=65535, description="0 = any free port")
+    port: int = Field(0, ge=0, le=65535, description="0 = any free port")
     readiness_timeout_s: float = Field(180.0, gt=0)
+    require_gate: bool = Field(True, description="refuse to deploy a model whose evaluation gate failed")
     smoke_prompts: list[str] = Field(["How do I submit an expense report?"], min_length=1)
     bench: DeployBenchParams = DeployBenchParams()
 
