@@ -18,7 +18,8 @@ PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/checkov" ] || ! "$VENV/bin/checkov" --version 2>/dev/null | grep -qx "$CHECKOV_VERSION"; then
   echo "[checkov] installing checkov==$CHECKOV_VERSION into $VENV (first run takes a few minutes)"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "checkov==$CHECKOV_VERSION"
+  # hash-checked, like make setup: requirements-checkov.txt (make lock) pins checkov==$CHECKOV_VERSION
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-checkov.txt
 fi
 
 echo "[checkov] $("$VENV/bin/checkov" --version) scanning infra/ (framework bicep)"

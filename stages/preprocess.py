@@ -35,8 +35,11 @@ def _reject(record_or_problem, reason: str, stage_counts: Counter, kind: str) ->
     stage_counts[kind] += 1
     if isinstance(record_or_problem, Problem):
         return {"source": record_or_problem.source, "line": record_or_problem.line, "reason": reason}
-    record = record_or_problem
-    return {"source": record.source, "line": record.line, "reason": reason, "record": record.as_json()}
+    # rejects.jsonl is a pipeline output (DVC-cached, pushed to the remote): whatever the PII policy,
+    # a rejected record is stored with its PII redacted, never in clear.
+    stored = {name: redact(value)[0] if name in TEXT_FIELDS else value
+              for name, value in record_or_problem.as_json().items()}
+    return {"source": record_or_problem.source, "line": record_or_problem.line, "reason": reason, "record": stored}
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:
@@ -64,7 +67,7 @@ def apply_pii_policy(records: list[Record], policy: str) -> tuple[list[Record], 
                 setattr(record, name, redact(getattr(record, name))[0])
             kept.append(record)
         elif policy == "reject":
-            removed.append((record, f"pii: {described}"))
+            removed.append((record, f"pii: {described}"))  # stored redacted (_reject)
         else:
             problems.append(Problem(record.source, record.line, f"PII found: {described}"))
     if problems:
@@ -109,14 +112,18 @@ def preprocess(files: dict[str, str], params: PreprocessParams, model: ModelPara
     for record in kept:
         n = len(chat.chat_format(tokenizer).encode(record.system, record.instruction, record.output).input_ids)
         if n > model.max_seq_length:
-            too_long.append((record, f"too_long: {n} tokens > model.max_seq_length {model.max_seq_length}"))
+            too_long.append((record, f"too_long: {n} tokens > model.max_seq_length {model.max_seq_length}", n))
         else:
             fitting.append(record)
             lengths.append(n)
+    longest = max((n for _, _, n in too_long), default=0)
+    too_long_advice = (f"{len(too_long)} record(s) too long (longest {longest} tokens): raise "
+                       f"model.max_seq_length (now {model.max_seq_length}) to {longest} or set preprocess.on_too_long"
+                       ) if too_long else None
     if too_long and params.on_too_long == "fail":
-        raise DataError(f"{len(too_long)} record(s) exceed model.max_seq_length (preprocess.on_too_long is 'fail')",
-                        [Problem(r.source, r.line, why) for r, why in too_long])
-    rejects += [_reject(r, why, removed_counts, "too_long") for r, why in too_long]
+        raise DataError(f"{too_long_advice}: drop (now 'fail')",
+                        [Problem(r.source, r.line, why) for r, why, _ in too_long])
+    rejects += [_reject(r, why, removed_counts, "too_long") for r, why, _ in too_long]
 
     fractions = params.split.model_dump()
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
@@ -130,6 +137,8 @@ def preprocess(files: dict[str, str], params: PreprocessParams, model: ModelPara
 
     lengths.sort()
     records_in = totals["lines"] - totals["blank_lines"]
+    check_survivors(records_in, fitting, splits, params, removed_counts, files)
+    warnings = [w for w in (too_long_advice, small_test_warning(len(splits["test"]), params)) if w]
     stats = {
         "records_in": records_in,
         "records_out": len(fitting),
@@ -146,10 +155,37 @@ def preprocess(files: dict[str, str], params: PreprocessParams, model: ModelPara
                    "total": sum(lengths)},
         "categories": dict(sorted(Counter(r["category"] for rows in splits.values() for r in rows).items())),
         "data_hash": content_hash([row for name in SPLITS for row in splits[name]]),
+        "warnings": warnings,
     }
     # Every record that came in is accounted for: written to a split or to rejects with a reason.
     assert stats["records_out"] + sum(stats["removed"].values()) == records_in, stats
     return Result(splits=splits, rejects=rejects, stats=stats)
+
+
+def check_survivors(records_in: int, fitting: list, splits: dict[str, list], params: PreprocessParams,
+                    removed: Counter, files: dict[str, str]) -> None:
+    """Fail, saying why, when there is nothing to train or evaluate on: an empty input, no record
+    left after the checks, or an empty split whose fraction is not 0."""
+    names = ", ".join(files) or "the input"
+    if records_in == 0:
+        raise DataError(f"{names}: no records (the input is empty or only blank lines)")
+    if not fitting:
+        counts = ", ".join(f"{kind} {n}" for kind, n in sorted(removed.items()) if n)
+        raise DataError(f"no record survived preprocessing: {records_in} in, all removed ({counts})")
+    fractions = params.split.model_dump()
+    empty = [name for name in SPLITS if fractions[name] > 0 and not splits[name]]
+    if empty:
+        sizes = ", ".join(f"{name} {len(splits[name])}" for name in SPLITS)
+        raise DataError(f"empty split(s): {', '.join(empty)} ({sizes} of {len(fitting)} records): add records "
+                        f"or raise preprocess.split.{empty[0]} (now {fractions[empty[0]]})")
+
+
+def small_test_warning(test_records: int, params: PreprocessParams) -> str | None:
+    if params.split.test == 0 or test_records >= params.min_test_records:
+        return None
+    return (f"the test split has {test_records} records (< preprocess.min_test_records "
+            f"{params.min_test_records}): evaluation on so few cannot detect small differences between "
+            "base and tuned; add records or raise preprocess.split.test")
 
 
 def read_inputs(input_path: Path) -> dict[str, str]:
@@ -193,6 +229,8 @@ def main(argv=None) -> int:
         print(f"[preprocess] {s['records_in']} records in -> {s['records_out']} out "
               f"(train {s['splits']['train']}, val {s['splits']['val']}, test {s['splits']['test']}); "
               f"removed {sum(s['removed'].values())}: {s['removed']}; PII found {s['pii_found'] or 'none'}")
+        for warning in s["warnings"]:
+            print(f"[preprocess] warning: {warning}")
         return 0
 
     return cli.run(run, "preprocess")

@@ -13,12 +13,14 @@ manifest.json}, metrics/train.json, dvclive/train (loss curves), models/checkpoi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import platform
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,10 +34,11 @@ from .core.modeling import (EMBEDDED, check_model_fits, check_modules_to_save, c
                             lora_config, model_source, resolve_device, resolve_dtype)
 from .core.params import ConfigError, Params, load_params
 from .core.perf import write_perf
-from .core.records import DataError, Problem, content_hash
+from .core.records import DataError, Problem, content_hash, jsonl_lines
 from .core.training import (DistInfo, TrainingError, check_method, fit, init_distributed, memory_snapshot,
-                            oom_message, package_available, release_memory, resume_key, seed_everything,
-                            select_backend, select_distributed, select_loss_head, trainable_state)
+                            TRAINING_LIBRARIES, identity_key, library_versions, oom_message, package_available,
+                            release_memory, run_identity, seed_everything, select_backend, select_distributed,
+                            select_loss_head, trainable_state)
 
 STAGE = "train"
 SPLIT_FIELDS = ("system", "instruction", "output")
@@ -52,9 +55,9 @@ def log(message: str) -> None:
 def read_split(path: Path) -> list[dict]:
     """The rows of a processed split; every bad line is reported, with its line number."""
     if not path.is_file():
-        raise DataError(f"{path} not found (run the preprocess stage: dvc repro preprocess)", [])
+        raise DataError(f"{path} not found (run the preprocess stage: dvc repro preprocess)")
     rows, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8-sig")), start=1):
         if not line.strip():
             continue
         try:
@@ -166,15 +169,7 @@ def build_model_unsloth(params: Params, dtype):  # pragma: no cover - needs CUDA
 # ---------------------------------------------------------------------------------------------
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "accelerate", "dvclive", "liger-kernel", "unsloth", "bitsandbytes"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return library_versions(TRAINING_LIBRARIES + ("dvclive",))
 
 
 def save_outputs(output: Path, model, tokenizer, params: Params, data_hash: str, extra: dict,
@@ -242,7 +237,8 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     train_rows = read_split(data_dir / "train.jsonl")
     val_rows = read_split(data_dir / "val.jsonl") if (data_dir / "val.jsonl").is_file() else []
     if not train_rows:
-        raise DataError(f"{data_dir / 'train.jsonl'} has no records", [])
+        raise DataError(f"{data_dir / 'train.jsonl'} has no records: the preprocess stage kept none for "
+                        "training (its counts: metrics/preprocess.json)")
     data_hash = content_hash([{k: r[k] for k in SPLIT_FIELDS} for r in train_rows + val_rows])
     tokenizer = load_tokenizer(params.model.tokenizer)
     check_model_fits(params.model, tokenizer)
@@ -260,13 +256,13 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         f"{head.value}, packing {train.packing}, {distributed if distributed != 'none' else 'single process'}; "
         f"{trainable:,} of {total:,} parameters trainable; {len(train_ex)} train / {len(val_ex)} val records")
 
-    key = resume_key(params.model_dump(mode="json"), data_hash, dist_info.world_size)
+    identity = run_identity(params.model_dump(mode="json"), data_hash, dist_info.world_size)
     live = open_live(live_dir, resume=False) if dist_info.is_main else None
     try:
         result = fit(model, train_ex, val_ex, train, device=device, head_mode=head.value,
-                     checkpoint_dir=checkpoints, run_key=key, logger=live, dist_info=dist_info,
-                     distributed=distributed, log=say, stop_after_steps=stop_after_steps,
-                     pad_id=chat_format(tokenizer).pad_id)
+                     checkpoint_dir=checkpoints, run_key=identity_key(identity), run_identity=identity,
+                     logger=live, dist_info=dist_info, distributed=distributed, log=say,
+                     stop_after_steps=stop_after_steps, pad_id=chat_format(tokenizer).pad_id)
     except torch.cuda.OutOfMemoryError:  # pragma: no cover - needs CUDA
         release_memory(device)
         raise TrainingError(oom_message(train, device, "training")) from None
@@ -342,16 +338,40 @@ def main(argv: list[str] | None = None) -> int:
 
     def guarded() -> int:
         try:
-            return body()
+            with terminate_as_interrupt():
+                return body()
         except TrainingError as exc:
             print(f"[{STAGE}] training failed: {exc}", file=sys.stderr)
             return 3
-        except KeyboardInterrupt:
-            print(f"[{STAGE}] interrupted; re-run the same command to resume from the last checkpoint",
-                  file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as exc:
+            how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+            print(f"[{STAGE}] {how}; re-run the same command to resume from the last checkpoint "
+                  f"({args.checkpoints or 'none: --checkpoints is empty'})", file=sys.stderr)
+            return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
 
     return cli.run(guarded, STAGE)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Azure ML, Kubernetes and `kill` send), handled like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While the block runs, SIGTERM raises Terminated, so it unwinds like Ctrl-C: the checkpoint
+    write in progress is discarded and the last complete checkpoint is what a re-run resumes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -141,5 +141,5 @@ def test_train_stage_under_torchrun_saves_the_gathered_full_model(tmp_path, root
     for name in a:
         assert b[name].shape == a[name].shape, name   # full tensors, not shards
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
-    assert (tmp_path / "single-ckpt/checkpoint.pt").is_file()
-    assert not (tmp_path / "fsdp-ckpt/checkpoint.pt").exists() and "not written under FSDP" in two["log"]
+    assert (tmp_path / "single-ckpt/checkpoint.safetensors").is_file()
+    assert not (tmp_path / "fsdp-ckpt/checkpoint.safetensors").exists() and "not written under FSDP" in two["log"]

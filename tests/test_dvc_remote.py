@@ -148,7 +148,8 @@ def test_dvc_config_matches_params_and_holds_no_secret():
     remote = config[section]
     assert remote["url"] == f"azure://{storage['dvc_container']}"
     assert remote["account_name"] == storage["account_name"]
-    assert config["core"]["remote"] == storage["dvc_remote_name"]
+    # not the default until infra/ is deployed: a fresh clone never waits on Azure credentials
+    assert "remote" not in (config["core"] if "core" in config else {}), ".dvc/config has a default remote"
     for name in config.sections():
         assert not SECRET_KEYS & set(config[name]), f".dvc/config [{name}] holds a secret"
     text = (ROOT / ".dvc" / "config").read_text()
@@ -198,8 +199,20 @@ def temp_repo(tmp_path, azurite):
     # A container of the same name in the emulator; credentials only in this copy's config.local.
     container = storage["dvc_container"]
     BlobServiceClient.from_connection_string(azurite).create_container(container)
+    make_default_as_after_infra_deploy(repo, storage)
     _dvc(repo, "remote", "modify", "--local", storage["dvc_remote_name"], "connection_string", azurite)
     return repo, storage, container
+
+
+def make_default_as_after_infra_deploy(repo: Path, storage: dict) -> None:
+    """What a team runs once infra/ is deployed: the commands infra_report prints."""
+    from stages.ci.infra_report import dvc_commands
+
+    commands = dvc_commands({"dvcContainerName": storage["dvc_container"],
+                             "storageAccountName": storage["account_name"]}, storage["dvc_remote_name"])
+    assert any("--default" in c for c in commands)
+    for command in commands:
+        _dvc(repo, *command.split()[1:])
 
 
 def test_push_wipe_pull_status_round_trip(temp_repo, azurite):
@@ -288,6 +301,7 @@ def test_job_launcher_pulls_reproduces_pushes_and_collects(tmp_path, azurite):
 
             applied = apply_results(runs[0][1], yaml.safe_load((repo / "dvc.yaml").read_text()), repo)
             assert applied[0] == "dvc.lock"
+        make_default_as_after_infra_deploy(repo, storage)
         _dvc(repo, "remote", "modify", "--local", storage["dvc_remote_name"], "connection_string", azurite)
         results = tmp_path / f"results-{attempt}"
         out = subprocess.run([sys.executable, "-m", "stages.azure.launch", "--target", stage, "--results", str(results)],

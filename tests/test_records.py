@@ -5,8 +5,9 @@ import json
 import pytest
 
 from stages.core import pii
-from stages.core.records import (SPLITS, answer_key, deduplicate, normalize_text, parse_lines, question_key,
-                                 split_of)
+from stages.core.pii import find_pii, redact
+from stages.core.records import (SPLITS, DataError, Problem, answer_key, deduplicate, jsonl_lines, normalize_text,
+                                 parse_lines, question_key, split_of)
 
 GOOD = {"system": "s", "instruction": "What is PM?", "output": "PM job code indicates Full Time Employee."}
 
@@ -129,3 +130,66 @@ def test_redact_replaces_each_span():
 def test_shipped_dataset_has_no_pii(root):
     for row in map(json.loads, (root / "data/raw/corporate_qa.jsonl").read_text().splitlines()):
         assert not pii.find_pii(row["instruction"] + " " + row["output"]), row
+
+
+# ---------------------------------------------------------------------------------------------
+# JSONL lines, meaning-bearing symbols, reserved domains and message-ids (issues 13 and 15)
+
+def test_jsonl_lines_split_on_newline_only():
+    text = '{"a": "x\u2028y\u2029z\u0085w\x1c"}\r\n{"b": 1}\n\n'
+    assert jsonl_lines(text) == ['{"a": "x\u2028y\u2029z\u0085w\x1c"}', '{"b": 1}', ""]
+    records, problems, counts = parse_lines(json.dumps({"system": "s", "instruction": "q\u2028?", "output": "a"},
+                                                       ensure_ascii=False) + "\n{bad\n", "f")
+    assert [r.line for r in records] == [1] and [p.line for p in problems] == [2] and counts["lines"] == 2
+
+
+def test_data_error_without_problems_does_not_end_in_a_colon():
+    assert str(DataError("train.jsonl has no records")) == "train.jsonl has no records"
+    assert str(DataError("bad", [Problem("f", 2, "why")])) == "bad:\n  f:2: why"
+
+
+@pytest.mark.parametrize("one,other", [
+    ("Can I create my own functions in C?", "Can I create my own functions in C++?"),
+    ("Can I create my own functions in C?", "Can I create my own functions in C#?"),
+    ("How do I call C++ from C#?", "How do I call C from C?"),
+    ("What is new in Python 3.11?", "What is new in Python 3.12?"),
+    ("Is 3.11 supported?", "Is 3.1.1 supported?"),
+    ("Does it run on .NET?", "Does it run on NET?"),
+])
+def test_near_duplicates_keep_meaning_bearing_symbols(one, other):
+    assert question_key(one) != question_key(other)
+    kept, removed = deduplicate(_records((one, "A"), (other, "B")))
+    assert len(kept) == 2 and not removed
+
+
+@pytest.mark.parametrize("one,other", [
+    ("Can I create my own functions in C++?", "can i create my own functions in c++"),
+    ("What's new in Python 3.11?", "Whats new in python 3.11 ?"),
+    ("What is .NET?", "what is .NET"),
+    ("e.g. what is PM?", "eg, what is PM"),
+])
+def test_near_duplicates_still_match_up_to_case_punctuation_and_spacing(one, other):
+    assert question_key(one) == question_key(other)
+
+
+@pytest.mark.parametrize("text", [
+    "Send it to receiver@example.com in the sample.",
+    "smtp.sendmail('sender@example.org', ['to@example.net'], msg)",
+    "user@mail.example.com and admin@host.example and root@box.test",
+    "See http://groups.google.com/groups?selm=34A3B7E2.5F1B@cwi.nl for the thread.",
+    "https://mail.python.org/pipermail/?msgid=abc.123@python.org",
+    "news:3a1b2c3d@news.cwi.nl",
+])
+def test_reserved_domains_and_message_ids_in_urls_are_not_pii(text):
+    assert find_pii(text) == [] and redact(text) == (text, [])
+
+
+@pytest.mark.parametrize("text,left", [
+    ("Send it to receiver@contoso.com in the sample.", "Send it to [EMAIL] in the sample."),
+    ("reach jane.doe@example.com.evil.io", "reach [EMAIL]"),
+    ("bob@notexample.com", "[EMAIL]"),
+    ("form at https://contoso.com/contact?email=jane.doe@gmail.com", "form at https://contoso.com/contact?email=[EMAIL]"),
+    ("mailto:jane.doe@gmail.com or see http://x.org/?selm=1@news.org", "mailto:[EMAIL] or see http://x.org/?selm=1@news.org"),
+])
+def test_real_addresses_beside_them_are_still_caught(text, left):
+    assert redact(text) == (left, ["email"])

@@ -107,7 +107,7 @@ def test_interrupted_run_resumes_and_matches(tmp_path, first, data_dir):
     _, uninterrupted = first
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, data_dir, stop_after_steps=3)  # checkpoint written at the evaluation after step 3
-    assert (tmp_path / "ckpt/checkpoint.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint.safetensors"]
     assert not (tmp_path / "adapter").exists()
     resumed = run(tmp_path, data_dir)
     assert resumed["resumed_from_step"] == 3
@@ -122,7 +122,88 @@ def test_changed_params_start_fresh(tmp_path, first, data_dir, capsys):
     run(tmp_path, data_dir, extra={"train": {"epochs": 1}})
     changed = run(tmp_path, data_dir, extra={"train": {"epochs": 1, "learning_rate": 0.001}})
     assert changed["resumed_from_step"] == 0
-    assert "other params or data (resume key differs): starting fresh" in capsys.readouterr().out
+    assert "(resume key differs: the model/train params changed): starting fresh" in capsys.readouterr().out
+
+
+def test_changed_training_code_starts_fresh_and_says_which_file(tmp_path, data_dir, capsys, monkeypatch):
+    from stages.core import training
+
+    run(tmp_path, data_dir, extra={"train": {"epochs": 1}})
+    real = training.training_code_hashes()
+    monkeypatch.setattr(training, "training_code_hashes",
+                        lambda: {**real, "stages/core/training.py": "edited"})
+    capsys.readouterr()
+    changed = run(tmp_path, data_dir, extra={"train": {"epochs": 1}})
+    assert changed["resumed_from_step"] == 0
+    assert "(resume key differs: the training code changed (stages/core/training.py)): starting fresh" \
+        in capsys.readouterr().out
+
+
+def test_a_failed_checkpoint_write_warns_and_training_finishes(tmp_path, data_dir, capsys, monkeypatch):
+    import errno
+
+    from stages.core import training
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    metrics = run(tmp_path, data_dir, extra={"train": {"epochs": 1}})
+    assert metrics["steps"] == 3 and (tmp_path / "adapter/manifest.json").is_file()
+    out = capsys.readouterr().out
+    assert "warning: checkpoint not written to " in out and "No space left on device); training continues" in out
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir()), "no .tmp left behind"
+
+
+@pytest.mark.slow
+def test_sigterm_is_handled_like_ctrl_c_and_the_run_resumes(tmp_path, data_dir, root):
+    """SIGTERM (Azure ML, Kubernetes) mid-training: a message, exit 143, no .tmp, and a re-run resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(merged(TINY, {"train": {"epochs": 30}})))
+    cmd = [sys.executable, "-m", "stages.train", "--data", str(data_dir), "--output", str(tmp_path / "adapter"),
+           "--checkpoints", str(tmp_path / "ckpt"), "--metrics", str(tmp_path / "train.json"), "--live", "",
+           "--params", str(params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ckpt/checkpoint.safetensors").is_file() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert f"[train] stopped by SIGTERM; re-run the same command to resume from the last checkpoint ({tmp_path / 'ckpt'})" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint.safetensors"]
+    assert not (tmp_path / "adapter").exists()
+    # the same command resumes (stopped again as soon as it says so: the rest is the resume test above)
+    again = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in again.stdout:
+        lines.append(line)
+        if "resuming from" in line or "starting fresh" in line:
+            break
+    again.send_signal(signal.SIGTERM)
+    again.communicate(timeout=60)
+    assert f"resuming from {tmp_path / 'ckpt/checkpoint.safetensors'} at optimizer step" in lines[-1], lines
+
+
+def test_empty_training_split_message_does_not_end_in_a_colon(tmp_path):
+    from stages.core.records import DataError
+
+    (tmp_path / "train.jsonl").write_text("\n")
+    with pytest.raises(DataError) as info:
+        run(tmp_path, tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'train.jsonl'} has no records: the preprocess stage kept none for "
+                               "training (its counts: metrics/preprocess.json)")
 
 
 def test_lora_freezes_base_and_moves_adapter(data_dir):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 import torch
 
 from stages.core.chat import EOT_ID, IGNORE_INDEX, PAD_ID, encode_example
 from stages.core.params import ConfigError, validate_params
-from stages.core.training import (collate, completion_loss_sum, epoch_steps, load_checkpoint, micro_batches,
-                                  oom_message, pack, pack_groups, resume_key, save_checkpoint, select_backend,
+from stages.core.training import (CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, TRAINING_CODE, collate,
+                                  completion_loss_sum, epoch_steps, identity_key, library_versions, load_checkpoint,
+                                  micro_batches, oom_message, pack, pack_groups, resume_key, run_identity,
+                                  save_checkpoint, select_backend, training_code_hashes,
                                   select_distributed, select_loss_head, check_method, shard)
 
 RECORDS = [
@@ -174,11 +179,143 @@ def test_checkpoint_is_resumed_only_with_the_same_key(tmp_path):
     assert key != resume_key(other, "data-1")
     state, message = load_checkpoint(tmp_path, key)
     assert state is None and "starting fresh" in message
-    save_checkpoint(tmp_path, {"resume_key": key, "step": 3, "epoch": 0})
+    assert save_checkpoint(tmp_path, {"resume_key": key, "step": 3, "epoch": 0}) is None
     state, message = load_checkpoint(tmp_path, key)
     assert state["step"] == 3 and "resuming" in message
-    state, message = load_checkpoint(tmp_path, resume_key(other, "data-1"))
-    assert state is None and "other params or data" in message
-    (tmp_path / "checkpoint.pt").write_bytes(b"torn")
+    state, message = load_checkpoint(tmp_path, resume_key(other, "data-1"),
+                                     run_identity(other, "data-1"))
+    assert state is None and "resume key differs" in message
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"torn")
     state, message = load_checkpoint(tmp_path, key)
     assert state is None and "unreadable" in message
+
+
+def test_checkpoint_round_trips_optimizer_scheduler_and_rng_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    state = {"resume_key": "k", "step": 1, "epoch": 0, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "best_state": None,
+             "history": [{"step": 1, "val/loss": 2.5}], "trainable": {"w": model.weight.detach().clone()}}
+    assert save_checkpoint(tmp_path, state) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes()[:2] != b"\x80\x02", "not a pickle"
+    loaded, _ = load_checkpoint(tmp_path, "k")
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    fresh.load_state_dict(loaded["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(loaded["torch_rng"], state["torch_rng"]) and torch.equal(loaded["trainable"]["w"], model.weight)
+    assert loaded["history"] == state["history"] and loaded["best_state"] is None
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what a crafted checkpoint.pt holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_checkpoint_is_refused_and_never_unpickled(tmp_path):
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    key = resume_key(tiny_params().model_dump(mode="json"), "data")
+    (folder / LEGACY_CHECKPOINT_FILE).write_bytes(pickle.dumps({"resume_key": key, "x": _Payload(marker)}))
+    state, message = load_checkpoint(folder, key)
+    assert state is None and not marker.exists(), "the payload must not run"
+    assert f"refused {folder / LEGACY_CHECKPOINT_FILE}: a pickle checkpoint" in message and "starting fresh" in message
+    # the same bytes under the new name are no safetensors file: unreadable, still never unpickled
+    (folder / CHECKPOINT_FILE).write_bytes((folder / LEGACY_CHECKPOINT_FILE).read_bytes())
+    state, message = load_checkpoint(folder, key)
+    assert state is None and "unreadable" in message and not marker.exists()
+
+
+def test_a_code_or_library_change_starts_fresh_and_says_why(tmp_path, root):
+    p = tiny_params().model_dump(mode="json")
+    code = training_code_hashes()
+    assert set(code) == {f"stages/{name}" for name in TRAINING_CODE}
+    libraries = library_versions()
+    assert {"python", "torch", "transformers", "peft"} <= set(libraries)
+    identity = run_identity(p, "data", code=code, libraries=libraries)
+    save_checkpoint(tmp_path, {"resume_key": identity_key(identity), "identity": identity, "step": 2, "epoch": 0})
+
+    # a copy of the training code, edited as in issue 13 (the learning rate multiplied by 0)
+    package = tmp_path / "stages"
+    (package / "core").mkdir(parents=True)
+    for name in TRAINING_CODE:
+        (package / name).write_bytes((root / "stages" / name).read_bytes())
+    source = (package / "core/training.py").read_text()
+    assert "lr=train.learning_rate," in source
+    (package / "core/training.py").write_text(source.replace("lr=train.learning_rate,", "lr=train.learning_rate * 0.0,"))
+    edited = {f"stages/{name}": hashlib.sha256((package / name).read_bytes()).hexdigest() for name in TRAINING_CODE}
+    changed = run_identity(p, "data", code=edited, libraries=libraries)
+    state, message = load_checkpoint(tmp_path, identity_key(changed), changed)
+    assert state is None
+    assert "(resume key differs: the training code changed (stages/core/training.py)): starting fresh" in message
+
+    newer = run_identity(p, "data", code=code, libraries={**libraries, "torch": "99.0"})
+    state, message = load_checkpoint(tmp_path, identity_key(newer), newer)
+    assert state is None and f"library versions changed (torch {libraries['torch']} -> 99.0)" in message
+    state, message = load_checkpoint(tmp_path, identity_key(identity), identity)
+    assert state["step"] == 2
+
+
+def test_the_hashed_training_code_covers_what_train_imports(root):
+    """Every stages module that stages/train.py or the training core imports is hashed, except the
+    ones that only do I/O and error reporting."""
+    import ast
+
+    not_training = {"core/cli.py", "core/io.py", "core/records.py", "core/perf.py"}
+    imported = set()
+    for name in ("train.py", "core/training.py", "core/modeling.py"):
+        for node in ast.walk(ast.parse((root / "stages" / name).read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.level != 1 or not node.module:
+                continue
+            if name == "train.py" and node.module == "core":
+                imported.update(f"core/{alias.name}.py" for alias in node.names)
+            elif name == "train.py" and node.module.startswith("core."):
+                imported.add(f"core/{node.module[5:]}.py")
+            elif name != "train.py":
+                imported.add(f"core/{node.module}.py")
+    assert "core/chat.py" in imported and "core/training.py" in imported
+    imported = {m for m in imported if (root / "stages" / m).is_file()}
+    assert imported - not_training <= set(TRAINING_CODE), imported - not_training - set(TRAINING_CODE)
+
+
+def test_a_failed_checkpoint_write_warns_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+
+    assert save_checkpoint(tmp_path, {"resume_key": "k", "step": 1, "epoch": 0}) is None
+    before = (tmp_path / CHECKPOINT_FILE).read_bytes()
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    warning = save_checkpoint(tmp_path, {"resume_key": "k", "step": 2, "epoch": 0, "w": torch.zeros(1000)})
+    assert warning.startswith(f"warning: checkpoint not written to {tmp_path / CHECKPOINT_FILE} (OSError: ")
+    assert "training continues" in warning
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE], "no .tmp left behind"
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
+
+
+def test_an_interrupt_during_the_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    assert save_checkpoint(tmp_path, {"resume_key": "k", "step": 1, "epoch": 0}) is None
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, {"resume_key": "k", "step": 2, "epoch": 0})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]
+    assert load_checkpoint(tmp_path, "k")[0]["step"] == 1

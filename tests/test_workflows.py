@@ -452,3 +452,52 @@ def test_endpoint_deploy_dry_run_is_guarded():
         assert proc.returncode == 0, proc.stdout + proc.stderr
     else:
         assert proc.returncode != 0 and "dvc" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# supply chain: actions pinned by commit, credentials only where a step pushes
+
+USES = re.compile(r"^\s*(?:-\s*)?uses:\s*(?P<ref>\S+)(?P<comment>.*)$", re.M)
+
+
+def test_every_action_is_pinned_by_full_commit_sha_with_its_tag_in_a_comment():
+    found = 0
+    for path in sorted(WORKFLOWS.glob("*.yml")):
+        for match in USES.finditer(path.read_text()):
+            found += 1
+            action, _, ref = match["ref"].partition("@")
+            assert re.fullmatch(r"[0-9a-f]{40}", ref), f"{path.name}: {match['ref']} is not pinned by commit SHA"
+            assert re.fullmatch(r"\s*#\s*v\d+(\.\d+){2}\s*", match["comment"]), \
+                f"{path.name}: {action}@{ref} needs its release tag in a comment (# vX.Y.Z)"
+    assert found >= 10
+
+
+def _pushes(step: dict) -> bool:
+    return bool(re.search(r"\bgit\b.*\bpush\b|stages\.ci\.results_pr", step.get("run", ""), re.S))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_checkout_keeps_credentials_and_only_pushing_steps_get_a_token(name):
+    for job_name, job in load(name)["jobs"].items():
+        for step in job.get("steps", []):
+            if str(step.get("uses", "")).startswith("actions/checkout@"):
+                assert step.get("with", {}).get("persist-credentials") is False, \
+                    f"{name}.yml job {job_name}: checkout without persist-credentials: false"
+            if _pushes(step):
+                assert "github.token" in str(step.get("env", {})), f"{name}.yml {step.get('name')}: push without a token"
+                assert "extraheader" in step["run"], f"{name}.yml {step.get('name')}: token not scoped to the push"
+
+
+def test_the_tag_push_hands_its_token_to_git_for_that_command_only():
+    step = next(s for s in steps(load("deploy"), "rollout") if _pushes(s))
+    assert re.search(r'git -c "http\.\$GITHUB_SERVER_URL/\.extraheader=AUTHORIZATION: basic \$auth"\s*\\\s*push', step["run"])
+    assert 'echo "::add-mask::$auth"' in step["run"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_pip_cache_is_keyed_on_the_locks_that_make_setup_installs(name):
+    for job in load(name)["jobs"].values():
+        for step in job.get("steps", []):
+            if step.get("with", {}).get("cache") == "pip":
+                assert step["with"]["cache-dependency-path"].split() == ["requirements-hashed.lock",
+                                                                        "requirements-nodeps.txt"]

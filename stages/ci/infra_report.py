@@ -108,6 +108,9 @@ def variables_for(outputs: dict[str, str], pull_request: bool = False) -> dict[s
 
 
 def dvc_commands(outputs: dict[str, str], remote: str = "azure") -> list[str]:
+    """The commands that point the DVC remote at the deployed storage and make it the default:
+    the committed .dvc/config has no default remote until then, so a fresh clone's `dvc exp run`
+    never waits on Azure credentials. Commit .dvc/config after running them."""
     for key in ("dvcContainerName", "storageAccountName"):
         if key not in outputs:
             raise InfraReportError(f"deployment outputs lack {key}")

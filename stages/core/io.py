@@ -58,11 +58,23 @@ def atomic_dir(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    old = None
     try:
         yield tmp
+        if path.exists():
+            # Set the old folder aside first (a rename), so a failure never leaves half of it.
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / path.name, path)
+                raise
+        else:
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    finally:
+        if old is not None and path.exists():  # never delete the old outputs if they are not back
+            shutil.rmtree(old, ignore_errors=True)

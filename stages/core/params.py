@@ -52,7 +52,7 @@ class ModelParams(Section):
 
 
 class SplitFractions(Section):
-    train: float = Field(0.80, gt=0, lt=1)
+    train: float = Field(0.80, gt=0, le=1)
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.05, ge=0, lt=1)
 
@@ -70,6 +70,9 @@ class PreprocessParams(Section):
     near_duplicates: bool = True
     split: SplitFractions = SplitFractions()
     split_salt: str = "v1"
+    # Fewer test records than this gives a warning in the stats (metrics/preprocess.json):
+    # evaluation on so few cannot tell base and tuned apart by a small margin.
+    min_test_records: int = Field(50, ge=0)
 
 
 class LoraParams(Section):

@@ -19,6 +19,14 @@ PHONE = re.compile(r"(?<![\w$])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}
 
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
+# RFC 2606 / RFC 6761 reserve these for documentation and tests: nobody's mailbox.
+RESERVED_DOMAIN = re.compile(r"(?:^|\.)(?:example\.(?:com|org|net)|[^.]+\.(?:example|test|invalid|localhost))$"
+                             r"|^(?:example|test|invalid|localhost)$", re.I)
+# A URL; inside one, an address-like value of a message-id parameter (Usenet's selm=, msgid=...)
+# or of a news: URL names a message, not a person.
+URL = re.compile(r"\b(?:https?|ftp|news|nntp):(?://)?[^\s<>\"'()\[\]]+", re.I)
+MESSAGE_ID_PARAM = re.compile(r"[?&;](?:selm|msgid|mid|message-?id|messageid|threadm|id)=[^&;#=]*$", re.I)
+
 KINDS = (("email", EMAIL, "[EMAIL]"), ("card", CARD, "[CARD]"), ("id", NATIONAL_ID, "[ID]"),
          ("phone", PHONE, "[PHONE]"))
 
@@ -42,8 +50,20 @@ def _luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _is_message_id(text: str, start: int) -> bool:
+    """Whether the address at text[start] sits in a URL as a message id (news: URL or selm=...)."""
+    for url in URL.finditer(text):
+        if url.start() <= start < url.end():
+            if url.group().lower().startswith(("news:", "nntp:")):
+                return True
+            return bool(MESSAGE_ID_PARAM.search(text[url.start():start]))
+    return False
+
+
 def _is_real(kind: str, text: str) -> bool:
     digits = re.sub(r"\D", "", text)
+    if kind == "email":
+        return not RESERVED_DOMAIN.search(text.rsplit("@", 1)[1])
     if kind == "card":
         return 13 <= len(digits) <= 19 and _luhn_ok(digits)
     if kind == "phone":
@@ -60,6 +80,8 @@ def find_pii(text: str) -> list[Finding]:
         for match in pattern.finditer(text):
             span = match.span()
             if any(span[0] < end and start < span[1] for start, end in taken):
+                continue
+            if kind == "email" and _is_message_id(text, span[0]):
                 continue
             if _is_real(kind, match.group()):
                 findings.append(Finding(kind, *span))

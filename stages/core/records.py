@@ -45,11 +45,23 @@ class Record:
 class DataError(Exception):
     """Input data is unusable; carries every problem found, each with its line and reason."""
 
-    def __init__(self, summary: str, problems: list[Problem]):
-        self.problems = problems
+    def __init__(self, summary: str, problems: list[Problem] = ()):
+        self.problems = list(problems)
+        if not problems:  # a summary alone, not one ending in a colon and an empty list
+            super().__init__(summary)
+            return
         listed = "\n  ".join(str(p) for p in problems[:200])
         more = f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""
         super().__init__(f"{summary}:\n  {listed}{more}")
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text, split on "\n" only (and a "\r" before it): str.splitlines would
+    also split on U+2028, U+2029, U+0085 and other characters that are valid inside JSON strings."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def parse_lines(text: str, source: str) -> tuple[list[Record], list[Problem], dict]:
@@ -59,7 +71,7 @@ def parse_lines(text: str, source: str) -> tuple[list[Record], list[Problem], di
     """
     records, problems = [], []
     counts = {"lines": 0, "blank_lines": 0, "bom": int(text.startswith("\ufeff"))}
-    for number, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(text.lstrip("\ufeff")), start=1):
         counts["lines"] += 1
         if not line.strip():
             counts["blank_lines"] += 1
@@ -120,14 +132,30 @@ def normalize_record(record: Record) -> Record:
     return record
 
 
-_PUNCT = str.maketrans("", "", string.punctuation + "¿¡“”‘’«»…")
+_PUNCT = frozenset(string.punctuation + "¿¡“”‘’«»…")
+
+
+def _meaningful(text: str, i: int) -> bool:
+    """Whether the punctuation at text[i] carries meaning that near-duplicate matching must keep:
+    C++ / C# / F# (+ or # after a letter, digit or +), version numbers (3.11 is not 3.1.1: a dot
+    between digits) and .NET-style names (a dot that starts a word)."""
+    ch, before = text[i], text[i - 1] if i else " "
+    after = text[i + 1] if i + 1 < len(text) else " "
+    if ch in "+#":
+        return before.isalnum() or before in "+#"
+    if ch == ".":
+        return (before.isdigit() and after.isdigit()) or (before.isspace() and after.isalpha())
+    return False
 
 
 def question_key(instruction: str, near: bool = True) -> str:
-    """The identity of a question: normalised text, or (near) also case, punctuation and spacing."""
+    """The identity of a question: normalised text, or (near) also case, punctuation and spacing,
+    keeping the symbols that change what is asked (C vs C++ vs C#, .NET, Python 3.11 vs 3.12)."""
     text = normalize_text(instruction)
     if near:
-        text = " ".join(text.casefold().translate(_PUNCT).split())
+        text = text.casefold()
+        text = "".join(ch for i, ch in enumerate(text) if ch not in _PUNCT or _meaningful(text, i))
+        text = " ".join(text.split())
     return text
 
 

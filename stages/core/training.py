@@ -468,14 +468,82 @@ def oom_message(train, device: torch.device, phase: str) -> str:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
-CHECKPOINT_FILE = "checkpoint.pt"
+# Tensors in safetensors, everything else as JSON in the same file's header: loading a checkpoint
+# parses data and never runs code (a pickle, what torch.save writes, can run any code on load).
+CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "llama-finetune-checkpoint/1"
+# What older versions wrote (torch.save, a pickle): refused, never unpickled.
+LEGACY_CHECKPOINT_FILE = "checkpoint.pt"
+
+# The source files whose code decides what training computes (relative to the stages package). A
+# change to any of them starts training afresh instead of resuming a checkpoint of the old code.
+# tests/test_training_core.py keeps this in step with what stages/train.py imports.
+TRAINING_CODE = ("train.py", "core/training.py", "core/modeling.py", "core/chat.py", "core/params.py",
+                 "core/determinism.py")
+# The libraries whose versions change the numbers (a checkpoint of another version starts afresh).
+TRAINING_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
+                      "liger-kernel", "unsloth", "bitsandbytes")
 
 
-def resume_key(params_dict: dict, data_hash: str, world_size: int = 1) -> str:
+def training_code_hashes(files: tuple[str, ...] = TRAINING_CODE) -> dict[str, str]:
+    """{path: sha256 of its bytes} of the training code, paths relative to the repository."""
+    package = Path(__file__).resolve().parents[1]
+    return {f"stages/{name}": hashlib.sha256((package / name).read_bytes()).hexdigest() for name in files}
+
+
+def library_versions(names: tuple[str, ...] = TRAINING_LIBRARIES) -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_identity(params_dict: dict, data_hash: str, world_size: int = 1, code: dict | None = None,
+                 libraries: dict | None = None) -> dict:
+    """What a run depends on: params, data, process count, training code and library versions."""
+    return {"params": {"model": params_dict.get("model"), "train": params_dict.get("train")},
+            "data": data_hash, "world_size": world_size,
+            "code": training_code_hashes() if code is None else code,
+            "libraries": library_versions() if libraries is None else libraries}
+
+
+def resume_key(params_dict: dict, data_hash: str, world_size: int = 1, code: dict | None = None,
+               libraries: dict | None = None) -> str:
     """Identity of a run: a checkpoint is resumed only by the run with the same key."""
-    payload = json.dumps({"model": params_dict.get("model"), "train": params_dict.get("train"),
-                          "data": data_hash, "world_size": world_size}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return identity_key(run_identity(params_dict, data_hash, world_size, code, libraries))
+
+
+def identity_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def identity_changes(old: dict | None, new: dict | None) -> str:
+    """Why two run identities differ, in words ("the training code changed (stages/train.py)")."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return "other params, data, code or library versions"
+    reasons = []
+    if old.get("params") != new.get("params"):
+        reasons.append("the model/train params changed")
+    if old.get("data") != new.get("data"):
+        reasons.append("the training data changed")
+    if old.get("world_size") != new.get("world_size"):
+        reasons.append(f"the process count changed ({old.get('world_size')} -> {new.get('world_size')})")
+    old_code, new_code = old.get("code") or {}, new.get("code") or {}
+    changed = sorted(name for name in set(old_code) | set(new_code) if old_code.get(name) != new_code.get(name))
+    if changed:
+        reasons.append(f"the training code changed ({', '.join(changed)})")
+    old_libs, new_libs = old.get("libraries") or {}, new.get("libraries") or {}
+    libs = [f"{name} {old_libs.get(name, 'absent')} -> {new_libs.get(name, 'absent')}"
+            for name in sorted(set(old_libs) | set(new_libs)) if old_libs.get(name) != new_libs.get(name)]
+    if libs:
+        reasons.append(f"library versions changed ({', '.join(libs)})")
+    return "; ".join(reasons) or "other params, data, code or library versions"
 
 
 def _is_sharded(tensor) -> bool:
@@ -512,28 +580,98 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
                 target.copy_(value.to(target.device))
 
 
-def save_checkpoint(directory: Path, state: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+def _encode(value, tensors: dict[str, torch.Tensor]):
+    """A JSON-able value with every tensor moved to `tensors` and replaced by {"__tensor__": name}.
+    Tuples and dicts with non-string keys (the optimizer's parameter indices) keep their types."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensor = value.detach().to("cpu")
+        # safetensors refuses tensors that share memory: views are copied
+        tensors[name] = tensor.clone() if tensor._base is not None or not tensor.is_contiguous() else tensor
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, tensors) for k, v in value.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint state holds a {type(value).__name__}, which is not saved")
+
+
+def _decode(value, tensors):
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"__tensor__"}:
+        return tensors(value["__tensor__"])
+    if set(value) == {"__items__"}:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
+    if set(value) == {"__tuple__"}:
+        return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def save_checkpoint(directory: Path, state: dict) -> str | None:
+    """Write the checkpoint atomically (a .tmp file, then rename). A failure to write it is not a
+    failure of training: the .tmp is removed and a warning returned (None when written)."""
+    from safetensors.torch import save_file
+
     tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / CHECKPOINT_FILE)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        header = json.dumps(_encode(state, tensors))
+        save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "state": header})
+        os.replace(tmp, directory / CHECKPOINT_FILE)
+        return None
+    except Exception as exc:  # disk full, read-only, permissions: training goes on
+        tmp.unlink(missing_ok=True)
+        return (f"warning: checkpoint not written to {directory / CHECKPOINT_FILE} "
+                f"({type(exc).__name__}: {exc}); training continues, but an interruption now resumes "
+                "from the previous checkpoint, if any")
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: the previous checkpoint stays whole
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load_checkpoint(directory: Path | None, key: str) -> tuple[dict | None, str]:
-    """(state, message): the state when it belongs to this run, else None and why."""
+def _read_checkpoint(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        state = _decode(json.loads(metadata["state"]), handle.get_tensor)
+    if not isinstance(state, dict):
+        raise ValueError("the state is not a JSON object")
+    return state
+
+
+def load_checkpoint(directory: Path | None, key: str, identity: dict | None = None) -> tuple[dict | None, str]:
+    """(state, message): the state when it belongs to this run, else None and why. `identity`
+    (run_identity) lets the message say what changed since the checkpoint was written."""
     if directory is None:
         return None, "no checkpoint directory"
+    legacy = directory / LEGACY_CHECKPOINT_FILE
+    refused = (f"refused {legacy}: a pickle checkpoint (torch.save) from an older version, which could "
+               "run code when loaded, so it is never loaded; delete it. ") if legacy.exists() else ""
     path = directory / CHECKPOINT_FILE
     if not path.is_file():
-        return None, f"no checkpoint in {directory}: starting fresh"
+        return None, f"{refused}no checkpoint in {directory}: starting fresh"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = _read_checkpoint(path)
     except Exception as exc:  # a torn or foreign file must not stop training
-        return None, f"checkpoint {path} is unreadable ({type(exc).__name__}): starting fresh"
+        return None, f"{refused}checkpoint {path} is unreadable ({type(exc).__name__}: {exc}): starting fresh"
     if state.get("resume_key") != key:
-        return None, (f"checkpoint {path} was written with other params or data "
-                      "(resume key differs): starting fresh")
-    return state, f"resuming from {path} at optimizer step {state['step']} (epoch {state['epoch'] + 1})"
+        why = identity_changes(state.get("identity"), identity)
+        return None, f"{refused}checkpoint {path} is of another run (resume key differs: {why}): starting fresh"
+    return state, (f"{refused}resuming from {path} at optimizer step {state['step']} "
+                   f"(epoch {state['epoch'] + 1})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -562,11 +700,12 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
         device: torch.device, head_mode: str = "completion", checkpoint_dir: Path | None = None,
         run_key: str = "", logger=None, dist_info: DistInfo | None = None, distributed: str = "none",
         log: Callable[[str], None] = print, stop_after_steps: int | None = None,
-        pad_id: int = PAD_ID) -> FitResult:
+        pad_id: int = PAD_ID, run_identity: dict | None = None) -> FitResult:
     """Train `model` (a peft model, or a full model) in place; on return it holds the best weights.
 
     train: TrainParams. logger: a dvclive Live (main process) or None. checkpoint_dir: a checkpoint
-    is written at every evaluation and resumed when its run_key matches. stop_after_steps: stop
+    is written at every evaluation and resumed when its run_key matches (run_identity, stored with
+    it, lets a mismatch say what changed). stop_after_steps: stop
     (as if interrupted) after that many optimizer steps, for tests of resumption. pad_id: the chat
     format's pad token (unpacked micro-batches only).
     """
@@ -603,7 +742,7 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
     last_train, last_val = None, None
     resumed_from = 0
 
-    state, message = load_checkpoint(checkpoint_dir, run_key)
+    state, message = load_checkpoint(checkpoint_dir, run_key, run_identity)
     if checkpoint_dir is not None:
         log(message)
     if state is not None:
@@ -707,8 +846,9 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
                     release_memory(dist_info.device)
                 next_epoch, next_index = (epoch + 1, 0) if index == len(plan) else (epoch, index)
                 if checkpoint_dir is not None and dist_info.is_main:
-                    save_checkpoint(checkpoint_dir, {
-                        "resume_key": run_key, "step": step, "epoch": next_epoch, "index": next_index,
+                    warning = save_checkpoint(checkpoint_dir, {
+                        "resume_key": run_key, "identity": run_identity, "step": step, "epoch": next_epoch,
+                        "index": next_index,
                         "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "best_val": best_val, "best_step": best_step,
                         "bad_evals": bad_evals, "best_state": best_state, "history": history,
@@ -716,6 +856,8 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
                         "real_tokens": real_tokens, "label_tokens": label_tokens, "last_train": last_train,
                         "last_val": last_val, "torch_rng": torch.get_rng_state(), "stopped": stopped_early,
                     })
+                    if warning:
+                        log(warning)
                 if stopped_early:
                     log(f"early stopping: {bad_evals} evaluations without a better validation loss "
                         f"(best {best_val:.4f} at step {best_step})")
