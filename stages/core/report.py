@@ -108,7 +108,7 @@ def worst(predictions: list[dict], n: int) -> list[dict]:
     def quality(row):
         t = row["tuned"]
         parts = [t["rouge_l"]] + ([t["fact_recall"]] if t.get("fact_recall") is not None else [])
-        return (sum(parts) / len(parts), t["rouge_l"], row["id"])
+        return (sum(parts) / len(parts), t["rouge_l"], str(row["id"]))
 
     return sorted(predictions, key=quality)[:n]
 
@@ -122,6 +122,33 @@ def judge_line(metrics: dict) -> str:
     if judge.get("failed_calls"):
         line += f" {judge['failed_calls']} call(s) failed and are left out: {'; '.join(judge.get('failures', []))}"
     return line
+
+
+def _ci(test: dict | None) -> str:
+    ci = (test or {}).get("ci")
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
+
+
+def significance_lines(metrics: dict) -> list[str]:
+    """Tuned vs base with 95% intervals, and the smallest difference this test split can detect."""
+    sig = metrics.get("significance") or {}
+    tests = sig.get("tuned_vs_base") or {}
+    if not tests:
+        return []
+    n = (metrics.get("test_set") or {}).get("n", metrics.get("n_test"))
+    lines = ["## Is the difference real?", "",
+             f"Paired over the {n} test records: {sig.get('method', '')}.", "",
+             "| metric | tuned - base (mean per record) | 95% CI | p | verdict | smallest detectable difference |",
+             "|---|---:|---|---:|---|---:|"]
+    for key, t in tests.items():
+        lines.append(f"| {key} | {_signed(t.get('delta'), 4)} | {_ci(t)} | {_fmt(t.get('p'), 4)} | {t.get('verdict')} | "
+                     f"{_fmt(t.get('mde'), 4)} |")
+    detectable = {k: v for k, v in (sig.get("detectable_difference") or {}).items() if v is not None}
+    if "rouge_l" in detectable:
+        lines += ["", f"With {n} test records, a change of ROUGE-L smaller than about {detectable['rouge_l']:.3f} "
+                      "(alpha 0.05, power 0.8, from the paired per-record standard deviation of tuned vs base) is "
+                      "likely to be missed; docs/evaluation.md says how to raise the sensitivity."]
+    return lines + [""]
 
 
 def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: dict[str, str]) -> str:
@@ -141,14 +168,24 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
     lines += ["", judge_line(metrics), ""]
     if plots.get("image"):
         lines += [f"![base vs tuned]({plots['image']})", ""]
+    lines += significance_lines(metrics)
 
     ref = metrics.get("reference")
     if ref:
-        lines += [f"## Compared with {ref['source']}", "",
-                  f"Tolerance {ref['tolerance']:g}; regressions: {', '.join(ref['regressions']) or 'none'}.", "",
-                  "| metric | reference | now | change |", "|---|---:|---:|---:|"]
+        lines += [f"## Compared with {ref['source']}", ""]
+        if ref.get("not_comparable"):
+            lines += [f"**Not comparable:** {ref['not_comparable']}. The changes below are not regressions or "
+                      "improvements: they measure different test sets.", ""]
+        else:
+            lines += [f"Tolerance {ref['tolerance']:g}; regressions (a drop beyond the tolerance AND significant): "
+                      f"{', '.join(ref['regressions']) or 'none'}." + (f" Note: {ref['note']}." if ref.get("note") else ""),
+                      ""]
+        tests = ref.get("significance") or {}
+        lines += ["| metric | reference | now | change | 95% CI | p | verdict |", "|---|---:|---:|---:|---|---:|---|"]
         for key, d in ref["delta"].items():
-            lines.append(f"| {key} | {_fmt(ref['tuned'].get(key))} | {_fmt(tuned.get(key))} | {_signed(d)} |")
+            t = tests.get(key) or {}
+            lines.append(f"| {key} | {_fmt(ref['tuned'].get(key))} | {_fmt(tuned.get(key))} | {_signed(d)} | "
+                         f"{_ci(t)} | {_fmt(t.get('p'), 4) if t else ''} | {t.get('verdict', '')} |")
         lines.append("")
 
     lines += ["## Quality gate", "", "| check | metric | value | threshold | result |", "|---|---|---:|---:|---|"]
@@ -176,10 +213,11 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
         lines += [f"## Worst {min(worst_n, len(predictions))} tuned answers", "",
                   "Ranked by the mean of ROUGE-L and fact recall. Missing facts are those of the reference "
                   "that the tuned answer does not state.", ""]
-        for row in worst(predictions, worst_n):
+        for rank, row in enumerate(worst(predictions, worst_n), 1):
             t, b = row["tuned"], row["base"]
-            lines += [f"### {row['id']}. {_cell(row['instruction'])}", "",
-                      f"topic `{row['category']}`, fact seen in training: {row.get('fact_seen_in_train')}", "",
+            lines += [f"### {rank}. {_cell(row['instruction'])}", "",
+                      f"test record `{row['id']}`, topic `{row['category']}`, fact seen in training: "
+                      f"{row.get('fact_seen_in_train')}", "",
                       "| | answer | ROUGE-L | fact recall | ended |", "|---|---|---:|---:|---|",
                       f"| reference | {_cell(row['reference'])} | | | |",
                       f"| tuned | {_cell(t['answer']) or '(empty)'} | {_fmt(t['rouge_l'])} | {_fmt(t['fact_recall'])} | "
