@@ -4,6 +4,7 @@
         --metrics metrics/eval.json --report reports/eval [--reference main:metrics/eval.json]
     python -m stages.evaluate gate --metrics metrics/eval.json [--reference PATH|REV:PATH]
     python -m stages.evaluate noise --seeds 3      (run-to-run noise of training: see stages/noise.py)
+    python -m stages.evaluate plots-template       (an HTML template for `dvc plots show` offline)
 
 The first form generates greedy answers (batched, left-padded, KV cache) for every test question with
 the base model and then the tuned model, measures validation perplexity for both, scores every answer
@@ -427,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "gate":
         return cli.run(lambda: gate_main(argv[1:]), f"{STAGE} gate")
+    if argv and argv[0] == "plots-template":
+        return cli.run(lambda: plots_template_main(argv[1:]), f"{STAGE} plots-template")
+    if argv and argv[0] == "noise":
+        from .noise import main as noise_main
+
+        return cli.run(lambda: noise_main(argv[1:]), f"{STAGE} noise")
     return cli.run(lambda: stage_main(argv), STAGE)
 
 
@@ -504,6 +511,21 @@ def gate_main(argv: list[str]) -> int:
             print(f"note: {note}")
         _print_gate(gate, sys.stdout if gate["passed"] else sys.stderr)
     return 0 if gate["passed"] else 1
+
+
+def plots_template_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.evaluate plots-template",
+        description="Write an HTML template for `dvc plots show --html-template` with Vega inlined (works offline).")
+    parser.add_argument("--node-modules", default=".cache/vega/node_modules",
+                        help="where npm installed vega, vega-lite and vega-embed")
+    parser.add_argument("--out", default=".cache/vega/plots.html")
+    args = parser.parse_args(argv)
+    from .core.report import offline_html_template
+
+    io.write_text_atomic(args.out, offline_html_template(args.node_modules))
+    print(f"wrote {args.out}: dvc plots show --html-template {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """The human-readable evaluation report (Markdown) and the plot data DVC renders.
 
 Plots (reports/eval/plots/):
-    base.json, tuned.json   [{"metric": ..., "value": ...}] of the 0-1 headline metrics; dvc.yaml's
-                            top-level `plots:` draws them as one horizontal bar chart, base vs tuned
-    base_by_category.json, tuned_by_category.json
-                            [{"category": ..., "rouge_l": ..., "fact_recall": ...}] per topic
-    metrics.png             the same comparison as an image (embedded in report.md)
+    headline.json     the 0-1 headline metrics of base and tuned, one row per (metric, model); dvc.yaml's
+                      top-level `plots:` overlays the two models in one bar chart on a 0-1 axis
+    by_category.json  ROUGE-L and fact recall per topic and model; each topic's label carries its n
+    metrics.png       the same comparison as an image (embedded in report.md)
 """
 
 from __future__ import annotations
@@ -51,20 +50,30 @@ def _signed(value, digits: int = 3) -> str:
 
 
 def write_plots(metrics: dict, plot_dir: str | Path) -> dict[str, str]:
-    """Write the plot data (and a PNG); returns {name: file name} relative to the report folder."""
+    """Write the plot data (and a PNG); returns {name: file name} relative to the report folder.
+
+    headline.json     [{"metric": "ROUGE-L", "model": "base"|"tuned", "value": ...}]: one chart, base and
+                      tuned overlaid (dvc.yaml's top-level `plots:` with .dvc/plots/bars_by_model.json)
+    by_category.json  [{"topic": "leave (n=7)", "model": ..., "rouge_l": ..., "fact_recall": ...}]: the
+                      topic label carries its record count, so a bar resting on 1 record says so
+    """
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
+    headline, by_topic = [], []
+    for label, key, higher in HEADLINE:
+        for model in ("base", "tuned"):
+            value = metrics[model].get(key)
+            if isinstance(value, (int, float)):
+                headline.append({"metric": label if higher else f"{label}, lower is better", "model": model,
+                                 "value": value})
+    for category, group in metrics.get("by_category", {}).items():
+        for model in ("base", "tuned"):
+            by_topic.append({"topic": f"{category} (n={group['n']})", "model": model,
+                             "rouge_l": group[model].get("rouge_l"), "fact_recall": group[model].get("fact_recall")})
     files = {}
-    for model in ("base", "tuned"):
-        rows = [{"metric": key, "value": metrics[model].get(key)} for key in PLOT_METRICS
-                if isinstance(metrics[model].get(key), (int, float))]
-        (plot_dir / f"{model}.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-        files[model] = f"plots/{model}.json"
-        rows = [{"category": f"{category} (n={group['n']})", "rouge_l": group[model].get("rouge_l"),
-                 "fact_recall": group[model].get("fact_recall")}
-                for category, group in metrics.get("by_category", {}).items()]
-        (plot_dir / f"{model}_by_category.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-        files[f"{model}_by_category"] = f"plots/{model}_by_category.json"
+    for name, rows in (("headline", headline), ("by_category", by_topic)):
+        (plot_dir / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        files[name] = f"plots/{name}.json"
     try:
         files["image"] = _bar_chart(metrics, plot_dir / "metrics.png")
     except ImportError:  # matplotlib missing: the JSON plots and the tables still say everything
@@ -239,3 +248,44 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
         lines += [f"BERTScore and similarity encoder: `{enc['name']}` (layer {enc['bertscore_layer']} for BERTScore). "
                   "Per-record answers and scores: `predictions.jsonl`.", ""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `dvc plots show` offline: an HTML template that carries Vega itself
+
+VEGA_BUILDS = ("vega/build/vega.min.js", "vega-lite/build/vega-lite.min.js", "vega-embed/build/vega-embed.min.js")
+OFFLINE_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+<title>Pipeline charts</title>
+<!-- Vega, Vega-Lite and vega-embed inlined from npm ({versions}): the page loads nothing from a network.
+     DVC's own {{scripts}} (CDN links) are deliberately not used. -->
+{inline}
+<style>body {{ font-family: sans-serif; }} table {{ border-spacing: 15px; }}</style>
+</head>
+<body>
+{{plot_divs}}
+</body>
+</html>
+"""
+
+
+def offline_html_template(node_modules: str | Path) -> str:
+    """The page DVC fills (`dvc plots show --html-template FILE`): the three npm builds inlined, and
+    `{plot_divs}` where DVC puts the charts. Raises ConfigError when a build is missing."""
+    from .params import ConfigError
+
+    root = Path(node_modules)
+    scripts, versions = [], []
+    for rel in VEGA_BUILDS:
+        path = root / rel
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: install the charts' scripts first "
+                              "(npm install --prefix .cache/vega vega@6.4.0 vega-lite@6.5.0 vega-embed@7.3.0)")
+        package = json.loads((root / rel.split("/")[0] / "package.json").read_text(encoding="utf-8"))
+        versions.append(f"{package['name']}@{package['version']}")
+        code = path.read_text(encoding="utf-8").replace("</script", "<\\/script")
+        code = code.split("\n//# sourceMappingURL=")[0]  # no map file next to the page
+        scripts.append(f"<script>\n{code}\n</script>")
+    return OFFLINE_PAGE.format(versions=", ".join(versions), inline="\n".join(scripts))
