@@ -28,7 +28,7 @@ OTHER = [
     ("Validation perplexity", "val_perplexity", False),
     ("LLM judge (1-5)", "judge_score", True),
 ]
-PLOT_METRICS = [key for _, key, _ in HEADLINE]
+SMALL_GROUP = 10  # per-topic groups below this many records get a warning in the report
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -207,8 +207,12 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
         groups = metrics.get(key)
         if not groups:
             continue
-        lines += [f"## {title}", "",
-                  "| group | n | ROUGE-L base | ROUGE-L tuned | BLEU-4 tuned | BERTScore tuned | similarity tuned | "
+        small = sorted(name for name, g in groups.items() if g["n"] < SMALL_GROUP)
+        lines += [f"## {title}", ""]
+        if small:
+            lines += [f"Groups with fewer than {SMALL_GROUP} records ({', '.join(small)}) are anecdotes: one answer "
+                      "moves their mean by a large step; read them as examples, not as measurements.", ""]
+        lines += ["| group | n | ROUGE-L base | ROUGE-L tuned | BLEU-4 tuned | BERTScore tuned | similarity tuned | "
                   "fact recall base | fact recall tuned | exact match tuned | no end token tuned |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, g in groups.items():
@@ -260,7 +264,7 @@ OFFLINE_PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <title>Pipeline charts</title>
 <!-- Vega, Vega-Lite and vega-embed inlined from npm ({versions}): the page loads nothing from a network.
-     DVC's own {{scripts}} (CDN links) are deliberately not used. -->
+     The page has no placeholder for DVC's own script tags (CDN links), so DVC cannot add them. -->
 {inline}
 <style>body {{ font-family: sans-serif; }} table {{ border-spacing: 15px; }}</style>
 </head>
