@@ -156,7 +156,7 @@ def test_report_sections(stage_run):
     text = (report / "report.md").read_text()
     for needle in ("# Evaluation report", "**Quality gate: FAILED**", "## Headline", "| ROUGE-L |", "| BERTScore F1 |",
                    "| Fact recall |", "## Per topic", "| job_codes | 2 |", "## Fact seen in training vs not",
-                   "## Worst 2 tuned answers", "### 1. ", "### 2. ", "test record `", "## Is the difference real?",
+                   "## Worst 2 tuned answers", "### 1. ", "### 2. ", "(expenses, it_access, job_codes) are anecdotes", "test record `", "## Is the difference real?",
                    "| rouge_l | ", "| reference | ", "| base |", "## Quality gate",
                    "LLM judge: off", "![base vs tuned](plots/metrics.png)", "## Speed"):
         assert needle in text, needle

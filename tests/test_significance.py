@@ -144,3 +144,12 @@ def test_minimum_detectable_effect():
 def test_fact_recall_pairs_only_records_with_facts():
     test = S.paired_test([0.5, None, 1.0], [0.5, None, 0.0])
     assert test["n"] == 2 and test["delta"] == pytest.approx(0.5)
+
+
+def test_a_failed_gain_check_quotes_the_tuned_vs_base_interval():
+    tuned, base = [0.25, 0.30, 0.35], [0.20, 0.25, 0.30]
+    metrics = {"tuned": {"rouge_l": 0.30}, "base": {"rouge_l": 0.25},
+               "significance": {"tuned_vs_base": {"rouge_l": S.paired_test(tuned, base)}}}
+    gate = evaluate_gate(metrics, GateParams(min_tuned={}, max_tuned={}, min_gain={"rouge_l": 0.1}))
+    assert gate["reasons"] == ["rouge_l gain over base +0.0500 < required +0.1 (base 0.2500, tuned 0.3000; "
+                               "tuned - base +0.0500 [95% CI +0.0500, +0.0500], p=0.25, n=3)"]

@@ -166,8 +166,10 @@ def evaluate_gate(metrics: dict, gate: GateParams, comparison: dict | None = Non
             check("min_gain", name, None, gain, False, f"{name} is missing for the base or the tuned model")
             continue
         improvement = (then - now) if name in LOWER_IS_BETTER else (now - then)
+        paired = ((metrics.get("significance") or {}).get("tuned_vs_base") or {}).get(name)
         check("min_gain", name, round(improvement, 6), gain, improvement >= gain - 1e-12,
-              f"{name} gain over base {improvement:+.4f} < required {gain:+g} (base {then:.4f}, tuned {now:.4f})")
+              f"{name} gain over base {improvement:+.4f} < required {gain:+g} (base {then:.4f}, tuned {now:.4f}"
+              + (f"; tuned - base {significance.describe(name, paired)})" if paired else ")"))
     notes = []
     if comparison is not None:
         if comparison.get("not_comparable"):
