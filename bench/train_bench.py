@@ -91,7 +91,7 @@ def _run_variant(variant, model_name, records, epochs, threads):
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from stages.core.chat import encode_example
+    from stages.core.chat import chat_format
     from stages.core.modeling import load_tokenizer, resolve_device, resolve_dtype
     from stages.core.params import load_params
     from stages.core.training import evaluate_loss, fit, package_available, seed_everything, select_loss_head
@@ -106,7 +106,8 @@ def _run_variant(variant, model_name, records, epochs, threads):
     dtype = resolve_dtype(train.precision, device)
     tokenizer = load_tokenizer(params.model.tokenizer)
     train_rows, val_rows = load_records(ROOT / "data/raw/corporate_qa.jsonl", records)
-    enc = lambda rows: [encode_example(tokenizer, r["system"], r["instruction"], r["output"]) for r in rows]  # noqa: E731
+    fmt = chat_format(tokenizer)
+    enc = lambda rows: [fmt.encode(r["system"], r["instruction"], r["output"]) for r in rows]  # noqa: E731
     train_ex, val_ex = enc(train_rows), enc(val_rows)
     real_tokens = sum(len(e.input_ids) for e in train_ex) * epochs
     seed_everything(train.seed)
@@ -156,9 +157,9 @@ def _hf_trainer(model, tokenizer, train_ex, train, device, dtype):
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from stages.core.chat import PAD_ID
+    from stages.core.chat import chat_format
 
-    tokenizer.pad_token_id = PAD_ID
+    tokenizer.pad_token_id = chat_format(tokenizer).pad_id
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids),
                                   "labels": e.labels} for e in train_ex])
     args = TrainingArguments(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from stages.core.chat import check_tokenizer, prompt_ids
+from stages.core.chat import chat_format
 from stages.core.generate import generate_batch
 from stages.core.pii import redact
 
@@ -112,8 +112,9 @@ class Job:
 class Batcher:
     """One decoding thread that batches the jobs queued while it was busy."""
 
-    def __init__(self, model, max_batch: int, window_ms: float):
+    def __init__(self, model, max_batch: int, window_ms: float, fmt):
         self.model = model
+        self.fmt = fmt  # the chat format: pad and stop ids
         self.max_batch = max(1, int(max_batch))
         self.window_s = max(0.0, float(window_ms)) / 1000.0
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -169,7 +170,7 @@ class Batcher:
 
     def _decode(self, jobs: list[Job], temperature: float) -> None:
         longest = max(job.max_new_tokens for job in jobs)
-        generations = generate_batch(self.model, [job.prompt for job in jobs], longest, temperature)
+        generations = generate_batch(self.model, [job.prompt for job in jobs], longest, self.fmt, temperature)
         self.batches += 1
         self.rows += len(jobs)
         for job, generation in zip(jobs, generations):
@@ -216,7 +217,8 @@ class Engine:
         # The fast tokenizer may re-borrow its Rust state on a call ("Already borrowed" when two
         # request threads meet); encoding is cheap, so calls are serialised.
         self._tokenizer_lock = threading.Lock()
-        check_tokenizer(self.tokenizer)
+        # The chat format the model was trained with (Llama 3, or the tokenizer's own template).
+        self.chat = chat_format(self.tokenizer)
         # Stored dtype on a GPU (bf16 for a real Llama); fp32 on a CPU, where bf16 kernels are slow.
         dtype = "auto" if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device)
@@ -229,9 +231,9 @@ class Engine:
         cache = config["cache"]
         self.cache = LRUCache(int(cache["size"])) if cache["enabled"] else None
         batching = config["batching"]
-        self.batcher = Batcher(self.model, batching["max_batch"], batching["window_ms"])
+        self.batcher = Batcher(self.model, batching["max_batch"], batching["window_ms"], self.chat)
         # Warm-up: the first forward pass allocates and picks kernels; keep that off the first request.
-        self.batcher.submit([Job(prompt_ids(self.tokenizer, self.default_system, "Hello"), 2, 0.0)])
+        self.batcher.submit([Job(self.chat.prompt_ids(self.default_system, "Hello"), 2, 0.0)])
 
     def count_tokens(self, text: str) -> int:
         with self._tokenizer_lock:
@@ -239,7 +241,7 @@ class Engine:
 
     def prompt(self, system: str, instruction: str) -> list[int]:
         with self._tokenizer_lock:
-            return prompt_ids(self.tokenizer, system, instruction)
+            return self.chat.prompt_ids(system, instruction)
 
     def decode(self, tokens: list[int]) -> str:
         with self._tokenizer_lock:

@@ -90,33 +90,39 @@ def check_data(run: DryRun, params, data_dir: Path):
 
 
 def check_tokenizer(run: DryRun, params, rows):
-    from .core.chat import EOT_ID, IGNORE_INDEX, PAD_ID, encode_example, messages, prompt_ids
-    from .core.modeling import load_tokenizer
+    from .core.chat import IGNORE_INDEX, chat_format, messages
+    from .core.modeling import check_model_fits, load_tokenizer
 
     tokenizer = load_tokenizer(params.model.tokenizer)
+    check_model_fits(params.model, tokenizer)
+    fmt = chat_format(tokenizer)
     sample = (rows.get("train") or [{"system": "You are helpful.", "instruction": "What is PM?",
                                      "output": "PM job code indicates Full Time Employee."}])[0]
-    example = encode_example(tokenizer, sample["system"], sample["instruction"], sample["output"])
-    prompt = prompt_ids(tokenizer, sample["system"], sample["instruction"])
+    example = fmt.encode(sample["system"], sample["instruction"], sample["output"])
+    prompt = fmt.prompt_ids(sample["system"], sample["instruction"])
     templated = tokenizer.apply_chat_template(messages(sample["system"], sample["instruction"]),
                                               add_generation_prompt=True, tokenize=True)
     templated = templated["input_ids"] if isinstance(templated, dict) or hasattr(templated, "keys") else templated
+    eot = tokenizer.convert_ids_to_tokens(fmt.eot_id)
     problems = []
-    if example.input_ids[-1] != EOT_ID or example.labels[-1] != EOT_ID:
-        problems.append("the completion does not end with <|eot_id|> in the loss")
+    if example.input_ids[-1] != fmt.eot_id or example.labels[-1] != fmt.eot_id:
+        problems.append(f"the completion does not end with {eot} in the loss")
     if any(label != IGNORE_INDEX for label in example.labels[:len(prompt)]):
         problems.append("prompt tokens are not masked")
-    if PAD_ID in example.input_ids:
+    if fmt.pad_id in example.input_ids:
         problems.append("the pad token appears inside a record")
+    if fmt.pad_id in fmt.stop_ids:
+        problems.append("the pad token is an end token")
     if list(templated) != prompt:
-        problems.append("tokenizer.apply_chat_template differs from stages.core.chat.prompt_ids")
-    if tokenizer.pad_token_id != PAD_ID:
-        problems.append(f"pad id is {tokenizer.pad_token_id}, not {PAD_ID}")
+        problems.append("tokenizer.apply_chat_template differs from the chat format's prompt ids")
+    if tokenizer.pad_token_id != fmt.pad_id:
+        problems.append(f"pad id is {tokenizer.pad_token_id}, not {fmt.pad_id}")
     if problems:
         run.add("tokenizer+chat format", "FAIL", "; ".join(problems))
     else:
-        run.add("tokenizer+chat format", "PASS", f"Llama 3 ids, pad {PAD_ID}, <|eot_id|> in the loss, prompt "
-                                                 f"masked, chat template = prompt_ids ({len(prompt)} prompt tokens)")
+        run.add("tokenizer+chat format", "PASS", f"{fmt.name} format, pad {fmt.pad_token} ({fmt.pad_id}), {eot} in "
+                                                 f"the loss, prompt masked, chat template = prompt ids "
+                                                 f"({len(prompt)} prompt tokens)")
     return tokenizer
 
 

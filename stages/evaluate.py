@@ -130,17 +130,18 @@ class ModelRun:
 
 def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int):
     """Greedy answers in the input order; prompts are batched by length to keep padding small."""
-    from .core.chat import prompt_ids
+    from .core.chat import chat_format
     from .core.generate import generate_batch
 
-    prompts = [prompt_ids(tokenizer, r.get("system", ""), r["instruction"]) for r in records]
+    fmt = chat_format(tokenizer)
+    prompts = [fmt.prompt_ids(r.get("system", ""), r["instruction"]) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers, finished = [""] * len(prompts), [False] * len(prompts)
     new_tokens = 0
     started = time.perf_counter()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        for i, gen in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], max_new_tokens)):
+        for i, gen in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, fmt)):
             answers[i] = tokenizer.decode(gen.token_ids, skip_special_tokens=True,
                                           clean_up_tokenization_spaces=False).strip()
             finished[i] = gen.finished
@@ -150,14 +151,14 @@ def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int,
 
 def validation_loss(model, tokenizer, records: list[dict], batch_size: int, device) -> float | None:
     """Mean completion-token cross-entropy on the validation split (perplexity = exp)."""
-    from .core.chat import encode_example
+    from .core.chat import chat_format
     from .core.training import evaluate_loss
 
     if not records:
         return None
-    examples = [encode_example(tokenizer, r.get("system", ""), r["instruction"], r["output"], completion_only=True)
-                for r in records]
-    return float(evaluate_loss(model, examples, batch_size, device))
+    fmt = chat_format(tokenizer)
+    examples = [fmt.encode(r.get("system", ""), r["instruction"], r["output"], completion_only=True) for r in records]
+    return float(evaluate_loss(model, examples, batch_size, device, pad_id=fmt.pad_id))
 
 
 def run_model(model, tokenizer, test, val, params: Params, device) -> ModelRun:
@@ -332,12 +333,13 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     dtype = resolve_dtype("auto", device)
 
     log(f"[evaluate] base model: {params.model.base} on {device}; {len(test)} test, {len(val)} val records")
-    model = load_base_model(params.model, dtype=dtype, device=device)
+    model = load_base_model(params.model, dtype=dtype, device=device, tokenizer=tokenizer)
     base = run_model(model, tokenizer, test, val, params, device)
     del model
     gc.collect()
     log(f"[evaluate] tuned model ({params.train.method}) from {adapter_dir}")
-    model = load_tuned_model(params.model, adapter_dir, params.train.method, dtype=dtype, device=device)
+    model = load_tuned_model(params.model, adapter_dir, params.train.method, dtype=dtype, device=device,
+                             tokenizer=tokenizer)
     tuned = run_model(model, tokenizer, test, val, params, device)
     del model
     gc.collect()

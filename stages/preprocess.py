@@ -107,7 +107,7 @@ def preprocess(files: dict[str, str], params: PreprocessParams, model: ModelPara
 
     lengths, fitting, too_long = [], [], []
     for record in kept:
-        n = len(chat.encode_example(tokenizer, record.system, record.instruction, record.output).input_ids)
+        n = len(chat.chat_format(tokenizer).encode(record.system, record.instruction, record.output).input_ids)
         if n > model.max_seq_length:
             too_long.append((record, f"too_long: {n} tokens > model.max_seq_length {model.max_seq_length}"))
         else:

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from .core import cli
-from .core.chat import CHAT_TEMPLATE, encode_example
+from .core.chat import chat_format
 from .core.io import atomic_dir, write_json
-from .core.modeling import (EMBEDDED, count_parameters, load_base_model, load_tokenizer, lora_config,
-                            resolve_device, resolve_dtype)
+from .core.modeling import (EMBEDDED, check_model_fits, count_parameters, load_base_model, load_tokenizer,
+                            lora_config, model_source, resolve_device, resolve_dtype)
 from .core.params import ConfigError, Params, load_params
 from .core.records import DataError, Problem, content_hash
 from .core.training import (DistInfo, TrainingError, check_method, fit, init_distributed, memory_snapshot,
@@ -73,8 +73,9 @@ def read_split(path: Path) -> list[dict]:
 
 def encode_rows(tokenizer, rows: list[dict], completion_only: bool, max_seq_length: int, source: str):
     examples, problems = [], []
+    fmt = chat_format(tokenizer)
     for number, row in enumerate(rows, start=1):
-        example = encode_example(tokenizer, row["system"], row["instruction"], row["output"], completion_only)
+        example = fmt.encode(row["system"], row["instruction"], row["output"], completion_only)
         if len(example.input_ids) > max_seq_length:
             problems.append(Problem(source, number, f"{len(example.input_ids)} tokens > model.max_seq_length "
                                                     f"{max_seq_length} (preprocess drops these; re-run it)"))
@@ -97,22 +98,24 @@ def quantization_config(train):
                               bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
 
 
-def _materialise_embedded(params: Params, dtype) -> str:
-    """Save the seeded embedded model so loaders that need a path (unsloth, 4-bit) can read it."""
+def _model_path(params: Params, dtype) -> str:
+    """A folder or hub id for loaders that need one (unsloth, 4-bit): the seeded embedded model is
+    saved to a temporary folder, a packaged model is its converted folder."""
+    if params.model.base != EMBEDDED:
+        return model_source(params.model.base).model_path()
     directory = tempfile.mkdtemp(prefix="embedded-llama-")
     load_base_model(params.model, dtype=dtype, device="cpu").save_pretrained(directory)
     return directory
 
 
-def build_model_hf(params: Params, device, dtype):
+def build_model_hf(params: Params, device, dtype, tokenizer=None):
     train = params.train
     quant = None
     model_params = params.model
     if train.method == "qlora":
         quant = quantization_config(train)
-        if model_params.base == EMBEDDED:
-            model_params = model_params.model_copy(update={"base": _materialise_embedded(params, dtype)})
-    model = load_base_model(model_params, dtype=dtype, device=device, quantization_config=quant)
+        model_params = model_params.model_copy(update={"base": _model_path(params, dtype)})
+    model = load_base_model(model_params, dtype=dtype, device=device, quantization_config=quant, tokenizer=tokenizer)
     if getattr(model.config, "_attn_implementation", None) != train.attention:
         try:
             model.set_attn_implementation(train.attention)
@@ -138,7 +141,7 @@ def build_model_unsloth(params: Params, dtype):  # pragma: no cover - needs CUDA
     from unsloth import FastLanguageModel
 
     train = params.train
-    name = params.model.base if params.model.base != EMBEDDED else _materialise_embedded(params, dtype)
+    name = _model_path(params, dtype)
     model, _ = FastLanguageModel.from_pretrained(
         model_name=name, max_seq_length=params.model.max_seq_length, dtype=dtype,
         load_in_4bit=train.method == "qlora", full_finetuning=train.method == "full",
@@ -189,10 +192,12 @@ def save_outputs(output: Path, model, tokenizer, params: Params, data_hash: str,
             inner.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
         else:
             inner.save_pretrained(tmp / "adapter", state_dict=state_dict)
-        tokenizer.chat_template = CHAT_TEMPLATE
+        fmt = chat_format(tokenizer)
+        fmt.prepare_tokenizer()
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_json(tmp / "manifest.json", {
             "method": params.train.method, "params": params.model_dump(mode="json"), "data_hash": data_hash,
+            "base_model": model_source(params.model.base).provenance(), "chat_format": fmt.describe(),
             "versions": versions(), "git_commit": git_commit(), **extra,
         })
 
@@ -234,6 +239,7 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         raise DataError(f"{data_dir / 'train.jsonl'} has no records", [])
     data_hash = content_hash([{k: r[k] for k in SPLIT_FIELDS} for r in train_rows + val_rows])
     tokenizer = load_tokenizer(params.model.tokenizer)
+    check_model_fits(params.model, tokenizer)
     train_ex = encode_rows(tokenizer, train_rows, train.completion_only_loss, params.model.max_seq_length,
                            str(data_dir / "train.jsonl"))
     val_ex = encode_rows(tokenizer, val_rows, True, params.model.max_seq_length, str(data_dir / "val.jsonl"))
@@ -242,7 +248,7 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     if backend.value == "unsloth":  # pragma: no cover - needs CUDA
         model = build_model_unsloth(params, dtype)
     else:
-        model = build_model_hf(params, device, dtype)
+        model = build_model_hf(params, device, dtype, tokenizer)
     trainable, total = count_parameters(model)
     say(f"{params.model.base} {train.method} on {device} ({dtype}), backend {backend.value}, loss head "
         f"{head.value}, packing {train.packing}, {distributed if distributed != 'none' else 'single process'}; "
@@ -253,7 +259,8 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     try:
         result = fit(model, train_ex, val_ex, train, device=device, head_mode=head.value,
                      checkpoint_dir=checkpoints, run_key=key, logger=live, dist_info=dist_info,
-                     distributed=distributed, log=say, stop_after_steps=stop_after_steps)
+                     distributed=distributed, log=say, stop_after_steps=stop_after_steps,
+                     pad_id=chat_format(tokenizer).pad_id)
     except torch.cuda.OutOfMemoryError:  # pragma: no cover - needs CUDA
         release_memory(device)
         raise TrainingError(oom_message(train, device, "training")) from None

@@ -92,11 +92,13 @@ def model_config(model_params):
     """
     from transformers import AutoConfig, LlamaConfig
 
-    from .modeling import EMBEDDED, embedded_config
+    from .modeling import EMBEDDED, PACKAGED, embedded_config, model_source
 
     base = model_params.base
     if base == EMBEDDED:
         return embedded_config(model_params)
+    if base in PACKAGED:
+        return AutoConfig.from_pretrained(model_source(base).model_path())
     key = architecture_key(base)
     if key:
         return LlamaConfig(**_LLAMA3_COMMON, **KNOWN_ARCHITECTURES[key], pad_token_id=128004)
@@ -212,17 +214,17 @@ def vm_gpu(vm_size: str) -> tuple[str, int]:
 
 def count_tokens(params: Params, train_file: str | Path) -> tuple[int, int]:
     """(records, tokens) of a JSONL file in the exact training chat format."""
-    from .chat import encode_example
+    from .chat import chat_format
     from .modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(params.model.tokenizer)
+    fmt = chat_format(load_tokenizer(params.model.tokenizer))
     records = tokens = 0
     with open(train_file, encoding="utf-8-sig") as handle:
         for line in handle:
             if not line.strip():
                 continue
             row = json.loads(line)
-            tokens += len(encode_example(tokenizer, row.get("system", ""), row["instruction"], row["output"]).input_ids)
+            tokens += len(fmt.encode(row.get("system", ""), row["instruction"], row["output"]).input_ids)
             records += 1
     return records, tokens
 

@@ -1,7 +1,8 @@
 """Batched decoding shared by evaluation and the endpoint.
 
 Prompts are left-padded so every row's next token sits in the last column, and `generate` keeps a KV
-cache. Decoding stops on <|eot_id|> or <|end_of_text|>; a row that hits max_new_tokens without either
+cache. Decoding stops on the chat format's stop ids (<|eot_id|> or <|end_of_text|> for Llama 3,
+<|im_end|> for ChatML); a row that hits max_new_tokens without either
 is reported as unfinished (the classic sign of a fine-tune that never learned to stop).
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .chat import PAD_ID, STOP_IDS
+from .chat import ChatFormat
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,9 @@ class Generation:
     finished: bool         # True when a stop token ended the answer
 
 
-def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
@@ -31,26 +32,26 @@ def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, fmt: ChatFormat, temperature: float = 0.0,
                    seed: int | None = None) -> list[Generation]:
     """Answers for a batch of prompt token ids; greedy (deterministic) when temperature is 0."""
     if not prompts:
         return []
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts)
+    ids, mask = left_pad(prompts, fmt.pad_id)
     sampling = temperature > 0
     if sampling and seed is not None:
         torch.manual_seed(seed)
     out = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
         do_sample=sampling, temperature=temperature if sampling else None, top_p=None, top_k=None,
-        eos_token_id=list(STOP_IDS), pad_token_id=PAD_ID, use_cache=True,
+        eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id, use_cache=True,
     )
     results = []
     for row in out[:, ids.shape[1]:].tolist():
         tokens, finished = [], False
         for token in row:
-            if token in STOP_IDS:
+            if token in fmt.stop_ids:
                 finished = True
                 break
             tokens.append(token)

@@ -78,10 +78,10 @@ class Batch:
                      move(self.position_ids), move(self.targets))
 
 
-def collate(examples: list[EncodedExample]) -> Batch:
-    """Right-padded batch with the Llama 3 pad token; pads are masked out of attention and loss."""
+def collate(examples: list[EncodedExample], pad_id: int = PAD_ID) -> Batch:
+    """Right-padded batch with the chat format's pad token; pads are masked out of attention and loss."""
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), PAD_ID, dtype=torch.long)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for row, example in enumerate(examples):
@@ -124,11 +124,12 @@ def pack_groups(examples: list[EncodedExample], max_tokens: int) -> list[list[En
     return groups
 
 
-def micro_batches(examples: list[EncodedExample], batch_size: int, packing: bool, pack_tokens: int) -> list[Batch]:
+def micro_batches(examples: list[EncodedExample], batch_size: int, packing: bool, pack_tokens: int,
+                  pad_id: int = PAD_ID) -> list[Batch]:
     """A step's (or a rank's share of a step's) records as padded or packed micro-batches."""
     if packing:
         return [pack(group) for group in pack_groups(examples, pack_tokens)]
-    return [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    return [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
 
 def batches(examples: list[EncodedExample], batch_size: int, seed: int | None) -> list[list[EncodedExample]]:
@@ -239,7 +240,7 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
 @torch.no_grad()
 def evaluate_loss(model, examples: list[EncodedExample], batch_size: int, device, packing: bool = False,
                   pack_tokens: int = 4096, head_mode: str = "completion", dist_info=None,
-                  sharded_module=None) -> float:
+                  sharded_module=None, pad_id: int = PAD_ID) -> float:
     """Mean completion-token loss over examples (perplexity is its exp).
 
     Under DDP each process scores its share and the sums are all-reduced. sharded_module: the
@@ -253,11 +254,11 @@ def evaluate_loss(model, examples: list[EncodedExample], batch_size: int, device
     mine = examples
     if distributed:
         mine = [examples[i] for i in shard(list(range(len(examples))), dist_info.rank, dist_info.world_size)]
-    micro = micro_batches(mine, batch_size, packing, pack_tokens) if mine else []
+    micro = micro_batches(mine, batch_size, packing, pack_tokens, pad_id) if mine else []
     real = len(micro)
     if sharded_module is not None:
         if not micro:  # fewer validation records than processes: score a record with weight 0
-            micro = micro_batches(examples[:1], batch_size, packing, pack_tokens)
+            micro = micro_batches(examples[:1], batch_size, packing, pack_tokens, pad_id)
         micro = equalize_micro_batches(micro, dist_info)
     total, count = 0.0, 0
     for k, batch in enumerate(micro):
@@ -560,12 +561,14 @@ class FitResult:
 def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedExample], train, *,
         device: torch.device, head_mode: str = "completion", checkpoint_dir: Path | None = None,
         run_key: str = "", logger=None, dist_info: DistInfo | None = None, distributed: str = "none",
-        log: Callable[[str], None] = print, stop_after_steps: int | None = None) -> FitResult:
+        log: Callable[[str], None] = print, stop_after_steps: int | None = None,
+        pad_id: int = PAD_ID) -> FitResult:
     """Train `model` (a peft model, or a full model) in place; on return it holds the best weights.
 
     train: TrainParams. logger: a dvclive Live (main process) or None. checkpoint_dir: a checkpoint
     is written at every evaluation and resumed when its run_key matches. stop_after_steps: stop
-    (as if interrupted) after that many optimizer steps, for tests of resumption.
+    (as if interrupted) after that many optimizer steps, for tests of resumption. pad_id: the chat
+    format's pad token (unpacked micro-batches only).
     """
     dist_info = dist_info or DistInfo(device=device)
     world = dist_info.world_size
@@ -635,7 +638,7 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
             group = [train_examples[i] for i in indices]
             n_labels = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in group)
             mine = [train_examples[i] for i in shard(indices, dist_info.rank, world)]
-            micro = micro_batches(mine, train.batch_size, train.packing, train.pack_tokens)
+            micro = micro_batches(mine, train.batch_size, train.packing, train.pack_tokens, pad_id)
             real = len(micro)
             if fsdp:  # every forward/backward is a collective: all processes run as many
                 micro = equalize_micro_batches(micro, dist_info)
@@ -676,7 +679,7 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
                 began = time.perf_counter()
                 last_val = evaluate_loss(model, val_examples, train.batch_size * 4, dist_info.device,
                                          train.packing, train.pack_tokens, head_mode, dist_info,
-                                         sharded_module=module if fsdp else None) if val_examples else None
+                                         sharded_module=module if fsdp else None, pad_id=pad_id) if val_examples else None
                 eval_seconds += time.perf_counter() - began
                 point = {"step": step, "train/loss": round(last_train, 6)}
                 if last_val is not None:
