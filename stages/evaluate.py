@@ -365,7 +365,8 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     metrics = build_metrics(test, base, tuned, len(val))
     records = record_scores(test, base, tuned)
     metrics["test_set"] = records["test_set"]
-    metrics["significance"] = significance_block(records)
+    metrics["significance"] = significance_block(records, params.evaluate.gate.regression_metrics,
+                                                 params.evaluate.gate.max_regression)
     metrics["judge"] = judge_info
     # the encoder's name, not its path: a path differs between machines and would show in every diff
     metrics["encoder"] = {"name": params.evaluate.encoder, "bertscore_layer": semantic.layer}
@@ -384,13 +385,23 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     return metrics, prediction_rows(test, base, tuned), records
 
 
-def significance_block(records: dict) -> dict:
-    """How the intervals were made, the tuned-vs-base tests, and the smallest detectable difference."""
+def significance_block(records: dict, gated: list[str] | None = None, tolerance: float | None = None) -> dict:
+    """How the intervals were made, the tuned-vs-base tests, the smallest detectable difference, and a
+    warning when the test split is too small to detect a drop of the gate's tolerance."""
     tests = tuned_vs_base(records)
+    blind = {k: t["mde"] for k, t in tests.items()
+             if gated and k in gated and tolerance is not None and t["mde"] is not None and t["mde"] > tolerance}
+    warning = None
+    if blind:
+        warning = (f"the test split ({records['test_set']['n']} records) is too small to detect a drop of "
+                   f"{tolerance:g} (evaluate.gate.max_regression) on "
+                   + ", ".join(f"{k} (detectable: {v:.3f})" for k, v in blind.items())
+                   + "; such drops will read as within noise. Add test records (docs/evaluation.md).")
     return {"method": f"paired bootstrap 95% CI ({significance.RESAMPLES} resamples, percentile) and paired "
                       f"permutation test, seed {significance.SEED}; significant when p < {significance.ALPHA} and "
                       "the CI excludes 0; bleu4 tested on sentence BLEU",
             "detectable_difference": {k: t["mde"] for k, t in tests.items()},
+            "warning": warning,
             "tuned_vs_base": tests}
 
 

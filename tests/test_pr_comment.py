@@ -476,3 +476,12 @@ def test_different_test_sets_are_not_comparable_and_nothing_regresses():
                                 "aaa", "aaa")
     assert same_data["regressions"] == ["rouge_l"]          # the tolerance alone, and the section says so
     assert "significance not tested" in pc.evaluation_section(same_data, _eval(0.2, None), None, "main")
+
+
+def test_detectable_difference_and_small_split_warning_lines():
+    new = {"test_set": {"n": 6}, "significance": {"detectable_difference": {"rouge_l": 0.161, "length_ratio": 0.4},
+                                                  "warning": "the test split (6 records) is too small"}}
+    line = pc.detectable_line(new, None)
+    assert line.startswith("⚠️ **Small test split:** the test split (6 records) is too small ")
+    assert "Smallest difference 6 test records can detect (paired, alpha 0.05, power 0.8): rouge_l 0.161;" in line
+    assert "length_ratio" not in line

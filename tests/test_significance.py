@@ -153,3 +153,22 @@ def test_a_failed_gain_check_quotes_the_tuned_vs_base_interval():
     gate = evaluate_gate(metrics, GateParams(min_tuned={}, max_tuned={}, min_gain={"rouge_l": 0.1}))
     assert gate["reasons"] == ["rouge_l gain over base +0.0500 < required +0.1 (base 0.2500, tuned 0.3000; "
                                "tuned - base +0.0500 [95% CI +0.0500, +0.0500], p=0.25, n=3)"]
+
+
+def test_the_split_warns_when_it_cannot_detect_the_gate_tolerance():
+    from stages.evaluate import significance_block
+
+    def rows(tuned, base):
+        return {"test_set": {"n": len(tuned), "hash": "h"},
+                "records": [{"id": f"r{i}", "tuned": {"rouge_l": t}, "base": {"rouge_l": b}}
+                            for i, (t, b) in enumerate(zip(tuned, base))]}
+
+    # 4 records whose differences are 0.1, 0.3, 0.1, 0.3: sd = 0.11547, MDE = 2.8016 * 0.11547 / 2 = 0.1617
+    noisy = significance_block(rows([0.2, 0.4, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]), ["rouge_l"], 0.02)
+    assert noisy["detectable_difference"]["rouge_l"] == pytest.approx(0.161750, abs=1e-5)
+    assert noisy["warning"] == ("the test split (4 records) is too small to detect a drop of 0.02 "
+                                "(evaluate.gate.max_regression) on rouge_l (detectable: 0.162); such drops will "
+                                "read as within noise. Add test records (docs/evaluation.md).")
+    steady = significance_block(rows([0.3] * 40, [0.1] * 40), ["rouge_l"], 0.02)
+    assert steady["detectable_difference"]["rouge_l"] == 0.0 and steady["warning"] is None
+    assert significance_block(rows([0.2, 0.4], [0.1, 0.1]), [], 0.02)["warning"] is None   # not gated

@@ -411,6 +411,8 @@ def detectable_line(new: dict | None, noise: dict | None) -> str:
     detectable = (sig or {}).get("detectable_difference") if isinstance(sig, dict) else None
     n = ((new or {}).get("test_set") or {}).get("n") if isinstance((new or {}).get("test_set"), dict) else None
     parts = []
+    if isinstance(sig, dict) and isinstance(sig.get("warning"), str):
+        parts.append(f"⚠️ **Small test split:** {_cell(sig['warning'])}")
     if isinstance(detectable, dict) and detectable:
         shown = ", ".join(f"{k} {_num(v):.3f}" for k, v in detectable.items()
                           if k in ("rouge_l", "bleu4", "bertscore_f1", "fact_recall") and _num(v) is not None)

@@ -152,6 +152,8 @@ def significance_lines(metrics: dict) -> list[str]:
     for key, t in tests.items():
         lines.append(f"| {key} | {_signed(t.get('delta'), 4)} | {_ci(t)} | {_fmt(t.get('p'), 4)} | {t.get('verdict')} | "
                      f"{_fmt(t.get('mde'), 4)} |")
+    if sig.get("warning"):
+        lines += ["", f"**Warning:** {sig['warning']}"]
     detectable = {k: v for k, v in (sig.get("detectable_difference") or {}).items() if v is not None}
     if "rouge_l" in detectable:
         lines += ["", f"With {n} test records, a change of ROUGE-L smaller than about {detectable['rouge_l']:.3f} "
