@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core import cli, io
+from .core.perf import write_perf
 from .core import significance
 from .core.gate import RECORDS_NAME, compare, evaluate_gate, load_records, load_reference
 from .core.params import EVAL_METRICS, ConfigError, Params, load_params
@@ -472,10 +473,14 @@ def stage_main(argv: list[str]) -> int:
     val = read_split(val_path) if val_path.is_file() else []
     reference = args.reference if args.reference is not None else params.evaluate.reference
     metrics, predictions, records = evaluate(params, test, val, args.adapter, reference or None)
+    # Timings vary by machine and load: logs/perf/evaluate.json, not eval.json or the (cached) report,
+    # so that the same inputs give the same bytes (stages/core/perf.py).
+    speed = metrics.pop("speed")
+    write_perf(STAGE, speed)
     summary = str(Path(args.metrics).with_name(SUMMARY_NAME)) if args.summary is None else args.summary
     write_outputs(metrics, predictions, args.metrics, args.report, params.evaluate.worst_answers, records,
                   args.records, summary or None)
-    b, t, s = metrics["base"], metrics["tuned"], metrics["speed"]
+    b, t, s = metrics["base"], metrics["tuned"], speed
     print(f"[evaluate] ROUGE-L base {b['rouge_l']:.3f} -> tuned {t['rouge_l']:.3f}; "
           f"BLEU-4 {b['bleu4']:.3f} -> {t['bleu4']:.3f}; fact recall {b['fact_recall'] or 0:.3f} -> "
           f"{t['fact_recall'] or 0:.3f}; {s['tuned_tokens_per_s']:.0f} generated tokens/s (tuned); "

@@ -55,6 +55,8 @@ LOWER_IS_BETTER_PREFIXES = ("removed.", "rejected.", "dropped.")
 NEUTRAL_PREFIXES = ("tokens.", "splits.", "categories.", "pii_found.", "speed.", "test_set.", "significance.",
                     "blank_lines", "test_facts_seen_in_train")
 EVAL_FILES = ("eval.json", "eval_summary.json")
+DIFF_TARGETS = ("metrics/preprocess.json", "metrics/train.json", "metrics/eval_summary.json", "metrics/package.json",
+                "metrics/deploy.json")
 RECORDS_PATH = "metrics/eval_records.json"
 NOISE_PATH = "metrics/noise_floor.json"
 PREPROCESS_PATH = "metrics/preprocess.json"
@@ -880,8 +882,11 @@ def make_comment(args) -> tuple[str, list[Path]]:
         metrics_md = metrics_section([], base_label, None, "skipped (--no-dvc)")
         params_md = params_section(None, base_label, "skipped (--no-dvc)")
     else:
-        ok_j, out_j = dvc(["metrics", "diff", base, "--json"], cwd)
-        ok_m, out_m = dvc(["metrics", "diff", base, "--md"], cwd)
+        # The stages' detail files are git-tracked outputs, not DVC metrics (so that `dvc metrics show`
+        # stays a one-screen headline): name them as targets to diff them too.
+        targets = ["--targets", *[t for t in DIFF_TARGETS if (cwd / t).is_file()]]
+        ok_j, out_j = dvc(["metrics", "diff", base, "--json", *targets], cwd)
+        ok_m, out_m = dvc(["metrics", "diff", base, "--md", *targets], cwd)
         rows = []
         if ok_j:
             try:
