@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 AZURITE_VERSION := 3.35.0
 AZURITE := .cache/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: setup pipeline plots test test-fast clean lock chromium
+.PHONY: setup bench-setup pipeline plots test test-fast clean lock chromium
 
 # Hash-checked: every file pip installs must match a sha256 in the locks (make lock writes them).
 # requirements-nodeps.txt: packages installed without their declared dependencies
@@ -70,6 +70,10 @@ endif
 	@sed -n '/^\*\*Quality gate/p;/^## Headline/,/^LLM judge/p' reports/eval/report.md
 	@python -m stages.core.perf
 	@echo "Report: reports/eval/report.md   Metrics: dvc metrics show   Plots: make plots"
+
+# TRL for the training benchmark's SFTTrainer baseline (not needed by the pipeline or the tests).
+bench-setup: setup
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements-bench.txt
 
 # Vega, Vega-Lite and vega-embed from npm, inlined into DVC's HTML template, so that `dvc plots show`
 # draws every chart without a network (DVC's own page loads them from a CDN).
