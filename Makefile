@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 AZURITE_VERSION := 3.35.0
 AZURITE := .cache/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: setup pipeline test test-fast clean lock
+.PHONY: setup bench-setup pipeline plots test test-fast clean lock chromium
 
 # Hash-checked: every file pip installs must match a sha256 in the locks (make lock writes them).
 # requirements-nodeps.txt: packages installed without their declared dependencies
@@ -57,21 +57,50 @@ lock: $(UV)
 	mv .venv-lock/nodeps.txt requirements-nodeps.txt
 	mv .venv-lock/checkov.txt requirements-checkov.txt
 
-# Runs the whole graph on the embedded default (offline, CPU): preprocess -> train -> evaluate ->
-# package -> deploy (local), then prints the evaluation headline. Every metric: `dvc metrics show`
-# (wide: per-topic breakdowns included) or `dvc metrics show --json`.
+# Runs the whole graph on the default model (params.yaml; offline, CPU): preprocess -> train ->
+# evaluate -> package -> deploy (local), then prints the evaluation headline and the stage timings
+# (logs/perf/, kept out of metrics/ so that the same inputs give the same committed bytes).
+# `make pipeline PRESET=smollm2-135m` first applies presets/smollm2-135m.yaml to params.yaml.
 pipeline: setup
+ifdef PRESET
+	python -m stages.preset apply $(PRESET)
+endif
 	dvc repro
 	@echo
 	@sed -n '/^\*\*Quality gate/p;/^## Headline/,/^LLM judge/p' reports/eval/report.md
-	@echo "Report: reports/eval/report.md   Metrics: dvc metrics show   Plots: dvc plots show"
+	@python -m stages.core.perf
+	@echo "Report: reports/eval/report.md   Metrics: dvc metrics show   Plots: make plots"
+
+# TRL for the training benchmark's SFTTrainer baseline (not needed by the pipeline or the tests).
+bench-setup: setup
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements-bench.txt
+
+# Vega, Vega-Lite and vega-embed from npm, inlined into DVC's HTML template, so that `dvc plots show`
+# draws every chart without a network (DVC's own page loads them from a CDN).
+VEGA := .cache/vega/node_modules/vega/build/vega.min.js
+$(VEGA):
+	npm install --prefix .cache/vega --no-audit --no-fund --loglevel=error vega@6.4.0 vega-lite@6.5.0 vega-embed@7.3.0
+
+.cache/vega/plots.html: $(VEGA) | setup
+	python -m stages.evaluate plots-template --node-modules .cache/vega/node_modules --out $@
+
+plots: .cache/vega/plots.html
+	dvc plots show --html-template .cache/vega/plots.html
+	@echo "open dvc_plots/index.html"
 
 # Azurite (Azure's blob emulator, from npm) lets the DVC-remote and Azure-job tests exercise a
 # real blob service; checkov scans the Bicep in infra/ in its own virtual environment.
 $(AZURITE):
 	npm install --prefix .cache/azurite --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
 
-test: setup $(AZURITE)
+# Chromium (Debian's package) renders the offline plots page in tests/test_plots_offline.py.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+chromium:
+ifeq ($(CHROMIUM),)
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+endif
+
+test: setup $(AZURITE) $(VEGA) chromium
 	bash .ci/checkov.sh
 	python -m pytest
 
@@ -80,4 +109,4 @@ test-fast: setup
 	python -m pytest -m "not slow" --deselect tests/test_dvc_remote.py
 
 clean:
-	rm -rf $(VENV) .venv-checkov .venv-lock .cache/azurite
+	rm -rf $(VENV) .venv-checkov .venv-lock .cache/azurite .cache/vega

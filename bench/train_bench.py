@@ -3,6 +3,13 @@
     python -m bench.train_bench                          # reference workload: all records, 4 epochs, LoRA r=32
     python -m bench.train_bench --records 200 --epochs 1 # quick
     python -m bench.train_bench --model 1b,3b            # GPU: exact Llama-3.2-1B/3B architectures, random weights
+    python -m bench.train_bench --model smollm2-135m --records 256 --epochs 1 \
+        --variants ours,ours-bf16,trl,baseline           # CPU: the pretrained preset vs TRL's SFTTrainer
+
+Variants: ours (this train loop, fp32 on CPU), ours-bf16 (bf16 base weights, fp32 adapters: only where
+the CPU has AVX-512-BF16 or AMX), trl (TRL's SFTTrainer at its best settings for this workload:
+padding-free batches, completion-only loss, the same LoRA, records and chat format), baseline (plain
+transformers.Trainer + PEFT). --threads and --pack-tokens take comma lists to sweep them.
 
 Both runs use the same model initialisation, LoRA config (r=32 from params.yaml), learning rate,
 schedule, seed, records and effective batch (4 x accumulation 4). They differ only in how the work
@@ -41,8 +48,12 @@ def load_records(path: Path, limit: int | None) -> tuple[list[dict], list[dict]]
     return [r for r in rows if id(r) not in held], val
 
 
+PRESET_MODELS = ("embedded", "smollm2-135m")  # models with a preset (presets/NAME.yaml): real weights on CPU
+
+
 def build(model_name: str, params, device, dtype):
-    """A fresh base model with LoRA: the embedded default, or a Llama-3.2 architecture with random weights."""
+    """A fresh base model with LoRA: a preset's model (embedded, SmolLM2), or a Llama-3.2 architecture
+    with random weights."""
     import torch
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
@@ -50,7 +61,7 @@ def build(model_name: str, params, device, dtype):
     from stages.core.estimate import model_config
     from stages.core.modeling import load_base_model, lora_config
 
-    if model_name == "embedded":
+    if model_name in PRESET_MODELS:
         model = load_base_model(params.model, dtype=dtype, device=device)
     else:
         config = model_config(params.model.model_copy(update={"base": GPU_MODELS[model_name]}))
@@ -79,28 +90,44 @@ def _peak_mb(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss_peak_mb()
 
 
-def run_variant(variant: str, model_name: str, records: int | None, epochs: int, threads: int, queue) -> None:
+def run_variant(variant: str, model_name: str, records: int | None, epochs: int, threads: int, queue,
+                pack_tokens: int | None = None) -> None:
     """One benchmark run in this (child) process; puts a result dict on the queue."""
     try:
-        queue.put(_run_variant(variant, model_name, records, epochs, threads))
+        queue.put(_run_variant(variant, model_name, records, epochs, threads, pack_tokens))
     except Exception as exc:  # noqa: BLE001 - reported in the table instead of killing the other run
         queue.put({"variant": variant, "model": model_name, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def _run_variant(variant, model_name, records, epochs, threads):
+def _run_variant(variant, model_name, records, epochs, threads, pack_tokens=None):
     import torch
 
     sys.path.insert(0, str(ROOT))
     from stages.core.modeling import load_tokenizer, resolve_device, resolve_dtype
 
     torch.set_num_threads(threads)
-    params = bench_params(epochs)
+    params = bench_params(epochs, **({"pack_tokens": pack_tokens} if pack_tokens else {}))
+    if model_name in PRESET_MODELS:
+        params = with_preset(params, model_name, epochs)
     device = resolve_device()
-    dtype = resolve_dtype(params.train.precision, device)
+    precision = "bf16" if variant.endswith("-bf16") else params.train.precision
+    dtype = resolve_dtype(precision, device)
     tokenizer = load_tokenizer(params.model.tokenizer)
     train_rows, val_rows = load_records(ROOT / "data/raw/corporate_qa.jsonl", records)
     train_ex, val_ex = encode_rows(tokenizer, train_rows), encode_rows(tokenizer, val_rows)
-    return measure_variant(variant, model_name, params, tokenizer, train_ex, val_ex, device, dtype)
+    result = measure_variant(variant, model_name, params, tokenizer, train_ex, val_ex, device, dtype)
+    return {**result, "threads": threads, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
+
+
+def with_preset(params, name: str, epochs: int):
+    """params with presets/NAME.yaml applied (the benchmark's epochs and batch kept)."""
+    import yaml
+
+    from stages.core.params import Params
+    from stages.preset import applied, load_preset
+
+    preset = {k: v for k, v in load_preset(name).items() if k not in ("train.epochs", "train.evals_per_epoch")}
+    return Params.model_validate(applied(params.model_dump(mode="json"), preset))
 
 
 def bench_params(epochs: int, **train_overrides):
@@ -143,13 +170,16 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
     seed_everything(train.seed)
     if model is None:
         model = build(model_name, params, device, dtype)
-    if variant == "ours":
+    if variant.startswith("ours"):
         head = select_loss_head(train.fused_loss, device.type == "cuda", package_available("liger_kernel")).value
         run = lambda examples, t: fit(model, examples, val_ex if t is train else [], t,  # noqa: E731
                                       device=device, head_mode=head, log=lambda _m: None,
                                       pad_id=pad_id).train_seconds
         setting = f"packing={train.packing} ({train.pack_tokens} tokens), head={head}, " \
-                  f"{model.config._attn_implementation}"
+                  f"{model.config._attn_implementation}, {str(dtype).removeprefix('torch.')} base"
+    elif variant == "trl":
+        run = lambda examples, t: _trl_sft(model, tokenizer, examples, t, device, dtype)[0]  # noqa: E731
+        setting = "SFTTrainer, padding-free, completion-only loss"
     else:
         run = lambda examples, t: _hf_trainer(model, tokenizer, examples, t, device, dtype)[0]  # noqa: E731
         setting = "Trainer, dynamic padding, full logits"
@@ -225,6 +255,34 @@ def _hf_trainer(model, tokenizer, train_ex, train, device, dtype):
     return float(output.metrics.get("train_runtime", wall)), wall
 
 
+def _trl_sft(model, tokenizer, train_ex, train, device, dtype):
+    """TRL's SFTTrainer at its best settings for this workload: padding-free batches (one row per
+    micro-batch, position ids restart per record, no FLOP on padding), completion-only loss from our
+    labels, the same peft model, records, chat format, effective batch and schedule."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from stages.core.chat import chat_format
+
+    tokenizer.pad_token_id = chat_format(tokenizer).pad_id
+    dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in train_ex])
+    args = SFTConfig(
+        output_dir=str(Path("/tmp") / f"trl-sft-{time.time_ns()}"), per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps, num_train_epochs=train.epochs,
+        learning_rate=train.learning_rate, warmup_ratio=train.warmup_ratio, lr_scheduler_type="cosine",
+        weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, seed=train.seed, report_to="none",
+        save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device.type != "cuda",
+        padding_free=True, completion_only_loss=True, max_length=None, dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    began = time.perf_counter()
+    output = trainer.train()
+    wall = time.perf_counter() - began
+    return float(output.metrics.get("train_runtime", wall)), wall
+
+
 def table(results: list[dict]) -> str:
     head = ("| model | run | setting | real tokens/s | train time (s) | peak memory (MiB) | final val loss"
             + (" | MFU" if any("mfu" in r for r in results) else "") + " |")
@@ -234,17 +292,20 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} |")
             continue
         mfu = f" | {r['mfu']:.1%}" if "mfu" in r else ""
-        lines.append(f"| {r['model']} | {r['variant']} | {r['setting']} | {r['tokens_per_s']:,.0f} | "
+        threads = f", {r['threads']} threads" if "threads" in r and r["device"] == "cpu" else ""
+        lines.append(f"| {r['model']} | {r['variant']} | {r['setting']}{threads} | {r['tokens_per_s']:,.0f} | "
                      f"{r['train_s']:.1f} | {r['peak_mb']:,.0f} | {r['final_val_loss']:.4f}{mfu} |")
     by_model: dict[str, dict] = {}
     for r in results:
         by_model.setdefault(r["model"], {})[r["variant"]] = r
     for model, pair in by_model.items():
-        ours, base = pair.get("ours"), pair.get("baseline")
-        if ours and base and "error" not in ours and "error" not in base:
-            lines.append(f"\n{model}: ours / baseline = {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x real tokens/s, "
-                         f"{base['train_s'] / ours['train_s']:.2f}x less training time, "
-                         f"val loss {ours['final_val_loss']:.4f} vs {base['final_val_loss']:.4f}")
+        ours = pair.get("ours")
+        for other in ("ours-bf16", "trl", "baseline"):
+            base = pair.get(other)
+            if ours and base and "error" not in ours and "error" not in base:
+                lines.append(f"\n{model}: ours / {other} = {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x real "
+                             f"tokens/s, {base['train_s'] / ours['train_s']:.2f}x less training time, "
+                             f"val loss {ours['final_val_loss']:.4f} vs {base['final_val_loss']:.4f}")
     return "\n".join(lines)
 
 
@@ -256,30 +317,47 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of embedded,1b,3b (default: 1b,3b on CUDA, embedded on CPU)")
     parser.add_argument("--records", type=int, default=None, help="use the first N records (default: all)")
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
-    parser.add_argument("--only", choices=["ours", "baseline"], default=None)
+    parser.add_argument("--threads", default="2", help="CPU threads per run (comma list to sweep)")
+    parser.add_argument("--pack-tokens", default="", help="train.pack_tokens for ours (comma list to sweep)")
+    parser.add_argument("--variants", default="ours,baseline", help="comma list of ours,ours-bf16,trl,baseline")
+    parser.add_argument("--only", choices=["ours", "baseline"], default=None, help="(old spelling of --variants X)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     models = (args.model or ("1b,3b" if torch.cuda.is_available() else "embedded")).split(",")
-    unknown = [m for m in models if m not in ("embedded", *GPU_MODELS)]
+    unknown = [m for m in models if m not in (*PRESET_MODELS, *GPU_MODELS)]
     if unknown:
-        print(f"--model: unknown {unknown}; choose from embedded, 1b, 3b", file=sys.stderr)
+        print(f"--model: unknown {unknown}; choose from {', '.join((*PRESET_MODELS, *GPU_MODELS))}", file=sys.stderr)
         return 2
     if any(m in GPU_MODELS for m in models) and not torch.cuda.is_available():
         print("--model 1b/3b needs a CUDA GPU (on CPU the benchmark uses the embedded default)", file=sys.stderr)
         return 2
-    variants = [args.only] if args.only else ["ours", "baseline"]
+    variants = [args.only] if args.only else args.variants.split(",")
+    bad = [v for v in variants if v not in ("ours", "ours-bf16", "trl", "baseline")]
+    if bad:
+        print(f"--variants: unknown {bad}; choose from ours, ours-bf16, trl, baseline", file=sys.stderr)
+        return 2
+    if "ours-bf16" in variants and not torch.cuda.is_available():
+        from stages.core.modeling import cpu_bf16_supported
+
+        if not cpu_bf16_supported():
+            print("ours-bf16: this CPU has neither AVX-512-BF16 nor AMX; skipped", file=sys.stderr)
+            variants.remove("ours-bf16")
+    threads = [int(t) for t in args.threads.split(",")]
+    packs = [int(p) for p in args.pack_tokens.split(",") if p] or [None]
     ctx = mp.get_context("spawn")
     results = []
     for model in models:
         for variant in variants:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=run_variant, args=(variant, model, args.records, args.epochs, args.threads, queue))
-            proc.start()
-            result = queue.get()
-            proc.join()
-            print(json.dumps(result), flush=True)
-            results.append(result)
+            for n_threads in threads:
+                for pack in (packs if variant.startswith("ours") else [None]):
+                    queue = ctx.Queue()
+                    proc = ctx.Process(target=run_variant, args=(variant, model, args.records, args.epochs, n_threads,
+                                                                 queue, pack))
+                    proc.start()
+                    result = queue.get()
+                    proc.join()
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
     print()
     print(table(results))
     if args.json:

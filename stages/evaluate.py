@@ -3,12 +3,19 @@
     python -m stages.evaluate --data data/processed --adapter models/adapter \\
         --metrics metrics/eval.json --report reports/eval [--reference main:metrics/eval.json]
     python -m stages.evaluate gate --metrics metrics/eval.json [--reference PATH|REV:PATH]
+    python -m stages.evaluate noise --seeds 3      (run-to-run noise of training: see stages/noise.py)
+    python -m stages.evaluate plots-template       (an HTML template for `dvc plots show` offline)
 
 The first form generates greedy answers (batched, left-padded, KV cache) for every test question with
 the base model and then the tuned model, measures validation perplexity for both, scores every answer
 (ROUGE-L, BLEU-4, BERTScore F1, semantic similarity, exact match, fact recall, length ratio, missing
 end token; optionally an LLM judge), and writes
-    metrics/eval.json              base / tuned / delta / by_category / by_fact_seen / reference / gate / speed
+    metrics/eval_summary.json      the DVC metric: a few tuned headline numbers and gate.passed, so that
+                                   `dvc metrics show` and `dvc exp show` stay narrow
+    metrics/eval.json              everything (git-tracked, not a DVC metric): base / tuned / delta /
+                                   test_set / significance / by_category / by_fact_seen / reference / gate / speed
+    metrics/eval_records.json      every test record's scores, base and tuned (git-tracked), so that any two
+                                   revisions can be compared record by record (paired tests)
     reports/eval/predictions.jsonl one line per test record: question, reference, both answers, scores
     reports/eval/report.md         headline table, per-topic table, worst answers, judge line
     reports/eval/plots/            base.json, tuned.json, by_category.json (DVC plots), metrics.png
@@ -28,12 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core import cli, io
-from .core.gate import compare, evaluate_gate, load_reference
+from .core.perf import write_perf
+from .core import significance
+from .core.gate import RECORDS_NAME, compare, evaluate_gate, load_records, load_reference
 from .core.params import EVAL_METRICS, ConfigError, Params, load_params
-from .core.records import DataError, Problem
+from .core.records import DataError, Problem, content_hash
 
 STAGE = "evaluate"
 REQUIRED_FIELDS = ("instruction", "output")
+RECORD_DIGITS = 4       # per-record scores in eval_records.json; the paired tests use these rounded values
+SUMMARY_NAME = "eval_summary.json"
+SUMMARY_METRICS = ("rouge_l", "bleu4", "bertscore_f1", "fact_recall")  # the tuned numbers DVC shows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,12 +60,24 @@ class InputError(DataError):
         self.problems = []
 
 
+def record_id(record: dict) -> str:
+    """A test record's stable id: its own "id" field, else a hash of its system prompt and question
+    (the same question has the same id in every revision, whatever its position in the file)."""
+    if isinstance(record.get("id"), (str, int)) and not isinstance(record.get("id"), bool):
+        return str(record["id"])
+    import hashlib
+
+    text = f"{record.get('system', '')}\n{record['instruction']}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
 def read_split(path: str | Path) -> list[dict]:
     """Records of a processed split; every bad line is reported at once, by line number."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} not found (run the preprocess stage first: dvc repro preprocess)")
     rows, problems = [], []
+    seen: dict[str, int] = {}
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -72,6 +96,12 @@ def read_split(path: str | Path) -> list[dict]:
                 continue
             row.setdefault("system", "")
             row.setdefault("category", "uncategorised")
+            row_id = record_id(row)
+            if row_id in seen:
+                problems.append(Problem(str(path), number, f"record id {row_id!r} repeats line {seen[row_id]} "
+                                                           "(the same question twice, or a repeated \"id\")"))
+                continue
+            seen[row_id] = number
             rows.append(row)
     if problems:
         raise DataError(f"{path}: {len(problems)} bad record(s)", problems)
@@ -199,12 +229,52 @@ def build_metrics(test: list[dict], base: ModelRun, tuned: ModelRun, n_val: int)
     return metrics
 
 
+def _rounded(value):
+    return round(value, RECORD_DIGITS) + 0.0 if isinstance(value, float) else value
+
+
+def record_scores(test: list[dict], base: ModelRun, tuned: ModelRun) -> dict:
+    """The per-record file (metrics/eval_records.json): test-set identity and every record's scores,
+    sorted by id, rounded to RECORD_DIGITS, so the same answers always give the same bytes."""
+    from .core.metrics import RECORD_METRICS
+
+    rows = []
+    for i, record in enumerate(test):
+        rows.append({"id": record_id(record), "category": record.get("category"),
+                     "fact_seen_in_train": record.get("fact_seen_in_train"),
+                     "base": {k: _rounded(base.scores[i][k]) for k in RECORD_METRICS},
+                     "tuned": {k: _rounded(tuned.scores[i][k]) for k in RECORD_METRICS}})
+    rows.sort(key=lambda row: row["id"])
+    return {"test_set": {"n": len(test), "hash": content_hash(test)}, "metrics": list(RECORD_METRICS),
+            "records": rows}
+
+
+def records_text(records: dict) -> str:
+    """JSON with one record per line: small, stable, and a git diff shows which records changed."""
+    head = {k: v for k, v in records.items() if k != "records"}
+    lines = [json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in records["records"]]
+    body = ",\n".join(lines)
+    return json.dumps(head, ensure_ascii=False)[:-1] + ', "records": [\n' + body + "\n]}\n"
+
+
+def tuned_vs_base(records: dict) -> dict:
+    """Paired tests of tuned against base on every per-record metric (tolerance 0: any significant
+    drop is reported as a regression of tuning)."""
+    return significance.compare_records(records["records"], records["records"], "tuned", "base")
+
+
+def summary_metrics(metrics: dict) -> dict:
+    """The narrow DVC metric file: a few tuned numbers and the gate verdict."""
+    return {"tuned": {k: metrics["tuned"].get(k) for k in SUMMARY_METRICS},
+            "gate": {"passed": bool(metrics["gate"]["passed"])}}
+
+
 def prediction_rows(test: list[dict], base: ModelRun, tuned: ModelRun) -> list[dict]:
     from .core.metrics import missing_facts
 
     rows = []
     for i, record in enumerate(test):
-        row = {"id": i, "category": record.get("category"), "fact_seen_in_train": record.get("fact_seen_in_train"),
+        row = {"id": record_id(record), "category": record.get("category"), "fact_seen_in_train": record.get("fact_seen_in_train"),
                "instruction": record["instruction"], "reference": record["output"]}
         for name, run in (("base", base), ("tuned", tuned)):
             entry = {"answer": run.answers[i], "ended": run.finished[i],
@@ -241,8 +311,9 @@ def _load_models(params: Params, adapter_dir: Path):
 
 
 def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str | Path,
-             reference: str | None = None, log=print) -> tuple[dict, list[dict]]:
-    """Metrics (dict for metrics/eval.json) and per-record predictions; loads every model once."""
+             reference: str | None = None, log=print) -> tuple[dict, list[dict], dict]:
+    """Metrics (dict for metrics/eval.json), per-record predictions and the per-record scores file;
+    loads every model once."""
     import gc
 
     import torch
@@ -252,10 +323,7 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
 
     started = time.perf_counter()
     adapter_dir = Path(adapter_dir)
-    comparison = None
-    if reference:  # fail on a bad reference before any model work
-        ref_values, source = load_reference(reference)
-        comparison = (ref_values, source)
+    ref = load_reference(reference) if reference else None  # fail on a bad reference before any model work
     judge = None
     if params.evaluate.judge.enabled:
         from .core.judge import Judge, config_from_env
@@ -296,12 +364,16 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     scored = time.perf_counter()
 
     metrics = build_metrics(test, base, tuned, len(val))
+    records = record_scores(test, base, tuned)
+    metrics["test_set"] = records["test_set"]
+    metrics["significance"] = significance_block(records, params.evaluate.gate.regression_metrics,
+                                                 params.evaluate.gate.max_regression)
     metrics["judge"] = judge_info
     # the encoder's name, not its path: a path differs between machines and would show in every diff
     metrics["encoder"] = {"name": params.evaluate.encoder, "bertscore_layer": semantic.layer}
-    if comparison is not None:
-        metrics["reference"] = compare(metrics["tuned"], comparison[0], comparison[1],
-                                       params.evaluate.gate.regression_metrics, params.evaluate.gate.max_regression)
+    if ref is not None:
+        metrics["reference"] = compare(metrics["tuned"], ref, params.evaluate.gate.regression_metrics,
+                                       params.evaluate.gate.max_regression, records)
     metrics["gate"] = evaluate_gate(metrics, params.evaluate.gate, metrics.get("reference"))
     metrics["speed"] = {
         "device": str(device), "batch_size": params.evaluate.batch_size,
@@ -311,19 +383,45 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
         "models_s": round(generated - started, 2), "scoring_s": round(scored - generated, 2),
         "total_s": round(time.perf_counter() - started, 2),
     }
-    return metrics, prediction_rows(test, base, tuned)
+    return metrics, prediction_rows(test, base, tuned), records
+
+
+def significance_block(records: dict, gated: list[str] | None = None, tolerance: float | None = None) -> dict:
+    """How the intervals were made, the tuned-vs-base tests, the smallest detectable difference, and a
+    warning when the test split is too small to detect a drop of the gate's tolerance."""
+    tests = tuned_vs_base(records)
+    blind = {k: t["mde"] for k, t in tests.items()
+             if gated and k in gated and tolerance is not None and t["mde"] is not None and t["mde"] > tolerance}
+    warning = None
+    if blind:
+        warning = (f"the test split ({records['test_set']['n']} records) is too small to detect a drop of "
+                   f"{tolerance:g} (evaluate.gate.max_regression) on "
+                   + ", ".join(f"{k} (detectable: {v:.3f})" for k, v in blind.items())
+                   + "; such drops will read as within noise. Add test records (docs/evaluation.md).")
+    return {"method": f"paired bootstrap 95% CI ({significance.RESAMPLES} resamples, percentile) and paired "
+                      f"permutation test, seed {significance.SEED}; significant when p < {significance.ALPHA} and "
+                      "the CI excludes 0; bleu4 tested on sentence BLEU",
+            "detectable_difference": {k: t["mde"] for k, t in tests.items()},
+            "warning": warning,
+            "tuned_vs_base": tests}
 
 
 def write_outputs(metrics: dict, predictions: list[dict], metrics_path: str | Path, report_dir: str | Path,
-                  worst_answers: int) -> None:
-    """reports/eval (predictions, report, plots) replaced as a whole, then the metrics file."""
+                  worst_answers: int, records: dict | None = None, records_path: str | Path | None = None,
+                  summary_path: str | Path | None = None) -> None:
+    """reports/eval (predictions, report, plots) replaced as a whole, then the per-record scores,
+    the metrics file and the summary (the DVC metric) last."""
     from .core.report import render_report, write_plots
 
     with io.atomic_dir(report_dir) as tmp:
         (tmp / "predictions.jsonl").write_text(io.jsonl_text(predictions), encoding="utf-8")
         plots = write_plots(metrics, tmp / "plots")
         (tmp / "report.md").write_text(render_report(metrics, predictions, worst_answers, plots), encoding="utf-8")
+    if records is not None:
+        io.write_text_atomic(records_path or Path(metrics_path).with_name(RECORDS_NAME), records_text(records))
     io.write_json(metrics_path, metrics)
+    if summary_path:
+        io.write_json(summary_path, summary_metrics(metrics))
 
 
 def _all_local(params: Params) -> bool:
@@ -344,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "gate":
         return cli.run(lambda: gate_main(argv[1:]), f"{STAGE} gate")
+    if argv and argv[0] == "plots-template":
+        return cli.run(lambda: plots_template_main(argv[1:]), f"{STAGE} plots-template")
+    if argv and argv[0] == "noise":
+        from .noise import main as noise_main
+
+        return cli.run(lambda: noise_main(argv[1:]), f"{STAGE} noise")
     return cli.run(lambda: stage_main(argv), STAGE)
 
 
@@ -352,6 +456,9 @@ def stage_main(argv: list[str]) -> int:
     parser.add_argument("--data", default="data/processed", help="folder with test.jsonl and val.jsonl")
     parser.add_argument("--adapter", default="models/adapter", help="train stage output folder")
     parser.add_argument("--metrics", default="metrics/eval.json")
+    parser.add_argument("--records", default=None, help=f"per-record scores (default: {RECORDS_NAME} beside --metrics)")
+    parser.add_argument("--summary", default=None,
+                        help=f"the narrow DVC metric file (default: {SUMMARY_NAME} beside --metrics; '' = none)")
     parser.add_argument("--report", default="reports/eval", help="folder for predictions, report and plots")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--reference", default=None,
@@ -365,15 +472,22 @@ def stage_main(argv: list[str]) -> int:
     val_path = Path(args.data) / "val.jsonl"
     val = read_split(val_path) if val_path.is_file() else []
     reference = args.reference if args.reference is not None else params.evaluate.reference
-    metrics, predictions = evaluate(params, test, val, args.adapter, reference or None)
-    write_outputs(metrics, predictions, args.metrics, args.report, params.evaluate.worst_answers)
-    b, t, s = metrics["base"], metrics["tuned"], metrics["speed"]
+    metrics, predictions, records = evaluate(params, test, val, args.adapter, reference or None)
+    # Timings vary by machine and load: logs/perf/evaluate.json, not eval.json or the (cached) report,
+    # so that the same inputs give the same bytes (stages/core/perf.py).
+    speed = metrics.pop("speed")
+    write_perf(STAGE, speed)
+    summary = str(Path(args.metrics).with_name(SUMMARY_NAME)) if args.summary is None else args.summary
+    write_outputs(metrics, predictions, args.metrics, args.report, params.evaluate.worst_answers, records,
+                  args.records, summary or None)
+    b, t, s = metrics["base"], metrics["tuned"], speed
     print(f"[evaluate] ROUGE-L base {b['rouge_l']:.3f} -> tuned {t['rouge_l']:.3f}; "
           f"BLEU-4 {b['bleu4']:.3f} -> {t['bleu4']:.3f}; fact recall {b['fact_recall'] or 0:.3f} -> "
           f"{t['fact_recall'] or 0:.3f}; {s['tuned_tokens_per_s']:.0f} generated tokens/s (tuned); "
           f"{s['total_s']:.1f} s")
     _print_gate(metrics["gate"])
-    print(f"[evaluate] wrote {args.metrics} and {args.report}/ (report.md, predictions.jsonl, plots/)")
+    print(f"[evaluate] wrote {args.metrics}, {args.records or Path(args.metrics).with_name(RECORDS_NAME)}"
+          + (f", {summary}" if summary else "") + f" and {args.report}/ (report.md, predictions.jsonl, plots/)")
     return 0
 
 
@@ -385,6 +499,7 @@ def gate_main(argv: list[str]) -> int:
     parser.add_argument("--reference", default=None,
                         help="PATH or REV:PATH of the metrics to compare with (default: evaluate.reference, "
                              "else the reference recorded in the metrics file)")
+    parser.add_argument("--records", default=None, help=f"per-record scores (default: {RECORDS_NAME} beside --metrics)")
     parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
     args = parser.parse_args(argv)
     params = load_params(args.params)
@@ -395,9 +510,9 @@ def gate_main(argv: list[str]) -> int:
     spec = args.reference if args.reference is not None else params.evaluate.reference
     gate_params = params.evaluate.gate
     if spec:
-        values, source = load_reference(spec)
-        comparison = compare(metrics["tuned"], values, source, gate_params.regression_metrics,
-                             gate_params.max_regression)
+        records = load_records(args.records or str(path.with_name(RECORDS_NAME)))
+        comparison = compare(metrics["tuned"], load_reference(spec), gate_params.regression_metrics,
+                             gate_params.max_regression, records, (metrics.get("test_set") or {}).get("hash"))
     else:
         comparison = metrics.get("reference")
     gate = evaluate_gate(metrics, gate_params, comparison)
@@ -407,8 +522,28 @@ def gate_main(argv: list[str]) -> int:
         if comparison:
             print(f"compared with {comparison['source']}: " + ", ".join(
                 f"{k} {v:+.4f}" for k, v in comparison["delta"].items() if k in gate_params.regression_metrics))
+            for name, test in (comparison.get("significance") or {}).items():
+                if name in gate_params.regression_metrics:
+                    print(f"  {name}: {test['verdict']}, {significance.describe(name, test)}")
+        for note in gate.get("notes") or []:
+            print(f"note: {note}")
         _print_gate(gate, sys.stdout if gate["passed"] else sys.stderr)
     return 0 if gate["passed"] else 1
+
+
+def plots_template_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.evaluate plots-template",
+        description="Write an HTML template for `dvc plots show --html-template` with Vega inlined (works offline).")
+    parser.add_argument("--node-modules", default=".cache/vega/node_modules",
+                        help="where npm installed vega, vega-lite and vega-embed")
+    parser.add_argument("--out", default=".cache/vega/plots.html")
+    args = parser.parse_args(argv)
+    from .core.report import offline_html_template
+
+    io.write_text_atomic(args.out, offline_html_template(args.node_modules))
+    print(f"wrote {args.out}: dvc plots show --html-template {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

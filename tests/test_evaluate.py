@@ -40,8 +40,12 @@ def _run(work, data, params, adapter, name, *extra):
 
 @pytest.fixture(scope="module")
 def stage_run(inputs):
+    from stages.core import perf
+
     work, data, params, adapter = inputs
-    rc, metrics, report = _run(work, data, params, adapter, "plain")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perf, "PERF_DIR", work / "perf")
+        rc, metrics, report = _run(work, data, params, adapter, "plain")
     assert rc == 0
     return json.loads(metrics.read_text()), report
 
@@ -49,15 +53,61 @@ def stage_run(inputs):
 def test_writes_exactly_the_declared_outputs(stage_run):
     _, report = stage_run
     files = sorted(str(p.relative_to(report)) for p in report.rglob("*") if p.is_file())
-    assert files == ["plots/base.json", "plots/base_by_category.json", "plots/metrics.png", "plots/tuned.json",
-                     "plots/tuned_by_category.json", "predictions.jsonl", "report.md"]
+    assert files == ["plots/by_category.json", "plots/headline.json", "plots/metrics.png", "predictions.jsonl",
+                     "report.md"]
     assert not list(report.parent.glob(".eval.*")), "temporary folder left behind"
+    metrics_dir = report.parent.parent / "metrics"
+    assert sorted(p.name for p in metrics_dir.iterdir()) == ["eval.json", "eval_records.json", "eval_summary.json"]
+
+
+def test_summary_is_the_narrow_dvc_metric(stage_run):
+    m, report = stage_run
+    summary = json.loads((report.parent.parent / "metrics" / "eval_summary.json").read_text())
+    assert summary == {"tuned": {k: m["tuned"][k] for k in ("rouge_l", "bleu4", "bertscore_f1", "fact_recall")},
+                       "gate": {"passed": m["gate"]["passed"]}}
+
+
+def test_per_record_scores_file(stage_run):
+    m, report = stage_run
+    path = report.parent.parent / "metrics" / "eval_records.json"
+    text = path.read_text()
+    data = json.loads(text)
+    rows = data["records"]
+    assert data["test_set"] == m["test_set"] and data["test_set"]["n"] == len(TEST_RECORDS) == len(rows)
+    assert len(data["test_set"]["hash"]) == 64
+    ids = [r["id"] for r in rows]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) and all(len(i) == 12 for i in ids)
+    assert text.count("\n") == len(rows) + 2                          # one record per line
+    predictions = {json.loads(line)["id"]: json.loads(line) for line in (report / "predictions.jsonl").open()}
+    assert set(predictions) == set(ids)
+    for row in rows:
+        assert set(row) == {"id", "category", "fact_seen_in_train", "base", "tuned"}
+        for side in ("base", "tuned"):
+            assert set(row[side]) == set(data["metrics"])
+            for key, value in row[side].items():
+                if isinstance(value, float):
+                    assert value == round(value, 4)
+                    assert value == pytest.approx(predictions[row["id"]][side][key], abs=5e-5)
+    # the tuned-vs-base tests are computed from exactly these rounded scores
+    from stages.core.significance import compare_records
+
+    assert compare_records(rows, rows, "tuned", "base") == m["significance"]["tuned_vs_base"]
 
 
 def test_metrics_keys_and_ranges(stage_run):
     m, _ = stage_run
-    assert {"n_test", "n_val", "base", "tuned", "delta", "by_category", "by_fact_seen", "gate", "speed", "judge",
-            "encoder"} <= set(m)
+    assert {"n_test", "n_val", "base", "tuned", "delta", "by_category", "by_fact_seen", "gate", "judge",
+            "encoder", "test_set", "significance"} <= set(m)
+    assert "speed" not in m  # timings: logs/perf/evaluate.json (same inputs, same bytes)
+    tests = m["significance"]["tuned_vs_base"]
+    assert set(tests) == {"rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
+                          "length_ratio", "no_end_token_rate"}
+    for name, test in tests.items():
+        assert test["n"] == len(TEST_RECORDS), name
+        assert test["ci"][0] <= test["delta"] <= test["ci"][1] and 0 < test["p"] <= 1, name
+        assert test["verdict"] in ("regression", "improvement", "within noise", "no change", "no direction"), name
+    assert tests["rouge_l"]["delta"] == pytest.approx(m["delta"]["rouge_l"], abs=1e-3)  # rounded per record
+    assert m["significance"]["detectable_difference"]["rouge_l"] == tests["rouge_l"]["mde"]
     assert m["n_test"] == len(TEST_RECORDS) and m["n_val"] == 3 and m["n_with_facts"] == len(TEST_RECORDS)
     for model in ("base", "tuned"):
         assert METRIC_KEYS <= set(m[model]), model
@@ -80,12 +130,12 @@ def test_per_topic_and_seen_breakdown_have_counts(stage_run):
 
 
 def test_gate_and_speed(stage_run):
-    m, _ = stage_run
+    m, report = stage_run
     gate = m["gate"]
     assert isinstance(gate["passed"], bool) and len(gate["checks"]) == 4
     # an untrained adapter on a random model cannot reach ROUGE-L 0.3: the gate must say so
     assert gate["passed"] is False and any(r.startswith("tuned rouge_l") for r in gate["reasons"])
-    s = m["speed"]
+    s = json.loads((report.parent.parent.parent / "perf" / "evaluate.json").read_text())
     assert s["base_generated_tokens"] > 0 and s["tuned_tokens_per_s"] > 0 and s["total_s"] > 0
     assert s["generation_s"] <= s["models_s"] <= s["total_s"]
 
@@ -111,12 +161,19 @@ def test_report_sections(stage_run):
     text = (report / "report.md").read_text()
     for needle in ("# Evaluation report", "**Quality gate: FAILED**", "## Headline", "| ROUGE-L |", "| BERTScore F1 |",
                    "| Fact recall |", "## Per topic", "| job_codes | 2 |", "## Fact seen in training vs not",
-                   "## Worst 2 tuned answers", "| reference | PM job code", "| base |", "## Quality gate",
-                   "LLM judge: off", "![base vs tuned](plots/metrics.png)", "## Speed"):
+                   "## Worst 2 tuned answers", "### 1. ", "### 2. ", "(expenses, it_access, job_codes) are anecdotes", "test record `", "## Is the difference real?",
+                   "| rouge_l | ", "| reference | ", "| base |", "## Quality gate",
+                   "LLM judge: off", "![base vs tuned](plots/metrics.png)"):
         assert needle in text, needle
-    plot = json.loads((report / "plots" / "tuned.json").read_text())
-    assert [row["metric"] for row in plot][:3] == ["rouge_l", "bleu4", "bertscore_f1"]
-    assert plot[0]["value"] == m["tuned"]["rouge_l"]
+    assert "### 0." not in text and "### 3." not in text
+    assert "## Speed" not in text  # timings would change the cached report's hash on every run
+    plot = json.loads((report / "plots" / "headline.json").read_text())
+    assert [(row["metric"], row["model"]) for row in plot][:4] == [("ROUGE-L", "base"), ("ROUGE-L", "tuned"),
+                                                                   ("BLEU-4", "base"), ("BLEU-4", "tuned")]
+    assert plot[1]["value"] == m["tuned"]["rouge_l"]
+    assert plot[-1]["metric"] == "No end token (rate), lower is better"
+    topics = json.loads((report / "plots" / "by_category.json").read_text())
+    assert {row["topic"] for row in topics} == {"expenses (n=2)", "it_access (n=1)", "job_codes (n=2)"}
 
 
 def test_dvc_yaml_registers_the_stage_and_plots():
@@ -127,14 +184,21 @@ def test_dvc_yaml_registers_the_stage_and_plots():
     assert stage["params"] == ["model", "train.method", "evaluate"]
     assert {"data/processed/test.jsonl", "data/processed/val.jsonl", "models/adapter", "stages/evaluate.py",
             "stages/core/metrics.py", "stages/core/report.py", "stages/core/gate.py"} <= set(stage["deps"])
-    assert stage["outs"] == ["reports/eval"]
-    assert stage["metrics"] == [{"metrics/eval.json": {"cache": False}}]
-    sources = set()
+    assert stage["outs"] == ["reports/eval", {"metrics/eval.json": {"cache": False}},
+                             {"metrics/eval_records.json": {"cache": False}}]
+    assert stage["metrics"] == [{"metrics/eval_summary.json": {"cache": False}}]
+    assert "--records metrics/eval_records.json --summary metrics/eval_summary.json" in stage["cmd"]
+    sources, templates = set(), set()
     for plot in dvc["plots"]:
         spec = next(iter(plot.values())) if isinstance(plot, dict) else None
         sources |= set(spec["y"]) if spec else {plot}
-    assert {"reports/eval/plots/base.json", "reports/eval/plots/tuned.json",
-            "reports/eval/plots/metrics.png"} <= sources
+        templates |= {spec["template"]} if spec else set()
+    assert {"reports/eval/plots/headline.json", "reports/eval/plots/by_category.json",
+            "reports/eval/plots/metrics.png", "dvclive/train/plots/metrics/train/loss.tsv",
+            "dvclive/train/plots/metrics/val/loss.tsv"} <= sources
+    for name in templates:  # the custom templates exist and are valid JSON with DVC's data anchor
+        assert '"<DVC_METRIC_DATA>"' in (ROOT / ".dvc" / "plots" / f"{name}.json").read_text()
+    assert "plots" not in dvc["stages"]["train"]  # its curves are drawn by the top-level loss chart
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -258,7 +322,23 @@ def test_stage_with_judge_and_reference(inputs, stage_run, judge_server, monkeyp
     assert m["reference"]["regressions"] == ["bleu4"]
     assert m["reference"]["delta"]["bleu4"] == pytest.approx(-0.5, abs=1e-6)
     assert any("bleu4 regressed by 0.5000" in r for r in m["gate"]["reasons"])
+    assert m["reference"]["note"].startswith("no per-record scores for ")   # prod.json has none beside it
     text = (report / "report.md").read_text()
     assert "LLM judge: grader at 127.0.0.1" in text and "## Compared with" in text
     rows = [json.loads(line) for line in (report / "predictions.jsonl").read_text().splitlines()]
     assert [r["tuned"]["judge_score"] is not None for r in rows] == [True, True, False, False, False]
+
+
+def test_stage_against_a_reference_with_per_record_scores(inputs, stage_run, tmp_path):
+    """The same model against the first run's files (eval.json + eval_records.json beside it): the
+    paired tests find no change and nothing regresses."""
+    work, data, params, adapter = inputs
+    reference = work / "plain" / "metrics" / "eval.json"
+    rc, metrics_path, report = _run(tmp_path, data, params, adapter, "again", "--reference", str(reference))
+    assert rc == 0
+    ref = json.loads(metrics_path.read_text())["reference"]
+    assert ref["comparable"] is True and ref["note"] is None and ref["regressions"] == []
+    assert {t["verdict"] for t in ref["significance"].values()} == {"no change"}
+    assert (metrics_path.with_name("eval_records.json").read_text()
+            == reference.with_name("eval_records.json").read_text())          # same answers, same bytes
+    assert "| rouge_l | " in (report / "report.md").read_text()

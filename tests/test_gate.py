@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.core.gate import compare, evaluate_gate, load_reference
+from stages.core.gate import Reference, compare, evaluate_gate, load_reference
 from stages.core.params import ConfigError, GateParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +58,15 @@ def test_gate_fails_on_a_missing_metric_and_handles_lower_is_better_gains():
 def test_comparison_flags_only_regressions_beyond_tolerance():
     ref = {"rouge_l": 0.62, "bleu4": 0.45, "fact_recall": 0.7, "no_end_token_rate": 0.0}
     now = metrics(tuned_rouge=0.605, bleu=0.40, fact=0.75)["tuned"]
-    comp = compare(now, ref, "prod.json", GATE.regression_metrics, GATE.max_regression)
+    comp = compare(now, Reference(ref, "prod.json", None), GATE.regression_metrics, GATE.max_regression)
     assert comp["delta"]["rouge_l"] == pytest.approx(-0.015)       # within 0.02: not a regression
     assert comp["delta"]["bleu4"] == pytest.approx(-0.05)
     assert comp["regressions"] == ["bleu4"]
     gate = evaluate_gate(metrics(tuned_rouge=0.605, bleu=0.40, fact=0.75), GATE, comp)
     assert gate["passed"] is False and gate["reference"] == "prod.json"
-    assert gate["reasons"] == ["bleu4 regressed by 0.0500 vs prod.json (tolerance 0.02)"]
+    assert gate["reasons"] == ["bleu4 regressed by 0.0500 vs prod.json (tolerance 0.02; no per-record scores, "
+                               "significance not tested)"]
+    assert gate["notes"] == ["no per-record scores for this run: significance not tested, the tolerance alone decides"]
 
 
 def test_load_reference_accepts_stage_format_and_flat_and_rejects_junk(tmp_path):
@@ -72,8 +74,8 @@ def test_load_reference_accepts_stage_format_and_flat_and_rejects_junk(tmp_path)
     (tmp_path / "b.json").write_text(json.dumps({"rouge_l": 0.5, "other": 1}))
     (tmp_path / "c.json").write_text(json.dumps({"hello": 1}))
     (tmp_path / "d.json").write_text("{not json")
-    assert load_reference("a.json", tmp_path)[0]["rouge_l"] == 0.6
-    assert load_reference("b.json", tmp_path) == ({"rouge_l": 0.5}, "b.json")
+    assert load_reference("a.json", tmp_path).tuned["rouge_l"] == 0.6
+    assert load_reference("b.json", tmp_path) == Reference({"rouge_l": 0.5}, "b.json", None)
     with pytest.raises(ConfigError, match="no metrics found"):
         load_reference("c.json", tmp_path)
     with pytest.raises(ConfigError, match="not valid JSON"):
@@ -143,7 +145,8 @@ def test_gate_command_against_a_git_revision(workdir):
     (workdir / "metrics" / "eval.json").write_text(json.dumps(metrics(tuned_rouge=0.60)))
     result = _gate_cmd(workdir, "--metrics", "metrics/eval.json", "--reference", "HEAD:metrics/eval.json")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "rouge_l regressed by 0.1000 vs git HEAD:metrics/eval.json (tolerance 0.02)" in result.stderr
+    assert ("rouge_l regressed by 0.1000 vs git HEAD:metrics/eval.json (tolerance 0.02; no per-record scores, "
+            "significance not tested)") in result.stderr
     # params' evaluate.reference is the default when the command line gives none
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
     raw["evaluate"]["reference"] = "HEAD:metrics/eval.json"
@@ -162,3 +165,43 @@ def test_gate_command_does_not_import_torch(workdir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def _records(scores, test_hash="t1"):
+    return {"test_set": {"n": len(scores), "hash": test_hash},
+            "records": [{"id": f"q{i}", "tuned": {"rouge_l": v}} for i, v in enumerate(scores)]}
+
+
+def test_gate_command_pairs_records_with_the_revision(workdir):
+    """The reference's per-record scores come from the same revision (git show REV:metrics/eval_records.json)."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    m = workdir / "metrics"
+    old = [0.6 + 0.01 * (i % 20) for i in range(40)]
+    (m / "eval.json").write_text(json.dumps({**metrics(tuned_rouge=sum(old) / 40), "test_set": {"hash": "t1"}}))
+    (m / "eval_records.json").write_text(json.dumps(_records(old)))
+    for cmd in (["git", "init", "-q"], ["git", "add", "metrics"], ["git", "commit", "-qm", "prod"]):
+        subprocess.run(cmd, cwd=workdir, env=env, check=True)
+    # 0.1 worse on every record: a significant regression, and the reason quotes the interval
+    worse = [v - 0.1 for v in old]
+    (m / "eval.json").write_text(json.dumps({**metrics(tuned_rouge=sum(worse) / 40), "test_set": {"hash": "t1"}}))
+    (m / "eval_records.json").write_text(json.dumps(_records(worse)))
+    result = _gate_cmd(workdir, "--metrics", "metrics/eval.json", "--reference", "HEAD:metrics/eval.json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "rouge_l regressed by 0.1000 vs git HEAD:metrics/eval.json (tolerance 0.02; paired test -0.1000 " \
+           "[95% CI -0.1000, -0.1000], p=" in result.stderr
+    assert "rouge_l: regression, -0.1000 [95% CI" in result.stdout
+    # the same mean drop on two records only (the others unchanged) is within noise: the gate passes
+    few = list(old)
+    few[0], few[1] = old[0] - 2.0, old[1] - 2.0
+    (m / "eval.json").write_text(json.dumps({**metrics(tuned_rouge=sum(few) / 40), "test_set": {"hash": "t1"}}))
+    (m / "eval_records.json").write_text(json.dumps(_records(few)))
+    result = _gate_cmd(workdir, "--metrics", "metrics/eval.json", "--reference", "HEAD:metrics/eval.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rouge_l: within noise, -0.1000 [95% CI" in result.stdout
+    # a different test set: not comparable, no regression check, and the command says so
+    (m / "eval.json").write_text(json.dumps({**metrics(tuned_rouge=0.2 + 0.5), "test_set": {"hash": "t2"}}))
+    (m / "eval_records.json").write_text(json.dumps(_records(worse, "t2")))
+    result = _gate_cmd(workdir, "--metrics", "metrics/eval.json", "--reference", "HEAD:metrics/eval.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "note: not comparable with git HEAD:metrics/eval.json: the test sets differ" in result.stdout

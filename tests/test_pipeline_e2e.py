@@ -85,7 +85,8 @@ def test_outputs_exist(repo):
                  "metrics/deploy.json", "models/adapter/manifest.json", "models/adapter/adapter/adapter_config.json",
                  "models/adapter/tokenizer/tokenizer.json", "models/merged/model.safetensors",
                  "models/merged/chat_template.jinja", "reports/eval/predictions.jsonl", "reports/eval/report.md",
-                 "reports/eval/plots/base.json", "reports/eval/plots/tuned.json", "dvc.lock"):
+                 "reports/eval/plots/headline.json", "reports/eval/plots/by_category.json",
+                 "metrics/eval_records.json", "metrics/eval_summary.json", "dvc.lock"):
         assert (dest / path).exists(), path
     assert list((dest / "dvclive/train/plots/metrics").rglob("*.tsv")), "no loss curves"
     lines = (dest / "reports/eval/predictions.jsonl").read_text().splitlines()
@@ -113,11 +114,16 @@ def test_metrics_keys_and_ranges(repo):
     assert deploy["target"] == "local" and deploy["passed"] is True
 
 
-def test_dvc_metrics_show_lists_every_stage(repo):
+def test_dvc_metrics_show_fits_a_terminal_and_details_stay_reachable(repo):
     dest, env, _ = repo
-    shown = _sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], dest, env).stdout
-    files = set(json.loads(shown)[""]["data"])
-    assert {"metrics/preprocess.json", "metrics/train.json", "metrics/eval.json"} <= files
+    shown = _sh([sys.executable, "-m", "dvc", "metrics", "show"], dest, env).stdout
+    assert max(len(line) for line in shown.splitlines()) < 200, shown
+    assert "metrics/eval_summary.json" in shown and "rouge_l" in shown
+    details = _sh([sys.executable, "-m", "dvc", "metrics", "show", "--json", "--targets", "metrics/preprocess.json",
+                   "metrics/train.json"], dest, env).stdout
+    files = json.loads(details)[""]["data"]
+    assert files["metrics/train.json"]["data"]["final_val_loss"] > 0
+    assert files["metrics/preprocess.json"]["data"]["records_in"] == SLICE
 
 
 def test_second_repro_does_nothing(repo):
@@ -130,7 +136,8 @@ def test_plots_render(repo, tmp_path):
     dest, env, _ = repo
     _sh([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots")], dest, env)
     html = (tmp_path / "plots" / "index.html").read_text()
-    assert "train/loss" in html and "val/loss" in html and "ROUGE-L per topic" in html
+    assert "train/loss" in html and "val/loss" in html and "Training and validation loss" in html
+    assert "ROUGE-L per topic" in html and "(n=" in html
 
 
 def test_training_param_change_reruns_train_not_preprocess(repo):

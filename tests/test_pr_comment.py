@@ -325,6 +325,9 @@ def test_end_to_end_comment_on_a_pull_request(pr_repo):
     assert "> Fork pull request: skipped the DVC remote." in text
     assert "❌ **Failed** (1 of 2 checks)" in text and "rouge_l regressed by 0.1000 vs main" in text
     assert "**2 regression(s):** `gate.passed`, `tuned.rouge_l`" in text
+    # main has no per-record scores: the tolerance alone decides, and the evaluation section says so
+    assert "### Evaluation vs `main` (tuned model, paired over the test records)" in text
+    assert "| `rouge_l` | 0.8 | 0.7 | -0.1000 |  | ❌ regression (> 0.02; significance not tested) |  |" in text
     assert "| params.yaml | train.lora.r | 32     | 8           |" in text        # dvc params diff --md
     assert "<summary><code>dvc metrics diff main --md</code></summary>" in text
     assert "tuned answers that differ from the base branch's" in text
@@ -388,3 +391,97 @@ def test_default_run_in_this_repository(tmp_path):
                     "### Answers that changed", "### Azure training estimate"):
         assert heading in text
     assert "Traceback" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# data counters, evaluation significance and comparability (issue 11 item 3, issue 15 item 7)
+
+
+def test_removed_record_counters_are_worse_when_they_grow_and_token_counts_get_no_verdict():
+    diff = {"metrics/preprocess.json": {
+        "removed.too_long": {"old": 0, "new": 57}, "removed.pii": {"old": 3, "new": 1},
+        "tokens.max": {"old": 93, "new": 256}, "tokens.mean": {"old": 70.4, "new": 120.0},
+        "splits.test": {"old": 63, "new": 6}, "categories.leave": {"old": 108, "new": 4},
+        "records_out": {"old": 1069, "new": 122}}}
+    rows = {r.name: r.flag for r in pc.metric_rows(diff, GATED, 0.02)}
+    assert rows == {"removed.too_long": "⚠️ worse", "removed.pii": "✅ better", "tokens.max": "",
+                    "tokens.mean": "", "splits.test": "", "categories.leave": "", "records_out": ""}
+
+
+def _eval(rouge: float, test_hash: str | None = "t1") -> dict:
+    data = {"tuned": {"rouge_l": rouge}, "base": {"rouge_l": 0.1}, "gate": {"passed": True}}
+    if test_hash:
+        data["test_set"] = {"n": 40, "hash": test_hash}
+    return data
+
+
+def _records(scores, test_hash="t1") -> dict:
+    return {"test_set": {"n": len(scores), "hash": test_hash},
+            "records": [{"id": f"q{i:02d}", "tuned": {"rouge_l": v}} for i, v in enumerate(scores)]}
+
+
+OLD = [0.5 + 0.01 * (i % 10) for i in range(40)]
+NOISE = {"seeds": [0, 1, 2], "metrics": {"rouge_l": {"mean": 0.5, "sd": 0.012}}}
+
+
+def test_a_significant_drop_is_a_regression_with_its_interval_and_seed_noise():
+    new = [v - 0.1 for v in OLD]
+    cmp = pc.compare_eval(_eval(sum(new) / 40), _records(new), _eval(sum(OLD) / 40), _records(OLD), "main",
+                          ["rouge_l"], 0.02)
+    assert cmp["comparable"] and cmp["regressions"] == ["rouge_l"]
+    md = pc.evaluation_section(cmp, _eval(sum(new) / 40), NOISE, "main")
+    assert "**1 regression(s):** `rouge_l`" in md
+    assert "| `rouge_l` | 0.545 | 0.445 | -0.1000 | [-0.100, -0.100] | ❌ regression (> 0.02, significant) | ±0.012 |" in md
+    assert "Seed noise: standard deviation over 3 training seeds" in md
+    rows = pc.metric_rows({"metrics/eval_summary.json": {"tuned.rouge_l": {"old": 0.545, "new": 0.445}}},
+                          GATED, 0.02)
+    pc.apply_eval_flags(rows, cmp, 0.02)
+    assert rows[0].regression and rows[0].flag == "❌ regression (> 0.02, significant)"
+
+
+def test_a_drop_on_two_records_is_within_noise():
+    new = list(OLD)
+    new[0] -= 2.0
+    new[1] -= 2.0                                        # mean -0.1, carried by two records
+    cmp = pc.compare_eval(_eval(sum(new) / 40), _records(new), _eval(sum(OLD) / 40), _records(OLD), "main",
+                          ["rouge_l"], 0.02)
+    assert cmp["regressions"] == []
+    md = pc.evaluation_section(cmp, _eval(sum(new) / 40), None, "main")
+    assert "No regression: no gated metric dropped by more than 0.02 with a significant paired test." in md
+    assert "| within noise |" in md and "Seed noise: not measured" in md
+    rows = pc.metric_rows({"metrics/eval_summary.json": {"tuned.rouge_l": {"old": 0.545, "new": 0.445}}},
+                          GATED, 0.02)
+    pc.apply_eval_flags(rows, cmp, 0.02)
+    assert not rows[0].regression and rows[0].flag == "within noise"
+
+
+def test_different_test_sets_are_not_comparable_and_nothing_regresses():
+    new = [v - 0.3 for v in OLD]
+    cmp = pc.compare_eval(_eval(0.2, "t2"), _records(new, "t2"), _eval(0.545), _records(OLD), "main",
+                          ["rouge_l"], 0.02)
+    assert not cmp["comparable"] and cmp["regressions"] == []
+    md = pc.evaluation_section(cmp, _eval(0.2, "t2"), None, "main")
+    assert "⚠️ **Not comparable:** the test sets differ (different test-set hash)." in md
+    assert "regression(s)" not in md
+    rows = pc.metric_rows({"metrics/eval_summary.json": {"tuned.rouge_l": {"old": 0.545, "new": 0.2}},
+                           "metrics/eval.json": {"base.rouge_l": {"old": 0.1, "new": 0.0}}}, GATED, 0.02)
+    pc.apply_eval_flags(rows, cmp, 0.02)
+    assert [(r.flag, r.regression) for r in rows] == [("not comparable", False), ("not comparable", False)]
+    # files without a test-set hash (before eval_records.json existed): the preprocess data hash decides
+    old_style = pc.compare_eval(_eval(0.2, None), None, _eval(0.545, None), None, "main", ["rouge_l"], 0.02,
+                                "aaa", "bbb")
+    assert not old_style["comparable"] and old_style["regressions"] == []
+    assert old_style["not_comparable"] == "the data changed (metrics/preprocess.json data_hash differs)"
+    same_data = pc.compare_eval(_eval(0.2, None), None, _eval(0.545, None), None, "main", ["rouge_l"], 0.02,
+                                "aaa", "aaa")
+    assert same_data["regressions"] == ["rouge_l"]          # the tolerance alone, and the section says so
+    assert "significance not tested" in pc.evaluation_section(same_data, _eval(0.2, None), None, "main")
+
+
+def test_detectable_difference_and_small_split_warning_lines():
+    new = {"test_set": {"n": 6}, "significance": {"detectable_difference": {"rouge_l": 0.161, "length_ratio": 0.4},
+                                                  "warning": "the test split (6 records) is too small"}}
+    line = pc.detectable_line(new, None)
+    assert line.startswith("⚠️ **Small test split:** the test split (6 records) is too small ")
+    assert "Smallest difference 6 test records can detect (paired, alpha 0.05, power 0.8): rouge_l 0.161;" in line
+    assert "length_ratio" not in line

@@ -114,14 +114,16 @@ def plan_for_rank(info: RankInfo, target: str, distributed_stage: str, upstream:
 
 
 def tracked_results(dvc_yaml: dict) -> list[str]:
-    """dvc.lock plus every metrics/plots path with cache: false (git-tracked, so it must come back)."""
+    """dvc.lock plus every outs/metrics/plots path with cache: false (git-tracked, so it must come back),
+    except persistent outs (checkpoints)."""
     paths = ["dvc.lock"]
     for stage in dvc_yaml.get("stages", {}).values():
-        for key in ("metrics", "plots"):
+        for key in ("outs", "metrics", "plots"):
             for entry in stage.get(key, []) or []:
                 if isinstance(entry, dict):
                     path, options = next(iter(entry.items()))
-                    if isinstance(options, dict) and options.get("cache") is False:
+                    # persist: true outs (resumable checkpoints) stay on the job's side
+                    if isinstance(options, dict) and options.get("cache") is False and not options.get("persist"):
                         paths.append(path)
     return list(dict.fromkeys(paths))
 

@@ -2,9 +2,14 @@
 
     python -m stages.ci.pr_comment --base main --out comment.md
 
-Sections, in order: the quality-gate verdict, the headline metrics against the base branch with
-regressions flagged (from `dvc metrics diff <base> --json`; the full `dvc metrics diff <base> --md`
-table is folded below it), `dvc params diff <base> --md`, the loss curves and the base-vs-tuned
+Sections, in order: the quality-gate verdict; the tuned model's evaluation against the base branch's,
+paired over test records (metrics/eval.json and metrics/eval_records.json of both revisions, read from
+git): change, 95% interval, verdict and seed noise (metrics/noise_floor.json) per metric, and the
+smallest difference the test split can detect; a metric is a regression only when it dropped by more
+than the gate's tolerance AND the paired test is significant, and nothing is when the test sets differ;
+the headline metrics of every DVC metrics file against the base branch (from
+`dvc metrics diff <base> --json`; counters of removed records are "more is worse", data sizes and
+token counts get no verdict; the full `dvc metrics diff <base> --md` table is folded below it), `dvc params diff <base> --md`, the loss curves and the base-vs-tuned
 metrics as charts, a few answers that changed, and the estimated Azure time and cost of the
 training run this pull request would trigger on merge.
 
@@ -44,6 +49,20 @@ HEADLINE_EVAL = ("rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exa
                  "no_end_token_rate", "val_loss", "val_perplexity", "judge_score")
 LOWER_IS_BETTER_WORDS = ("loss", "perplexity", "no_end_token_rate", "error", "missing", "rejected",
                          "dropped", "latency", "diff")
+# Counters of records the data lost: more is worse, whatever the leaf is called (removed.too_long).
+LOWER_IS_BETTER_PREFIXES = ("removed.", "rejected.", "dropped.")
+# Properties of the data or the run, not quality: no verdict (tokens.max, splits.test, categories.hr).
+NEUTRAL_PREFIXES = ("tokens.", "splits.", "categories.", "pii_found.", "speed.", "test_set.", "significance.",
+                    "blank_lines", "test_facts_seen_in_train")
+EVAL_FILES = ("eval.json", "eval_summary.json")
+DIFF_TARGETS = ("metrics/preprocess.json", "metrics/train.json", "metrics/eval_summary.json", "metrics/package.json",
+                "metrics/deploy.json")
+RECORDS_PATH = "metrics/eval_records.json"
+NOISE_PATH = "metrics/noise_floor.json"
+PREPROCESS_PATH = "metrics/preprocess.json"
+VERDICT_FLAGS = {"regression": "❌ regression", "worse within tolerance": "⚠️ worse (significant, within tolerance)",
+                 "improvement": "✅ better (significant)", "within noise": "within noise", "no change": "",
+                 "no direction": "changed (significant)"}
 NEUTRAL_WORDS = ("seconds", "_s", "time", "tokens_per_s", "count", "records", "steps", "step", "epoch",
                  "length_ratio", "n_", "lr", "learning_rate", "memory", "peak", "params", "size",
                  "max_abs_logit", "tolerance")
@@ -156,6 +175,10 @@ def metric_direction(name: str) -> int:
     leaf = name.split(".")[-1].lower()
     if leaf in ("passed",):
         return 1
+    if name.lower().startswith(LOWER_IS_BETTER_PREFIXES):
+        return -1
+    if name.lower().startswith(NEUTRAL_PREFIXES):
+        return 0
     if any(w in leaf for w in LOWER_IS_BETTER_WORDS):
         return -1
     if any(leaf == w or leaf.startswith(w) or leaf.endswith(w) for w in NEUTRAL_WORDS):
@@ -208,7 +231,7 @@ def classify(name: str, old, new, regression_metrics: tuple[str, ...] | list[str
 
 def is_headline(path: str, name: str) -> bool:
     parts = name.split(".")
-    if Path(path).name == "eval.json":
+    if Path(path).name in EVAL_FILES:
         return name == "gate.passed" or (len(parts) == 2 and parts[0] in ("tuned", "base") and parts[1] in HEADLINE_EVAL)
     return len(parts) <= 2
 
@@ -300,6 +323,109 @@ def params_section(raw_md: str | None, base_label: str, error: str | None) -> st
     else:
         lines.append("No parameter changed.")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation: this revision's tuned model against the base branch's, paired over test records
+
+
+def compare_eval(new: dict | None, new_records: dict | None, old: dict | None, old_records: dict | None,
+                 base_label: str, regression_metrics, tolerance: float,
+                 new_data_hash: str | None = None, old_data_hash: str | None = None) -> dict | None:
+    """stages.core.gate.compare on the two revisions' eval.json and eval_records.json (None when either
+    side has no tuned metrics). Test sets are compared by their hash; when neither eval file records
+    one, the preprocess data hash stands in for it."""
+    from stages.core.gate import Reference, compare
+
+    if not isinstance(new, dict) or not isinstance(old, dict) or not isinstance(new.get("tuned"), dict) \
+            or not isinstance(old.get("tuned"), dict):
+        return None
+    old_hash = (old.get("test_set") or {}).get("hash") if isinstance(old.get("test_set"), dict) else None
+    new_hash = (new.get("test_set") or {}).get("hash") if isinstance(new.get("test_set"), dict) else None
+    ref = Reference(old["tuned"], f"{base_label}:metrics/eval.json", old_records, old_hash)
+    result = compare(new["tuned"], ref, list(regression_metrics), tolerance, new_records, new_hash)
+    if result["comparable"] and not (old_hash and new_hash) and new_data_hash and old_data_hash \
+            and new_data_hash != old_data_hash:
+        result.update(comparable=False, regressions=[], significance={},
+                      not_comparable="the data changed (metrics/preprocess.json data_hash differs)")
+    return result
+
+
+def _noise(noise: dict | None, metric: str) -> str:
+    entry = ((noise or {}).get("metrics") or {}).get(metric) if isinstance(noise, dict) else None
+    sd = _num(entry.get("sd")) if isinstance(entry, dict) else None
+    return f"±{sd:.3f}" if sd is not None else ""
+
+
+def eval_flag(metric: str, comparison: dict | None, tolerance: float) -> tuple[str, bool]:
+    """(flag, is_regression) of a tuned metric from the paired comparison."""
+    if comparison is None:
+        return "", False
+    if not comparison["comparable"]:
+        return "not comparable", False
+    if metric in comparison["regressions"]:
+        test = (comparison.get("significance") or {}).get(metric)
+        return (f"❌ regression (> {tolerance:g}, significant)" if test else
+                f"❌ regression (> {tolerance:g}; significance not tested)"), True
+    test = (comparison.get("significance") or {}).get(metric)
+    if test is None:
+        return "", False
+    return VERDICT_FLAGS.get(test["verdict"], test["verdict"]), False
+
+
+def evaluation_section(comparison: dict | None, new: dict | None, noise: dict | None, base_label: str,
+                       problem: str | None = None) -> str:
+    """The tuned model against the base branch's: change, 95% interval, verdict, seed noise; and the
+    smallest difference this test split can detect."""
+    lines = [f"### Evaluation vs `{base_label}` (tuned model, paired over the test records)"]
+    if comparison is None:
+        lines.append(f"_No comparison: {_cell(problem or 'metrics/eval.json is missing on one side')}._")
+    elif not comparison["comparable"]:
+        lines += [f"⚠️ **Not comparable:** {_cell(comparison['not_comparable'])}. The evaluation metrics of "
+                  f"`{base_label}` and this PR measure different test records, so no difference below is a "
+                  "regression or an improvement.", ""]
+    else:
+        regs = comparison["regressions"]
+        lines.append(f"**{len(regs)} regression(s):** " + ", ".join(f"`{m}`" for m in regs) if regs else
+                     f"No regression: no gated metric dropped by more than {comparison['tolerance']:g} with a "
+                     "significant paired test.")
+        if comparison.get("note"):
+            lines.append(f"_{_cell(comparison['note'])}._")
+        lines.append("")
+    if comparison is not None:
+        tests = comparison.get("significance") or {}
+        lines += [f"| metric | {base_label} | this PR | change | 95% CI | verdict | seed noise |",
+                  "|---|---|---|---|---|---|---|"]
+        now = (new or {}).get("tuned") or {}
+        for metric, d in comparison["delta"].items():
+            test = tests.get(metric)
+            ci = test.get("ci") if test else None
+            ci_text = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
+            flag, _ = eval_flag(metric, comparison, comparison["tolerance"])
+            lines.append(f"| `{metric}` | {_fmt(comparison['tuned'].get(metric))} | {_fmt(now.get(metric))} | "
+                         f"{d:+.4f} | {ci_text} | {flag} | {_noise(noise, metric)} |")
+    lines += ["", detectable_line(new, noise)]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def detectable_line(new: dict | None, noise: dict | None) -> str:
+    sig = (new or {}).get("significance") if isinstance(new, dict) else None
+    detectable = (sig or {}).get("detectable_difference") if isinstance(sig, dict) else None
+    n = ((new or {}).get("test_set") or {}).get("n") if isinstance((new or {}).get("test_set"), dict) else None
+    parts = []
+    if isinstance(sig, dict) and isinstance(sig.get("warning"), str):
+        parts.append(f"⚠️ **Small test split:** {_cell(sig['warning'])}")
+    if isinstance(detectable, dict) and detectable:
+        shown = ", ".join(f"{k} {_num(v):.3f}" for k, v in detectable.items()
+                          if k in ("rouge_l", "bleu4", "bertscore_f1", "fact_recall") and _num(v) is not None)
+        parts.append(f"Smallest difference {n or 'the'} test records can detect (paired, alpha 0.05, power 0.8): "
+                     f"{shown}; smaller changes are usually reported as within noise (docs/evaluation.md).")
+    if isinstance(noise, dict) and isinstance(noise.get("metrics"), dict):
+        parts.append(f"Seed noise: standard deviation over {len(noise.get('seeds') or [])} training seeds "
+                     f"(`{NOISE_PATH}`).")
+    else:
+        parts.append(f"Seed noise: not measured (`python -m stages.evaluate noise` writes `{NOISE_PATH}`).")
+    return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -633,13 +759,14 @@ class Inputs:
     answers_md: str
     estimate_md: str
     notes: list[str] = field(default_factory=list)
+    eval_md: str = ""
 
 
 def build_comment(inp: Inputs) -> str:
     head = [MARKER, f"## 🦙 Pipeline report: `{inp.head_label}` vs `{inp.base_label}`"]
     if inp.notes:
         head += [""] + [f"> {_cell(n)}" for n in inp.notes]
-    parts = ["\n".join(head), inp.gate_md, inp.metrics_md, inp.params_md, inp.charts_md, inp.answers_md,
+    parts = ["\n".join(head), inp.gate_md, inp.eval_md, inp.metrics_md, inp.params_md, inp.charts_md, inp.answers_md,
              inp.estimate_md,
              "<sub>Built by <code>python -m stages.ci.pr_comment</code>; updated on every push.</sub>"]
     text = "\n\n".join(p for p in parts if p) + "\n"
@@ -678,6 +805,57 @@ def _gate_params(params_path: Path) -> tuple[list[str], float]:
     return list(metrics), 0.02 if tolerance is None else tolerance
 
 
+def _json_text(text: str | None) -> dict | None:
+    try:
+        data = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _eval_comparison(cwd: Path, base: str, base_label: str, metrics_path: str, eval_metrics: dict | None,
+                     regression_metrics, tolerance: float) -> tuple[dict | None, str | None]:
+    """This revision's evaluation against the base branch's, from files tracked in git on both sides."""
+    old = _json_text(git_show(base, metrics_path, cwd))
+    if old is None:
+        return None, f"`{base_label}` has no readable {metrics_path}"
+    if eval_metrics is None:
+        return None, f"this revision has no readable {metrics_path}"
+    records_rel = str(Path(metrics_path).with_name(Path(RECORDS_PATH).name))
+    new_records, _ = _load_json(cwd / records_rel)
+    old_records = _json_text(git_show(base, records_rel, cwd))
+    if old_records is not None and not isinstance(old_records.get("records"), list):
+        old_records = None
+    if new_records is not None and not isinstance(new_records.get("records"), list):
+        new_records = None
+    new_pre, _ = _load_json(cwd / PREPROCESS_PATH)
+    old_pre = _json_text(git_show(base, PREPROCESS_PATH, cwd))
+    return compare_eval(eval_metrics, new_records, old, old_records, base_label, regression_metrics, tolerance,
+                        (new_pre or {}).get("data_hash"), (old_pre or {}).get("data_hash")), None
+
+
+def _noise_floor(cwd: Path, base: str) -> dict | None:
+    """metrics/noise_floor.json of this revision, else the base branch's."""
+    data, _ = _load_json(cwd / NOISE_PATH)
+    return data if data is not None else _json_text(git_show(base, NOISE_PATH, cwd))
+
+
+def apply_eval_flags(rows: list[MetricRow], comparison: dict | None, tolerance: float) -> None:
+    """The tuned metrics of the evaluation files get the paired test's verdict instead of the plain
+    tolerance rule; with different test sets, no evaluation row gets a verdict."""
+    if comparison is None:
+        return
+    for row in rows:
+        if Path(row.path).name not in EVAL_FILES or row.name == "gate.passed":
+            continue
+        parts = row.name.split(".")
+        if not comparison["comparable"]:
+            row.flag, row.regression = ("not comparable" if row.old is not None and row.new is not None
+                                        else row.flag), False
+        elif len(parts) == 2 and parts[0] == "tuned" and row.old is not None and row.new is not None:
+            row.flag, row.regression = eval_flag(parts[1], comparison, tolerance)
+
+
 def make_comment(args) -> tuple[str, list[Path]]:
     cwd = Path(args.repo)
     base = resolve_base(args.base, cwd)
@@ -689,6 +867,12 @@ def make_comment(args) -> tuple[str, list[Path]]:
 
     eval_metrics, eval_problem = _load_json(cwd / args.metrics)
     gate_md = gate_section(eval_metrics, eval_problem)
+    comparison, eval_md = None, ""
+    if base is not None:
+        comparison, why = _eval_comparison(cwd, base, base_label, args.metrics, eval_metrics, regression_metrics,
+                                           tolerance)
+        eval_md = evaluation_section(comparison, eval_metrics, _noise_floor(cwd, base), base_label,
+                                     why or eval_problem)
 
     if base is None:
         missing = f"base revision '{args.base}' not found (fetch it: git fetch origin {args.base})"
@@ -698,14 +882,18 @@ def make_comment(args) -> tuple[str, list[Path]]:
         metrics_md = metrics_section([], base_label, None, "skipped (--no-dvc)")
         params_md = params_section(None, base_label, "skipped (--no-dvc)")
     else:
-        ok_j, out_j = dvc(["metrics", "diff", base, "--json"], cwd)
-        ok_m, out_m = dvc(["metrics", "diff", base, "--md"], cwd)
+        # The stages' detail files are git-tracked outputs, not DVC metrics (so that `dvc metrics show`
+        # stays a one-screen headline): name them as targets to diff them too.
+        targets = ["--targets", *[t for t in DIFF_TARGETS if (cwd / t).is_file()]]
+        ok_j, out_j = dvc(["metrics", "diff", base, "--json", *targets], cwd)
+        ok_m, out_m = dvc(["metrics", "diff", base, "--md", *targets], cwd)
         rows = []
         if ok_j:
             try:
                 rows = metric_rows(json.loads(out_j or "{}"), regression_metrics, tolerance)
             except json.JSONDecodeError:
                 ok_j, out_j = False, "unreadable JSON from dvc metrics diff"
+        apply_eval_flags(rows, comparison, tolerance)
         metrics_md = metrics_section(rows, base_label, out_m if ok_m else None, None if ok_j else out_j)
         ok_p, out_p = dvc(["params", "diff", base, "--md"], cwd)
         params_md = params_section(out_p if ok_p else None, base_label, None if ok_p else out_p)
@@ -750,7 +938,7 @@ def make_comment(args) -> tuple[str, list[Path]]:
     estimate_md = estimate_section(est, est_error, training_paths(files))
 
     comment = build_comment(Inputs(base_label, head_label, gate_md, metrics_md, params_md, charts_md,
-                                   answers_md, estimate_md, notes))
+                                   answers_md, estimate_md, notes, eval_md))
     return comment, pngs
 
 

@@ -3,7 +3,11 @@ step and CI run `python -m stages.evaluate gate` in a second.
 
 A reference is a metrics file in this stage's format ({"tuned": {...}, ...}, e.g. the production
 model's or main's) or a flat {metric: value} mapping, given as a path or as "REV:path", which is
-read with `git show REV:path` (e.g. main:metrics/eval.json).
+read with `git show REV:path` (e.g. main:metrics/eval.json). Its per-record scores are read from
+the file beside it (eval_records.json, same revision) and paired with this run's by record id:
+a metric regresses only when it dropped by more than the tolerance AND the drop is significant
+(stages/core/significance.py). Without per-record scores on either side the tolerance alone decides,
+and the comparison says so; with different test sets nothing is comparable and nothing regresses.
 """
 
 from __future__ import annotations
@@ -11,29 +15,74 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
+from . import significance
 from .params import EVAL_METRICS, LOWER_IS_BETTER, ConfigError, GateParams
 
 NO_DIRECTION = ("length_ratio",)
+RECORDS_NAME = "eval_records.json"
 
 
-def load_reference(spec: str, cwd: str | Path = ".") -> tuple[dict, str]:
-    """The reference's tuned-model metrics and a description of where they came from."""
+@dataclass
+class Reference:
+    tuned: dict                # the reference's tuned-model headline metrics
+    source: str                # where they came from, for the reader
+    records: dict | None       # its per-record file ({"test_set", "records"}), None when it has none
+    test_hash: str | None = None
+
+
+def _read_spec(spec: str, cwd: str | Path) -> tuple[str, str] | None:
+    """(text, source) of a path or REV:path; None when neither exists."""
     path = Path(cwd) / spec
     if path.is_file():
-        text, source = path.read_text(encoding="utf-8"), str(spec)
-    elif ":" in spec:
+        return path.read_text(encoding="utf-8"), str(spec)
+    if ":" not in spec:
+        return None
+    rev, _, rel = spec.partition(":")
+    try:
+        done = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"reference {spec!r}: cannot run git show: {exc}") from None
+    if done.returncode != 0:
+        raise ConfigError(f"reference {spec!r}: not a file, and git show failed: {done.stderr.strip()}")
+    return done.stdout, f"git {rev}:{rel}"
+
+
+def records_spec(spec: str) -> str:
+    """The per-record file beside a metrics file: main:metrics/eval.json -> main:metrics/eval_records.json."""
+    if ":" in spec and not Path(spec).exists():
         rev, _, rel = spec.partition(":")
-        try:
-            done = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=cwd, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ConfigError(f"reference {spec!r}: cannot run git show: {exc}") from None
-        if done.returncode != 0:
-            raise ConfigError(f"reference {spec!r}: not a file, and git show failed: {done.stderr.strip()}")
-        text, source = done.stdout, f"git {rev}:{rel}"
-    else:
+        return f"{rev}:{PurePosixPath(rel).with_name(RECORDS_NAME)}"
+    return str(Path(spec).with_name(RECORDS_NAME))
+
+
+def load_records(spec: str, cwd: str | Path = ".") -> dict | None:
+    """A per-record file (path or REV:path); None when it does not exist there."""
+    try:
+        found = _read_spec(spec, cwd)
+    except ConfigError:
+        return None
+    if found is None:
+        return None
+    try:
+        data = json.loads(found[0])
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"per-record scores {spec!r}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list) \
+            or not all(isinstance(r, dict) and "id" in r for r in data["records"]):
+        raise ConfigError(f"per-record scores {spec!r}: expected {{\"test_set\": ..., \"records\": "
+                          "[{\"id\": ..., \"base\": {...}, \"tuned\": {...}}]}")
+    return data
+
+
+def load_reference(spec: str, cwd: str | Path = ".") -> Reference:
+    """The reference's tuned-model metrics, where they came from, and its per-record scores if any."""
+    found = _read_spec(spec, cwd)
+    if found is None:
         raise ConfigError(f"reference {spec!r}: no such file (use a path or REV:path, e.g. main:metrics/eval.json)")
+    text, source = found
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -42,7 +91,9 @@ def load_reference(spec: str, cwd: str | Path = ".") -> tuple[dict, str]:
     if not isinstance(values, dict) or not any(k in EVAL_METRICS for k in values):
         raise ConfigError(f"reference {spec!r}: no metrics found (expected {{\"tuned\": {{\"rouge_l\": ...}}}} "
                           "or a flat {\"rouge_l\": ...} mapping)")
-    return {k: v for k, v in values.items() if k in EVAL_METRICS}, source
+    test_hash = (data.get("test_set") or {}).get("hash") if isinstance(data.get("test_set"), dict) else None
+    return Reference({k: v for k, v in values.items() if k in EVAL_METRICS}, source,
+                     load_records(records_spec(spec), cwd), test_hash)
 
 
 def _number(value) -> float | None:
@@ -51,20 +102,44 @@ def _number(value) -> float | None:
     return float(value)
 
 
-def compare(tuned: dict, reference: dict, source: str, metrics: list[str], tolerance: float) -> dict:
-    """Deltas (current - reference) for every shared metric, and which of `metrics` regress."""
+def compare(tuned: dict, reference: Reference, metrics: list[str], tolerance: float,
+            records: dict | None = None, test_hash: str | None = None) -> dict:
+    """Deltas (current - reference) for every shared metric, their paired tests when both sides have
+    per-record scores, and which of `metrics` regress (beyond tolerance AND significant)."""
+    test_hash = test_hash or ((records or {}).get("test_set") or {}).get("hash")
+    ref_hash = reference.test_hash or ((reference.records or {}).get("test_set") or {}).get("hash")
+    not_comparable = None
+    if test_hash and ref_hash and test_hash != ref_hash:
+        not_comparable = "the test sets differ (different test-set hash)"
+    tests, note = {}, None
+    if not_comparable is None and records and reference.records:
+        not_comparable = significance.same_test_set(records, reference.records)
+        if not_comparable is None:
+            tests = significance.compare_records(records["records"], reference.records["records"], "tuned", "tuned",
+                                                 tolerance=tolerance)
+    elif not_comparable is None:
+        missing = "this run" if not records else reference.source
+        note = f"no per-record scores for {missing}: significance not tested, the tolerance alone decides"
     delta, regressions = {}, []
     for name in EVAL_METRICS:
-        now, then = _number(tuned.get(name)), _number(reference.get(name))
+        now, then = _number(tuned.get(name)), _number(reference.tuned.get(name))
         if now is None or then is None:
             continue
         delta[name] = round(now - then, 6)
-        if name in metrics and name not in NO_DIRECTION:
-            worse = (now - then) if name in LOWER_IS_BETTER else (then - now)
-            if worse > tolerance + 1e-12:
-                regressions.append(name)
-    return {"source": source, "tuned": {k: reference[k] for k in delta}, "delta": delta,
-            "tolerance": tolerance, "regressions": regressions}
+        if not_comparable or name not in metrics or name in NO_DIRECTION:
+            continue
+        worse = (now - then) if name in LOWER_IS_BETTER else (then - now)
+        if worse <= tolerance + 1e-12:
+            continue
+        test = tests.get(name)
+        # Worse beyond tolerance on the headline AND a significant paired drop. For BLEU-4 the headline
+        # is corpus BLEU and the test is on sentence BLEU. A metric without per-record scores
+        # (val_loss) has only the tolerance.
+        if test is None or (test["significant"] and significance.direction(name) * test["delta"] < 0):
+            regressions.append(name)
+    return {"source": reference.source, "tuned": {k: reference.tuned[k] for k in delta}, "delta": delta,
+            "tolerance": tolerance, "comparable": not_comparable is None, "not_comparable": not_comparable,
+            "note": note, "significance": tests, "regressions": regressions}
 
 
 def evaluate_gate(metrics: dict, gate: GateParams, comparison: dict | None = None) -> dict:
@@ -91,16 +166,38 @@ def evaluate_gate(metrics: dict, gate: GateParams, comparison: dict | None = Non
             check("min_gain", name, None, gain, False, f"{name} is missing for the base or the tuned model")
             continue
         improvement = (then - now) if name in LOWER_IS_BETTER else (now - then)
+        paired = ((metrics.get("significance") or {}).get("tuned_vs_base") or {}).get(name)
         check("min_gain", name, round(improvement, 6), gain, improvement >= gain - 1e-12,
-              f"{name} gain over base {improvement:+.4f} < required {gain:+g} (base {then:.4f}, tuned {now:.4f})")
+              f"{name} gain over base {improvement:+.4f} < required {gain:+g} (base {then:.4f}, tuned {now:.4f}"
+              + (f"; tuned - base {significance.describe(name, paired)})" if paired else ")"))
+    notes = []
     if comparison is not None:
-        for name in gate.regression_metrics:
+        if comparison.get("not_comparable"):
+            notes.append(f"not comparable with {comparison['source']}: {comparison['not_comparable']}; "
+                         "no regression check against it")
+        elif comparison.get("note"):
+            notes.append(comparison["note"])
+        for name in gate.regression_metrics if not comparison.get("not_comparable") else []:
             if name not in comparison["delta"]:
                 continue
             d = comparison["delta"][name]
+            test = (comparison.get("significance") or {}).get(name)
             bad = name in comparison["regressions"]
-            check("max_regression", name, d, gate.max_regression, not bad,
-                  f"{name} regressed by {abs(d):.4f} vs {comparison['source']} "
-                  f"(tolerance {gate.max_regression:g})")
+            checks.append({"check": "max_regression", "metric": name, "value": d, "threshold": gate.max_regression,
+                           "passed": not bad, "verdict": _verdict(name, d, test, gate.max_regression, bad),
+                           "ci": test.get("ci") if test else None, "p": test.get("p") if test else None})
+            if bad:
+                reasons.append(f"{name} regressed by {abs(d):.4f} vs {comparison['source']} "
+                               f"(tolerance {gate.max_regression:g}"
+                               + (f"; paired test {significance.describe(name, test)})" if test else
+                                  "; no per-record scores, significance not tested)"))
     return {"passed": not reasons, "reasons": reasons, "checks": checks,
-            "reference": comparison["source"] if comparison else None}
+            "reference": comparison["source"] if comparison else None, "notes": notes}
+
+
+def _verdict(name: str, delta: float, test: dict | None, tolerance: float, regression: bool) -> str:
+    if regression:
+        return "regression"
+    if test is None:
+        return "within tolerance"
+    return test["verdict"] if test["verdict"] != "regression" else "within tolerance"

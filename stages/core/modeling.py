@@ -292,14 +292,31 @@ def resolve_device(prefer: str = "auto") -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_bf16_supported() -> bool:
+    """Native bf16 matrix units on this CPU (AVX-512-BF16 or AMX), detected at run time; without them
+    bf16 is emulated and slower than fp32."""
+    cpu = getattr(torch._C, "_cpu", None)
+    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is not None for probe in probes):
+        return any(bool(probe()) for probe in probes if probe is not None)
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that support it (fp16 otherwise) unless params say otherwise."""
+    """auto: fp32 on CPU (reproducible across machines, see stages/core/determinism.py); bf16 on GPUs
+    that support it (fp16 otherwise). bf16 on a CPU needs AVX-512-BF16 or AMX."""
     if precision == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision in ("bf16", "fp16") and device.type != "cuda":
-        raise ConfigError(f"train.precision: {precision} needs a GPU; use fp32 or auto on CPU")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a GPU; use fp32, auto or (on CPUs with AMX/AVX-512-BF16) bf16")
+    if precision == "bf16" and device.type != "cuda" and not cpu_bf16_supported():
+        raise ConfigError("train.precision: bf16 on this CPU would be emulated (no AVX-512-BF16 or AMX); use fp32 or auto")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -28,3 +28,29 @@ def split(metrics: dict, volatile: set[str]) -> tuple[dict, dict]:
     """(the reproducible part, the machine- and load-dependent part) of a flat metrics dict."""
     return ({k: v for k, v in metrics.items() if k not in volatile},
             {k: v for k, v in metrics.items() if k in volatile})
+
+
+def summary_lines(directory: str | Path | None = None) -> list[str]:
+    """One line per stage that wrote timings, in pipeline order."""
+    import json
+
+    directory = Path(directory or PERF_DIR)
+    lines = []
+    for stage in ("preprocess", "train", "evaluate", "package", "deploy"):
+        path = directory / f"{stage}.json"
+        if not path.is_file():
+            continue
+        try:
+            figures = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+        shown = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        lines.append(f"{stage:10s} " + ", ".join(f"{k} {v:,}" for k, v in shown.items()))
+    return lines
+
+
+if __name__ == "__main__":
+    lines = summary_lines()
+    if lines:
+        print("Timings of this run (logs/perf/*.json; not metrics: they vary by machine and load):")
+        print("\n".join("  " + line for line in lines))

@@ -1,11 +1,10 @@
 """The human-readable evaluation report (Markdown) and the plot data DVC renders.
 
 Plots (reports/eval/plots/):
-    base.json, tuned.json   [{"metric": ..., "value": ...}] of the 0-1 headline metrics; dvc.yaml's
-                            top-level `plots:` draws them as one horizontal bar chart, base vs tuned
-    base_by_category.json, tuned_by_category.json
-                            [{"category": ..., "rouge_l": ..., "fact_recall": ...}] per topic
-    metrics.png             the same comparison as an image (embedded in report.md)
+    headline.json     the 0-1 headline metrics of base and tuned, one row per (metric, model); dvc.yaml's
+                      top-level `plots:` overlays the two models in one bar chart on a 0-1 axis
+    by_category.json  ROUGE-L and fact recall per topic and model; each topic's label carries its n
+    metrics.png       the same comparison as an image (embedded in report.md)
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ OTHER = [
     ("Validation perplexity", "val_perplexity", False),
     ("LLM judge (1-5)", "judge_score", True),
 ]
-PLOT_METRICS = [key for _, key, _ in HEADLINE]
+SMALL_GROUP = 10  # per-topic groups below this many records get a warning in the report
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -51,20 +50,30 @@ def _signed(value, digits: int = 3) -> str:
 
 
 def write_plots(metrics: dict, plot_dir: str | Path) -> dict[str, str]:
-    """Write the plot data (and a PNG); returns {name: file name} relative to the report folder."""
+    """Write the plot data (and a PNG); returns {name: file name} relative to the report folder.
+
+    headline.json     [{"metric": "ROUGE-L", "model": "base"|"tuned", "value": ...}]: one chart, base and
+                      tuned overlaid (dvc.yaml's top-level `plots:` with .dvc/plots/bars_by_model.json)
+    by_category.json  [{"topic": "leave (n=7)", "model": ..., "rouge_l": ..., "fact_recall": ...}]: the
+                      topic label carries its record count, so a bar resting on 1 record says so
+    """
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
+    headline, by_topic = [], []
+    for label, key, higher in HEADLINE:
+        for model in ("base", "tuned"):
+            value = metrics[model].get(key)
+            if isinstance(value, (int, float)):
+                headline.append({"metric": label if higher else f"{label}, lower is better", "model": model,
+                                 "value": value})
+    for category, group in metrics.get("by_category", {}).items():
+        for model in ("base", "tuned"):
+            by_topic.append({"topic": f"{category} (n={group['n']})", "model": model,
+                             "rouge_l": group[model].get("rouge_l"), "fact_recall": group[model].get("fact_recall")})
     files = {}
-    for model in ("base", "tuned"):
-        rows = [{"metric": key, "value": metrics[model].get(key)} for key in PLOT_METRICS
-                if isinstance(metrics[model].get(key), (int, float))]
-        (plot_dir / f"{model}.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-        files[model] = f"plots/{model}.json"
-        rows = [{"category": f"{category} (n={group['n']})", "rouge_l": group[model].get("rouge_l"),
-                 "fact_recall": group[model].get("fact_recall")}
-                for category, group in metrics.get("by_category", {}).items()]
-        (plot_dir / f"{model}_by_category.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-        files[f"{model}_by_category"] = f"plots/{model}_by_category.json"
+    for name, rows in (("headline", headline), ("by_category", by_topic)):
+        (plot_dir / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        files[name] = f"plots/{name}.json"
     try:
         files["image"] = _bar_chart(metrics, plot_dir / "metrics.png")
     except ImportError:  # matplotlib missing: the JSON plots and the tables still say everything
@@ -108,7 +117,7 @@ def worst(predictions: list[dict], n: int) -> list[dict]:
     def quality(row):
         t = row["tuned"]
         parts = [t["rouge_l"]] + ([t["fact_recall"]] if t.get("fact_recall") is not None else [])
-        return (sum(parts) / len(parts), t["rouge_l"], row["id"])
+        return (sum(parts) / len(parts), t["rouge_l"], str(row["id"]))
 
     return sorted(predictions, key=quality)[:n]
 
@@ -122,6 +131,35 @@ def judge_line(metrics: dict) -> str:
     if judge.get("failed_calls"):
         line += f" {judge['failed_calls']} call(s) failed and are left out: {'; '.join(judge.get('failures', []))}"
     return line
+
+
+def _ci(test: dict | None) -> str:
+    ci = (test or {}).get("ci")
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
+
+
+def significance_lines(metrics: dict) -> list[str]:
+    """Tuned vs base with 95% intervals, and the smallest difference this test split can detect."""
+    sig = metrics.get("significance") or {}
+    tests = sig.get("tuned_vs_base") or {}
+    if not tests:
+        return []
+    n = (metrics.get("test_set") or {}).get("n", metrics.get("n_test"))
+    lines = ["## Is the difference real?", "",
+             f"Paired over the {n} test records: {sig.get('method', '')}.", "",
+             "| metric | tuned - base (mean per record) | 95% CI | p | verdict | smallest detectable difference |",
+             "|---|---:|---|---:|---|---:|"]
+    for key, t in tests.items():
+        lines.append(f"| {key} | {_signed(t.get('delta'), 4)} | {_ci(t)} | {_fmt(t.get('p'), 4)} | {t.get('verdict')} | "
+                     f"{_fmt(t.get('mde'), 4)} |")
+    if sig.get("warning"):
+        lines += ["", f"**Warning:** {sig['warning']}"]
+    detectable = {k: v for k, v in (sig.get("detectable_difference") or {}).items() if v is not None}
+    if "rouge_l" in detectable:
+        lines += ["", f"With {n} test records, a change of ROUGE-L smaller than about {detectable['rouge_l']:.3f} "
+                      "(alpha 0.05, power 0.8, from the paired per-record standard deviation of tuned vs base) is "
+                      "likely to be missed; docs/evaluation.md says how to raise the sensitivity."]
+    return lines + [""]
 
 
 def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: dict[str, str]) -> str:
@@ -141,14 +179,24 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
     lines += ["", judge_line(metrics), ""]
     if plots.get("image"):
         lines += [f"![base vs tuned]({plots['image']})", ""]
+    lines += significance_lines(metrics)
 
     ref = metrics.get("reference")
     if ref:
-        lines += [f"## Compared with {ref['source']}", "",
-                  f"Tolerance {ref['tolerance']:g}; regressions: {', '.join(ref['regressions']) or 'none'}.", "",
-                  "| metric | reference | now | change |", "|---|---:|---:|---:|"]
+        lines += [f"## Compared with {ref['source']}", ""]
+        if ref.get("not_comparable"):
+            lines += [f"**Not comparable:** {ref['not_comparable']}. The changes below are not regressions or "
+                      "improvements: they measure different test sets.", ""]
+        else:
+            lines += [f"Tolerance {ref['tolerance']:g}; regressions (a drop beyond the tolerance AND significant): "
+                      f"{', '.join(ref['regressions']) or 'none'}." + (f" Note: {ref['note']}." if ref.get("note") else ""),
+                      ""]
+        tests = ref.get("significance") or {}
+        lines += ["| metric | reference | now | change | 95% CI | p | verdict |", "|---|---:|---:|---:|---|---:|---|"]
         for key, d in ref["delta"].items():
-            lines.append(f"| {key} | {_fmt(ref['tuned'].get(key))} | {_fmt(tuned.get(key))} | {_signed(d)} |")
+            t = tests.get(key) or {}
+            lines.append(f"| {key} | {_fmt(ref['tuned'].get(key))} | {_fmt(tuned.get(key))} | {_signed(d)} | "
+                         f"{_ci(t)} | {_fmt(t.get('p'), 4) if t else ''} | {t.get('verdict', '')} |")
         lines.append("")
 
     lines += ["## Quality gate", "", "| check | metric | value | threshold | result |", "|---|---|---:|---:|---|"]
@@ -161,8 +209,12 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
         groups = metrics.get(key)
         if not groups:
             continue
-        lines += [f"## {title}", "",
-                  "| group | n | ROUGE-L base | ROUGE-L tuned | BLEU-4 tuned | BERTScore tuned | similarity tuned | "
+        small = sorted(name for name, g in groups.items() if g["n"] < SMALL_GROUP)
+        lines += [f"## {title}", ""]
+        if small:
+            lines += [f"Groups with fewer than {SMALL_GROUP} records ({', '.join(small)}) are anecdotes: one answer "
+                      "moves their mean by a large step; read them as examples, not as measurements.", ""]
+        lines += ["| group | n | ROUGE-L base | ROUGE-L tuned | BLEU-4 tuned | BERTScore tuned | similarity tuned | "
                   "fact recall base | fact recall tuned | exact match tuned | no end token tuned |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, g in groups.items():
@@ -176,10 +228,11 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
         lines += [f"## Worst {min(worst_n, len(predictions))} tuned answers", "",
                   "Ranked by the mean of ROUGE-L and fact recall. Missing facts are those of the reference "
                   "that the tuned answer does not state.", ""]
-        for row in worst(predictions, worst_n):
+        for rank, row in enumerate(worst(predictions, worst_n), 1):
             t, b = row["tuned"], row["base"]
-            lines += [f"### {row['id']}. {_cell(row['instruction'])}", "",
-                      f"topic `{row['category']}`, fact seen in training: {row.get('fact_seen_in_train')}", "",
+            lines += [f"### {rank}. {_cell(row['instruction'])}", "",
+                      f"test record `{row['id']}`, topic `{row['category']}`, fact seen in training: "
+                      f"{row.get('fact_seen_in_train')}", "",
                       "| | answer | ROUGE-L | fact recall | ended |", "|---|---|---:|---:|---|",
                       f"| reference | {_cell(row['reference'])} | | | |",
                       f"| tuned | {_cell(t['answer']) or '(empty)'} | {_fmt(t['rouge_l'])} | {_fmt(t['fact_recall'])} | "
@@ -201,3 +254,44 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
         lines += [f"BERTScore and similarity encoder: `{enc['name']}` (layer {enc['bertscore_layer']} for BERTScore). "
                   "Per-record answers and scores: `predictions.jsonl`.", ""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `dvc plots show` offline: an HTML template that carries Vega itself
+
+VEGA_BUILDS = ("vega/build/vega.min.js", "vega-lite/build/vega-lite.min.js", "vega-embed/build/vega-embed.min.js")
+OFFLINE_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+<title>Pipeline charts</title>
+<!-- Vega, Vega-Lite and vega-embed inlined from npm ({versions}): the page loads nothing from a network.
+     The page has no placeholder for DVC's own script tags (CDN links), so DVC cannot add them. -->
+{inline}
+<style>body {{ font-family: sans-serif; }} table {{ border-spacing: 15px; }}</style>
+</head>
+<body>
+{{plot_divs}}
+</body>
+</html>
+"""
+
+
+def offline_html_template(node_modules: str | Path) -> str:
+    """The page DVC fills (`dvc plots show --html-template FILE`): the three npm builds inlined, and
+    `{plot_divs}` where DVC puts the charts. Raises ConfigError when a build is missing."""
+    from .params import ConfigError
+
+    root = Path(node_modules)
+    scripts, versions = [], []
+    for rel in VEGA_BUILDS:
+        path = root / rel
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: install the charts' scripts first "
+                              "(npm install --prefix .cache/vega vega@6.4.0 vega-lite@6.5.0 vega-embed@7.3.0)")
+        package = json.loads((root / rel.split("/")[0] / "package.json").read_text(encoding="utf-8"))
+        versions.append(f"{package['name']}@{package['version']}")
+        code = path.read_text(encoding="utf-8").replace("</script", "<\\/script")
+        code = code.split("\n//# sourceMappingURL=")[0]  # no map file next to the page
+        scripts.append(f"<script>\n{code}\n</script>")
+    return OFFLINE_PAGE.format(versions=", ".join(versions), inline="\n".join(scripts))
