@@ -215,4 +215,4 @@ def test_the_model_trained_and_was_evaluated(guided):
     assert isinstance(ev["gate"]["passed"], bool)
     report = (dest / "reports/eval/report.md").read_text()
     assert f"Test records: {stats['splits']['test']}" in report
-    assert "metrics/eval.json" in _output_of(outputs, "dvc metrics show")
+    assert "metrics/eval_summary.json" in _output_of(outputs, "dvc metrics show")
