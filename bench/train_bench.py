@@ -270,7 +270,7 @@ def _trl_sft(model, tokenizer, train_ex, train, device, dtype):
     args = SFTConfig(
         output_dir=str(Path("/tmp") / f"trl-sft-{time.time_ns()}"), per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps, num_train_epochs=train.epochs,
-        learning_rate=train.learning_rate, warmup_ratio=train.warmup_ratio, lr_scheduler_type="cosine",
+        learning_rate=train.learning_rate, warmup_steps=train.warmup_ratio, lr_scheduler_type="cosine",
         weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, seed=train.seed, report_to="none",
         save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device.type != "cuda",
