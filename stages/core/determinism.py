@@ -8,8 +8,9 @@ which every x86-64 machine of the last decade has, makes a CPU run bit-for-bit t
 (docs/evaluation.md has the measurement and the speed cost).
 
 Every stage imports this through `stages/__init__.py`, so the pin is set by the stage itself, not
-by the user's shell. A variable already set in the environment wins (e.g. ATEN_CPU_CAPABILITY=default
-to trade reproducibility for the machine's fastest kernels). It has no effect on GPU kernels, and
+by the user's shell. A variable already set in the environment wins: ATEN_CPU_CAPABILITY=avx512
+MKL_CBWR=AUTO ONEDNN_MAX_CPU_ISA=ALL trades equality across machines for this machine's own kernels
+(AVX-512, AMX for bf16). ("default" would select ATen's scalar kernels, the slowest.) It has no effect on GPU kernels, and
 none on ARM machines, whose kernels differ from x86 ones anyway.
 """
 
