@@ -119,7 +119,7 @@ def test_dvc_metrics_show_fits_a_terminal_and_details_stay_reachable(repo):
     shown = _sh([sys.executable, "-m", "dvc", "metrics", "show"], dest, env).stdout
     assert max(len(line) for line in shown.splitlines()) < 200, shown
     assert "metrics/eval_summary.json" in shown and "rouge_l" in shown
-    details = _sh([sys.executable, "-m", "dvc", "metrics", "show", "--json", "--targets", "metrics/preprocess.json",
+    details = _sh([sys.executable, "-m", "dvc", "metrics", "show", "--json", "metrics/preprocess.json",
                    "metrics/train.json"], dest, env).stdout
     files = json.loads(details)[""]["data"]
     assert files["metrics/train.json"]["data"]["final_val_loss"] > 0
