@@ -21,7 +21,9 @@ import pytest
 from stages.deploy import LocalServer, http, http_exchange
 from test_serve import serve_config
 
-EMAIL = "jane.doe@example.com"
+# A real-looking address: example.com is a reserved documentation domain, which the PII filter
+# deliberately leaves alone (stages/core/pii.py, issue 15), so it would not test redaction.
+EMAIL = "jane.doe@contoso-mail.com"
 ERROR_BODY_CAP = 4096
 
 
