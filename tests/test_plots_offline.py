@@ -1,5 +1,5 @@
 """`dvc plots show` offline: the HTML template inlines Vega (no external URL), and, where the npm
-builds and Chromium are installed (make plots-offline; apt-get install chromium), the rendered page
+builds and Chromium are installed (make test or make plots installs them; apt-get install chromium), the rendered page
 draws every chart without a network."""
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.skipif(not CHROMIUM, reason="Chromium not installed (apt-get install chromium)")
 @pytest.mark.skipif(not (NODE_MODULES / VEGA_BUILDS[0]).is_file(),
-                    reason="Vega builds not installed (make plots-offline: npm install --prefix .cache/vega ...)")
+                    reason="Vega builds not installed (make test or make plots installs them under .cache/vega)")
 def test_chromium_draws_every_chart_offline(tmp_path):
     repo = _plots_repo(tmp_path, NODE_MODULES)
     page = repo / "out" / "index.html"
