@@ -66,6 +66,7 @@ ifdef PRESET
 	python -m stages.preset apply $(PRESET)
 endif
 	dvc repro
+	@python -m stages.cpu check-outputs
 	@echo
 	@sed -n '/^\*\*Quality gate/p;/^## Headline/,/^LLM judge/p' reports/eval/report.md
 	@python -m stages.core.perf

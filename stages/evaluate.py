@@ -319,6 +319,7 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     import torch
 
     from .core import metrics as M
+    from .core.determinism import fix_cpu_threads
     from .core.modeling import load_base_model, load_tuned_model, resolve_device, resolve_dtype
 
     started = time.perf_counter()
@@ -331,6 +332,7 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
         judge = Judge(config_from_env(), params.evaluate.judge.timeout_s)
     tokenizer = _load_models(params, adapter_dir)
     device = resolve_device("auto")
+    fix_cpu_threads(params.cpu.threads, device)  # the same bytes whatever the core count (determinism.py)
     dtype = resolve_dtype("auto", device)
 
     log(f"[evaluate] base model: {params.model.base} on {device}; {len(test)} test, {len(val)} val records")

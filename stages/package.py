@@ -31,10 +31,11 @@ import torch
 
 from .core import cli
 from .core.chat import BEGIN_OF_TEXT_ID, ChatFormatError, chat_format
+from .core.determinism import fix_cpu_threads
 from .core.generate import generate_batch
 from .core.io import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
 from .core.modeling import EMBEDDED, count_parameters, load_tuned_model, resolve_device
-from .core.params import ConfigError, ModelParams, PackageParams, load_params
+from .core.params import ConfigError, CpuParams, ModelParams, PackageParams, load_params
 from .core.perf import write_perf
 
 STAGE = "package"
@@ -237,10 +238,9 @@ def package(adapter_dir: str | Path, output: str | Path, package_params: Package
     if dtype != torch.float32 and torch_device.type == "cpu":
         log(f"note: checking a {dtype} merge on the CPU (slow for large models)")
     threads = torch.get_num_threads()
-    if model_params.base == EMBEDDED and torch_device.type == "cpu":
-        # The embedded model's matrices are tiny: one thread is as fast on an idle CPU and several
-        # times faster on a busy one (OpenMP threads waiting for each other).
-        torch.set_num_threads(1)
+    # The merge check's logits on a CPU depend on the thread count (on AMD CPUs): run the count the
+    # adapter was trained with (its manifest's cpu.threads), so the same adapter gives the same bytes.
+    fix_cpu_threads(CpuParams.model_validate(manifest["params"].get("cpu", {})).threads, torch_device)
     try:
         return _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_metrics,
                         manifest, method, model_params, dtype, torch_device, started)

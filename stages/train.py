@@ -28,7 +28,7 @@ import torch
 
 from .core import cli
 from .core.chat import chat_format
-from .core.determinism import pin_cpu_isa
+from .core.determinism import computed_on, fix_cpu_threads, pin_cpu_isa
 from .core.io import atomic_dir, write_json
 from .core.modeling import (EMBEDDED, check_model_fits, check_modules_to_save, count_parameters, load_base_model, load_tokenizer,
                             lora_config, model_source, resolve_device, resolve_dtype)
@@ -221,6 +221,7 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     started = time.perf_counter()
     train = params.train
     device = resolve_device()
+    fix_cpu_threads(params.cpu.threads, device)
     cuda = device.type == "cuda"
     check_method(train.method, cuda, package_available("bitsandbytes"))
     backend = select_backend(train.backend, train.allow_backend_fallback, cuda, package_available("unsloth"))
@@ -283,6 +284,9 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         "resumed_from_step": result.resumed_from_step,
         "real_tokens": result.real_tokens * world,
         "trainable_params": trainable, "total_params": total,
+        # The CPU kind (vendor, instruction set, threads) or GPU the bytes depend on (determinism.py):
+        # `make pipeline` names it when a run on another kind rewrites the committed outputs.
+        "computed_on": computed_on(device),
     }
     # Machine- and load-dependent figures: logs/perf/train.json, not metrics/ (stages/core/perf.py).
     perf = {
@@ -330,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         params = load_params(args.params)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         run_training(params, Path(args.data), Path(args.output),
                      Path(args.checkpoints) if args.checkpoints else None,
                      Path(args.metrics) if args.metrics else None, args.live or None)

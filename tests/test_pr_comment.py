@@ -49,6 +49,30 @@ def test_regressions_are_flagged_by_direction_and_tolerance():
     assert sorted(r.name for r in rows.values() if r.regression) == ["gate.passed", "tuned.rouge_l"]
 
 
+def test_a_loss_change_within_the_seed_noise_or_the_tolerance_is_noise_not_better():
+    """The same commit on an AMD and an Intel CPU moved final_val_loss by -0.0015 (issue 23): noise."""
+    noise = {"metrics": {"val_loss": {"sd": 0.02}}}
+    diff = {"metrics/train.json": {
+        "final_val_loss": {"old": 3.927154, "new": 3.925654},       # -0.0015: within the seed sd 0.02
+        "final_train_loss": {"old": 3.635443, "new": 3.634541},     # within noise too
+        "best_val_loss": {"old": 3.9, "new": 3.85},                  # -0.05: beyond 0.02, better
+        "final_val_perplexity": {"old": 50.76, "new": 50.68},        # exp: -0.16% of 50.76, within 2% (e^0.02-1)
+        "final_val_perplexity_big": {"old": 50.0, "new": 45.0},      # -10%: better
+    }}
+    rows = {r.name: r for r in pc.metric_rows(diff, GATED, 0.02, noise)}
+    assert rows["final_val_loss"].flag == "within noise" and not rows["final_val_loss"].regression
+    assert rows["final_train_loss"].flag == "within noise"
+    assert rows["best_val_loss"].flag == "✅ better"
+    assert rows["final_val_perplexity"].flag == "within noise"
+    assert rows["final_val_perplexity_big"].flag == "✅ better"
+    # without a noise floor, the stated tolerance (0.5% of the value) decides
+    rows = {r.name: r for r in pc.metric_rows(diff, GATED, 0.02, None)}
+    assert rows["final_val_loss"].flag == "within noise"                       # 0.0015 < 0.0196
+    assert rows["best_val_loss"].flag == "✅ better"                          # 0.05 > 0.0195
+    worse = pc.metric_rows({"m.json": {"final_val_loss": {"old": 3.9, "new": 3.95}}}, GATED, 0.02, None)
+    assert worse[0].flag == "⚠️ worse"
+
+
 def test_new_removed_and_changed_non_numeric_metrics():
     diff = {"metrics/deploy.json": {
         "url": {"old": None, "new": "http://127.0.0.1:5001/score"},

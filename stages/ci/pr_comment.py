@@ -63,6 +63,13 @@ PREPROCESS_PATH = "metrics/preprocess.json"
 VERDICT_FLAGS = {"regression": "❌ regression", "worse within tolerance": "⚠️ worse (significant, within tolerance)",
                  "improvement": "✅ better (significant)", "within noise": "within noise", "no change": "",
                  "no direction": "changed (significant)"}
+# A loss or perplexity moves in its 4th-5th digit when the same commit runs on another kind of CPU
+# (tuned val loss 3.9272 on Intel vs 3.9257 on AMD Zen 4, docs/evaluation.md), and by much more between
+# training seeds. Such a change is noise, not an improvement: a loss change within the seed noise
+# (metrics/noise_floor.json, the sd of val_loss over seeds) or within LOSS_TOLERANCE of its value,
+# whichever is larger, is "within noise". Perplexity is exp(loss), so its relative change is the loss change.
+LOSS_TOLERANCE = 0.005
+LOSS_WORDS = ("loss", "perplexity")
 NEUTRAL_WORDS = ("seconds", "_s", "time", "tokens_per_s", "count", "records", "steps", "step", "epoch",
                  "length_ratio", "n_", "lr", "learning_rate", "memory", "peak", "params", "size",
                  "max_abs_logit", "tolerance")
@@ -204,9 +211,22 @@ class MetricRow:
     regression: bool = False
 
 
-def classify(name: str, old, new, regression_metrics: tuple[str, ...] | list[str], tolerance: float) -> tuple[str, bool]:
+def loss_noise(name: str, old: float, noise: dict | None) -> float:
+    """How far a loss or perplexity metric may move and still be noise: the seed noise of the
+    validation loss (metrics/noise_floor.json), or LOSS_TOLERANCE relative to the old value, whichever
+    is larger. For a perplexity both are relative (exp(loss + d) / exp(loss) - 1 ~ d)."""
+    entry = ((noise or {}).get("metrics") or {}).get("val_loss") if isinstance(noise, dict) else None
+    sd = _num(entry.get("sd")) if isinstance(entry, dict) else None
+    if "perplexity" in name.split(".")[-1].lower():
+        return abs(old) * max(math.expm1(sd) if sd is not None else 0.0, LOSS_TOLERANCE)
+    return max(sd if sd is not None else 0.0, abs(old) * LOSS_TOLERANCE)
+
+
+def classify(name: str, old, new, regression_metrics: tuple[str, ...] | list[str], tolerance: float,
+             noise: dict | None = None) -> tuple[str, bool]:
     """(flag, is_regression). A regression: a gated metric of the tuned model got worse by more
-    than the gate's tolerance, or the gate went from passed to failed."""
+    than the gate's tolerance, or the gate went from passed to failed. A loss or perplexity change
+    within its noise (loss_noise) is "within noise", neither better nor worse."""
     leaf = name.split(".")[-1]
     o, n = _num(old), _num(new)
     if name == "gate.passed":
@@ -222,6 +242,8 @@ def classify(name: str, old, new, regression_metrics: tuple[str, ...] | list[str
     if direction == 0 or abs(n - o) < 1e-12:
         return "", False
     gated = name.startswith("tuned.") and leaf in regression_metrics
+    if any(w in leaf.lower() for w in LOSS_WORDS) and abs(n - o) <= loss_noise(name, o, noise) + 1e-12:
+        return "within noise", False
     if change < 0:
         if gated and -change > tolerance + 1e-12:
             return f"❌ regression (> {tolerance:g})", True
@@ -236,8 +258,9 @@ def is_headline(path: str, name: str) -> bool:
     return len(parts) <= 2
 
 
-def metric_rows(diff: dict, regression_metrics=(), tolerance: float = 0.0) -> list[MetricRow]:
-    """Rows from `dvc metrics diff --json` ({path: {metric: {old, new, diff}}}), flagged."""
+def metric_rows(diff: dict, regression_metrics=(), tolerance: float = 0.0, noise: dict | None = None) -> list[MetricRow]:
+    """Rows from `dvc metrics diff --json` ({path: {metric: {old, new, diff}}}), flagged; `noise` is
+    metrics/noise_floor.json, which sets how far a loss may move and still be noise."""
     rows = []
     if not isinstance(diff, dict):
         return rows
@@ -248,7 +271,7 @@ def metric_rows(diff: dict, regression_metrics=(), tolerance: float = 0.0) -> li
             if not isinstance(change, dict):
                 continue
             old, new = change.get("old"), change.get("new")
-            flag, regression = classify(name, old, new, tuple(regression_metrics), tolerance)
+            flag, regression = classify(name, old, new, tuple(regression_metrics), tolerance, noise)
             rows.append(MetricRow(path, name, old, new, flag, regression))
     return rows
 
@@ -890,7 +913,7 @@ def make_comment(args) -> tuple[str, list[Path]]:
         rows = []
         if ok_j:
             try:
-                rows = metric_rows(json.loads(out_j or "{}"), regression_metrics, tolerance)
+                rows = metric_rows(json.loads(out_j or "{}"), regression_metrics, tolerance, _noise_floor(cwd, base))
             except json.JSONDecodeError:
                 ok_j, out_j = False, "unreadable JSON from dvc metrics diff"
         apply_eval_flags(rows, comparison, tolerance)

@@ -461,7 +461,15 @@ class DeployParams(Section):
     bench: DeployBenchParams = DeployBenchParams()
 
 
+class CpuParams(Section):
+    """How stages compute on a CPU (no effect on a GPU)."""
+    threads: int = Field(2, ge=0, le=1024, description=(
+        "torch intra-op threads of train, evaluate and package on a CPU; fixed so that outputs do not "
+        "depend on the machine's core count (MKL's reductions split by thread on AMD CPUs); 0 = torch's default"))
+
+
 class Params(Section):
+    cpu: CpuParams = CpuParams()
     model: ModelParams = ModelParams()
     preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
