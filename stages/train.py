@@ -38,7 +38,7 @@ from .core.records import DataError, Problem, content_hash, jsonl_lines
 from .core.training import (DistInfo, TrainingError, check_method, fit, init_distributed, memory_snapshot,
                             TRAINING_LIBRARIES, identity_key, library_versions, oom_message, package_available,
                             release_memory, run_identity, seed_everything, select_backend, select_distributed,
-                            select_loss_head, trainable_state)
+                            select_loss_head, trainable_state, uses_shared_prefix)
 
 STAGE = "train"
 SPLIT_FIELDS = ("system", "instruction", "output")
@@ -263,7 +263,8 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         result = fit(model, train_ex, val_ex, train, device=device, head_mode=head.value,
                      checkpoint_dir=checkpoints, run_key=identity_key(identity), run_identity=identity,
                      logger=live, dist_info=dist_info, distributed=distributed, log=say,
-                     stop_after_steps=stop_after_steps, pad_id=chat_format(tokenizer).pad_id)
+                     stop_after_steps=stop_after_steps, pad_id=chat_format(tokenizer).pad_id,
+                     shared_prefix=uses_shared_prefix(train, backend.value))
     except torch.cuda.OutOfMemoryError:  # pragma: no cover - needs CUDA
         release_memory(device)
         raise TrainingError(oom_message(train, device, "training")) from None

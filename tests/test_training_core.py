@@ -319,3 +319,111 @@ def test_an_interrupt_during_the_write_keeps_the_previous_checkpoint(tmp_path, m
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]
     assert load_checkpoint(tmp_path, "k")[0]["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared-prefix packing: the same loss and LoRA gradients as the records computed one by one
+
+SHARED = [  # two system prompts (one of them long), records of different lengths, one without a system turn
+    ("You are the HR assistant of Contoso. Answer in one sentence, using the handbook only.",
+     "What does the PM job code mean?", "PM job code indicates Full Time Employee."),
+    ("You are the HR assistant of Contoso. Answer in one sentence, using the handbook only.",
+     "How many vacation days do I get per year if I joined in March?", "Employees get 25 days of paid vacation a year."),
+    ("You are the IT helpdesk.", "How do I reset my password?", "Use the self-service portal."),
+    ("You are the HR assistant of Contoso. Answer in one sentence, using the handbook only.",
+     "Who approves purchases?", "A director approves purchases above $5,000, a manager below."),
+    ("You are the IT helpdesk.", "Is there a VPN?", "Yes: install the client from the software centre and sign in."),
+    ("", "Where is the cafeteria?", "On the ground floor."),
+]
+
+
+def _lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    from stages.core.modeling import load_base_model
+
+    torch.manual_seed(0)
+    base = load_base_model(tiny_params().model)
+    # init_lora_weights=False: both LoRA matrices random, so A's gradient is not zero (B = 0 would make it)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(base, config)
+    model.eval()
+    return model
+
+
+def _loss_and_grads(model, batches):
+    model.zero_grad(set_to_none=True)
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = completion_loss_sum(model, batch)
+        loss.backward()
+        total, count = total + float(loss.detach()), count + n
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return total, count, grads
+
+
+@pytest.mark.parametrize("tok_fixture", ["tokenizer", "smol_tokenizer"], ids=["llama3", "chatml"])
+def test_shared_prefix_rows_give_the_per_record_loss_and_lora_gradients(request, tok_fixture):
+    from stages.core.chat import chat_format
+    from stages.core.training import pack_segments, segments
+
+    fmt = chat_format(request.getfixturevalue(tok_fixture))
+    examples = [fmt.encode(*r) for r in SHARED]
+    assert all(e.prefix_len > 0 for e in examples)
+    assert examples[0].input_ids[:examples[0].prefix_len] == examples[1].input_ids[:examples[1].prefix_len]
+    model = _lora_model()
+
+    alone = _loss_and_grads(model, [pack([e]) for e in examples])
+    shared_batches = micro_batches(examples, 16, packing=True, pack_tokens=4096, shared_prefix=True)
+    shared = _loss_and_grads(model, shared_batches)
+
+    # the prefixes were shared: 2 segments of several records, the third prefix (no system) alone
+    segs = segments(examples, 4096)
+    assert [len(s.records) for s in segs] == [3, 2, 1]
+    computed = sum(b.num_computed_tokens for b in shared_batches)
+    assert computed < sum(len(e.input_ids) for e in examples)
+    assert sum(b.num_real_tokens for b in shared_batches) == sum(len(e.input_ids) for e in examples)
+    # the same labelled tokens, the same summed loss, the same gradients (fp32 summation order aside)
+    assert shared[1] == alone[1]
+    assert shared[0] == pytest.approx(alone[0], rel=1e-5)
+    assert shared[2].keys() == alone[2].keys()
+    for name, grad in alone[2].items():
+        # fp32 tolerance relative to the tensor's scale (the summed loss is ~800: gradients reach ~50)
+        torch.testing.assert_close(shared[2][name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+    # the prompt stays out of the loss and the end-of-turn token is in it
+    row = pack_segments(segs)
+    targets, ids = row.targets[0].tolist(), row.input_ids[0].tolist()
+    assert sum(t != IGNORE_INDEX for t in targets) == sum(e.num_completion_tokens for e in examples)
+    assert targets.count(fmt.eot_id) == len(examples)
+
+
+def test_a_mask_that_lets_a_record_see_another_changes_the_loss(tokenizer):
+    """The equality above depends on the mask: open it between the records of a segment and the loss moves."""
+    from stages.core.chat import chat_format
+
+    fmt = chat_format(tokenizer)
+    examples = [fmt.encode(*r) for r in SHARED[:2]]
+    model = _lora_model()
+    batch = micro_batches(examples, 16, packing=True, pack_tokens=4096, shared_prefix=True)[0]
+    honest = float(completion_loss_sum(model, batch)[0])
+    n = batch.input_ids.shape[1]
+    batch.attention_mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]  # plain causal: sees the other record
+    leaky = float(completion_loss_sum(model, batch)[0])
+    assert abs(leaky - honest) > 1e-3 * abs(honest)
+
+
+def test_unshareable_records_pack_as_before(tokenizer):
+    """No prefix in common (or training on the prompt too): the rows are today's packed rows."""
+    from stages.core.chat import chat_format
+
+    fmt = chat_format(tokenizer)
+    distinct = [fmt.encode(*SHARED[0]), fmt.encode(*SHARED[2]), fmt.encode(*SHARED[5])]
+    plain = micro_batches(distinct, 16, packing=True, pack_tokens=4096, shared_prefix=False)
+    shared = micro_batches(distinct, 16, packing=True, pack_tokens=4096, shared_prefix=True)
+    assert [b.input_ids.tolist() for b in shared] == [b.input_ids.tolist() for b in plain]
+    assert all(b.attention_mask is None for b in shared)
+    full_sequence = [fmt.encode(*r, completion_only=False) for r in SHARED[:2]]
+    rows = micro_batches(full_sequence, 16, packing=True, pack_tokens=4096, shared_prefix=True)
+    assert rows[0].attention_mask is None and rows[0].num_computed_tokens == sum(len(e.input_ids) for e in full_sequence)

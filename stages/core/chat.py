@@ -62,6 +62,10 @@ CHAT_TEMPLATE = (
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens when training on completions only
+    # How many leading tokens depend on the system prompt alone (the system turn and whatever the
+    # template writes before the user's text): records with the same prefix can share its computation
+    # (training.pack_segments). 0 = unknown, never shared.
+    prefix_len: int = 0
 
     @property
     def num_completion_tokens(self) -> int:
@@ -150,11 +154,17 @@ class ChatFormat(ABC):
     def pad_token(self) -> str:
         return self.tokenizer.convert_ids_to_tokens(self.pad_id)
 
+    @abstractmethod
+    def prefix_ids(self, system: str) -> list[int]:
+        """The prompt's tokens before the user's text: they depend on the system prompt alone."""
+
     def encode(self, system: str, instruction: str, output: str, completion_only: bool = True) -> EncodedExample:
         prompt = self.prompt_ids(system, instruction)
         completion = self.completion_ids(output)
         prompt_labels = [IGNORE_INDEX] * len(prompt) if completion_only else list(prompt)
-        return EncodedExample(input_ids=prompt + completion, labels=prompt_labels + completion)
+        prefix = self.prefix_ids(system)
+        prefix_len = len(prefix) if prompt[:len(prefix)] == prefix else 0
+        return EncodedExample(input_ids=prompt + completion, labels=prompt_labels + completion, prefix_len=prefix_len)
 
     def prepare_tokenizer(self) -> None:
         """Set the pad token and the chat template on the tokenizer (what is saved with a model)."""
@@ -200,6 +210,12 @@ class Llama3Format(ChatFormat):
 
     def prompt_ids(self, system: str, instruction: str) -> list[int]:
         return prompt_ids(self.tokenizer, system, instruction)
+
+    def prefix_ids(self, system: str) -> list[int]:
+        ids = [BEGIN_OF_TEXT_ID]
+        if system:
+            ids += _header(self.tokenizer, "system") + _text_ids(self.tokenizer, system) + [EOT_ID]
+        return ids + _header(self.tokenizer, "user")
 
     def completion_ids(self, output: str) -> list[int]:
         return completion_ids(self.tokenizer, output)
@@ -330,6 +346,13 @@ class TemplateFormat(ChatFormat):
 
     def completion_ids(self, output: str) -> list[int]:
         return _text_ids(self.tokenizer, output) + [self.eot_id]
+
+    def prefix_ids(self, system: str) -> list[int]:
+        pieces = self._with_system if system else self._without_system
+        if not system:
+            return self._template_ids(pieces["prompt"][0])
+        return (self._template_ids(pieces["prompt"][0]) + _text_ids(self.tokenizer, system)
+                + self._template_ids(pieces["prompt"][1]))
 
 
 def chat_format(tokenizer) -> ChatFormat:

@@ -112,6 +112,7 @@ class TrainParams(Section):
     allow_backend_fallback: bool = Field(True, description="unsloth asked but unusable -> hf instead of failing")
     packing: bool = Field(True, description="padding-free packing, attention kept inside each record")
     pack_tokens: int = Field(4096, ge=16, description="most tokens in one packed micro-batch row")
+    shared_prefix: bool = Field(True, description="packed records with the same prompt prefix (system turn) compute it once")
     fused_loss: Literal["auto", "liger", "none"] = Field(
         "auto", description="liger fused linear cross-entropy on CUDA (auto); else completion-only head")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

@@ -55,6 +55,8 @@ class Batch:
     position_ids: torch.Tensor | None = None
     # targets[b, t] = the label of token t+1 of the same record (IGNORE_INDEX at a record's end).
     targets: torch.Tensor | None = None
+    # Tokens of the records as if each stood alone (shared-prefix rows compute fewer); None = computed.
+    record_tokens: int | None = None
 
     def __post_init__(self):
         if self.targets is None:
@@ -67,15 +69,20 @@ class Batch:
         return int((self.targets != IGNORE_INDEX).sum())
 
     @property
-    def num_real_tokens(self) -> int:
-        if self.attention_mask is None:
+    def num_computed_tokens(self) -> int:
+        if self.attention_mask is None or self.attention_mask.dim() == 4:
             return int(self.input_ids.numel())
         return int(self.attention_mask.sum())
+
+    @property
+    def num_real_tokens(self) -> int:
+        """The records' tokens (a shared prefix counted once per record): what the data holds."""
+        return self.record_tokens if self.record_tokens is not None else self.num_computed_tokens
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
-                     move(self.position_ids), move(self.targets))
+                     move(self.position_ids), move(self.targets), self.record_tokens)
 
 
 def collate(examples: list[EncodedExample], pad_id: int = PAD_ID) -> Batch:
@@ -124,9 +131,119 @@ def pack_groups(examples: list[EncodedExample], max_tokens: int) -> list[list[En
     return groups
 
 
+# --------------------------------------------------------------------------------------------------
+# Shared-prefix packing
+#
+# Records with the same system prompt begin with the same tokens (the system turn and the template's
+# user header: 45% of SmolLM2's training tokens on the embedded data). A segment computes that prefix
+# once and appends each record's remaining tokens: [prefix, r1, r2, ...]. Each record's tokens attend
+# to the prefix and to themselves only, and their position ids continue from the prefix length, as
+# if each record stood alone. Attention is causal, so the prefix's hidden states equal each record's
+# own copy and each record's loss is unchanged; the prefix's gradient is the sum of what each copy
+# would receive. Only a prefix that is masked out of the loss is shared (prompt tokens, completion-only
+# training), so no label is counted once instead of once per record.
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Segment:
+    """A prefix of `prefix_len` tokens (0 = none) shared by `records`, each contributing its tokens
+    after the prefix. A record that shares nothing is a segment of its own with prefix_len 0."""
+    prefix_len: int
+    records: list[EncodedExample]
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix_len + sum(len(r.input_ids) - self.prefix_len for r in self.records)
+
+
+def _shareable(example: EncodedExample) -> bool:
+    """The prefix and the token after it are out of the loss (so the prefix's last token, whose target
+    is the first token after it, predicts nothing), and the record has tokens beyond its prefix."""
+    p = example.prefix_len
+    return 0 < p < len(example.input_ids) and all(label == IGNORE_INDEX for label in example.labels[:p + 1])
+
+
+def segments(examples: list[EncodedExample], max_tokens: int) -> list[Segment]:
+    """Records grouped by identical shareable prefix, in order of first appearance; a segment grows
+    until it would pass max_tokens, then the next record with that prefix opens a new one."""
+    out: list[Segment] = []
+    open_segment: dict[tuple[int, ...], Segment] = {}
+    for example in examples:
+        if not _shareable(example):
+            out.append(Segment(0, [example]))
+            continue
+        key = tuple(example.input_ids[:example.prefix_len])
+        segment = open_segment.get(key)
+        if segment is not None and segment.tokens + len(example.input_ids) - example.prefix_len <= max_tokens:
+            segment.records.append(example)
+            continue
+        segment = Segment(example.prefix_len, [example])
+        open_segment[key] = segment
+        out.append(segment)
+    return out
+
+
+def pack_segments(row: list[Segment]) -> Batch:
+    """One row of segments with its 4-D attention mask [1, 1, T, T] (True = may attend)."""
+    ids, positions, labels, targets, seg_of, part_of = [], [], [], [], [], []
+    for s, segment in enumerate(row):
+        p = segment.prefix_len
+        if p:
+            first = segment.records[0]
+            ids += first.input_ids[:p]
+            positions += range(p)
+            labels += first.labels[:p]
+            targets += list(first.labels[1:p]) + [IGNORE_INDEX]  # the token after the prefix is a prompt token
+            seg_of += [s] * p
+            part_of += [-1] * p
+        for r, record in enumerate(segment.records):
+            tail_ids, tail_labels = record.input_ids[p:], record.labels[p:]
+            n = len(tail_ids)
+            ids += tail_ids
+            positions += range(p, p + n)
+            labels += tail_labels
+            targets += list(tail_labels[1:]) + [IGNORE_INDEX]
+            seg_of += [s] * n
+            part_of += [r] * n
+    seg_t, part_t = torch.tensor(seg_of), torch.tensor(part_of)
+    n = len(ids)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    # query q may see key k: same segment, k <= q, and k is in the prefix or in q's own record.
+    mask = causal & (seg_t[:, None] == seg_t[None, :]) & ((part_t[None, :] == -1) | (part_t[:, None] == part_t[None, :]))
+    as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+    record_tokens = sum(len(r.input_ids) for segment in row for r in segment.records)
+    return Batch(as_row(ids), mask[None, None], as_row(labels), as_row(positions), as_row(targets), record_tokens)
+
+
+def pack_segment_rows(segs: list[Segment], max_tokens: int) -> list[list[Segment]]:
+    """Consecutive segments grouped into rows of at most max_tokens (a longer one gets its own row)."""
+    rows, current, used = [], [], 0
+    for segment in segs:
+        n = segment.tokens
+        if current and used + n > max_tokens:
+            rows.append(current)
+            current, used = [], 0
+        current.append(segment)
+        used += n
+    if current:
+        rows.append(current)
+    return rows
+
+
+def uses_shared_prefix(train, backend: str = "hf") -> bool:
+    """train.shared_prefix applies to packed rows under attention that takes a 4-D mask (SDPA, eager;
+    not flash-attention, which has no arbitrary mask) with the transformers backend."""
+    return bool(train.packing and train.shared_prefix and train.attention != "flash_attention_2" and backend == "hf")
+
+
 def micro_batches(examples: list[EncodedExample], batch_size: int, packing: bool, pack_tokens: int,
-                  pad_id: int = PAD_ID) -> list[Batch]:
-    """A step's (or a rank's share of a step's) records as padded or packed micro-batches."""
+                  pad_id: int = PAD_ID, shared_prefix: bool = False) -> list[Batch]:
+    """A step's (or a rank's share of a step's) records as padded or packed micro-batches; with
+    shared_prefix (and packing), records that share a prompt prefix compute it once per row."""
+    if packing and shared_prefix:
+        segs = segments(examples, pack_tokens)
+        if any(len(segment.records) > 1 for segment in segs):
+            return [pack_segments(row) for row in pack_segment_rows(segs, pack_tokens)]
     if packing:
         return [pack(group) for group in pack_groups(examples, pack_tokens)]
     return [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
@@ -177,6 +294,15 @@ def _body_and_head(model):
 
 
 def _hidden(body, batch: Batch) -> torch.Tensor:
+    if batch.attention_mask is not None and batch.attention_mask.dim() == 4:
+        # Shared-prefix rows: transformers uses a 4-D mask as given. SDPA takes it as booleans (True =
+        # attend); eager attention adds it to the scores, so it needs 0 / -inf.
+        mask = batch.attention_mask
+        if getattr(body.config, "_attn_implementation", "sdpa") == "eager":
+            dtype = next(body.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return body(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
+                    use_cache=False).last_hidden_state
     if batch.attention_mask is None:
         # Packed: no 2-D mask, so transformers derives the block-diagonal mask from position_ids.
         return body(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
@@ -240,7 +366,7 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
 @torch.no_grad()
 def evaluate_loss(model, examples: list[EncodedExample], batch_size: int, device, packing: bool = False,
                   pack_tokens: int = 4096, head_mode: str = "completion", dist_info=None,
-                  sharded_module=None, pad_id: int = PAD_ID) -> float:
+                  sharded_module=None, pad_id: int = PAD_ID, shared_prefix: bool = False) -> float:
     """Mean completion-token loss over examples (perplexity is its exp).
 
     Under DDP each process scores its share and the sums are all-reduced. sharded_module: the
@@ -254,11 +380,11 @@ def evaluate_loss(model, examples: list[EncodedExample], batch_size: int, device
     mine = examples
     if distributed:
         mine = [examples[i] for i in shard(list(range(len(examples))), dist_info.rank, dist_info.world_size)]
-    micro = micro_batches(mine, batch_size, packing, pack_tokens, pad_id) if mine else []
+    micro = micro_batches(mine, batch_size, packing, pack_tokens, pad_id, shared_prefix) if mine else []
     real = len(micro)
     if sharded_module is not None:
         if not micro:  # fewer validation records than processes: score a record with weight 0
-            micro = micro_batches(examples[:1], batch_size, packing, pack_tokens, pad_id)
+            micro = micro_batches(examples[:1], batch_size, packing, pack_tokens, pad_id, shared_prefix)
         micro = equalize_micro_batches(micro, dist_info)
     total, count = 0.0, 0
     for k, batch in enumerate(micro):
@@ -700,7 +826,7 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
         device: torch.device, head_mode: str = "completion", checkpoint_dir: Path | None = None,
         run_key: str = "", logger=None, dist_info: DistInfo | None = None, distributed: str = "none",
         log: Callable[[str], None] = print, stop_after_steps: int | None = None,
-        pad_id: int = PAD_ID, run_identity: dict | None = None) -> FitResult:
+        pad_id: int = PAD_ID, run_identity: dict | None = None, shared_prefix: bool | None = None) -> FitResult:
     """Train `model` (a peft model, or a full model) in place; on return it holds the best weights.
 
     train: TrainParams. logger: a dvclive Live (main process) or None. checkpoint_dir: a checkpoint
@@ -711,6 +837,8 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
     """
     dist_info = dist_info or DistInfo(device=device)
     world = dist_info.world_size
+    if shared_prefix is None:
+        shared_prefix = uses_shared_prefix(train)
     torch.manual_seed(train.seed)
     random.seed(train.seed)
     module = wrap_distributed(LossModule(model, head_mode), distributed, dist_info)
@@ -777,7 +905,7 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
             group = [train_examples[i] for i in indices]
             n_labels = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in group)
             mine = [train_examples[i] for i in shard(indices, dist_info.rank, world)]
-            micro = micro_batches(mine, train.batch_size, train.packing, train.pack_tokens, pad_id)
+            micro = micro_batches(mine, train.batch_size, train.packing, train.pack_tokens, pad_id, shared_prefix)
             real = len(micro)
             if fsdp:  # every forward/backward is a collective: all processes run as many
                 micro = equalize_micro_batches(micro, dist_info)
@@ -818,7 +946,8 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
                 began = time.perf_counter()
                 last_val = evaluate_loss(model, val_examples, train.batch_size * 4, dist_info.device,
                                          train.packing, train.pack_tokens, head_mode, dist_info,
-                                         sharded_module=module if fsdp else None, pad_id=pad_id) if val_examples else None
+                                         sharded_module=module if fsdp else None, pad_id=pad_id,
+                                         shared_prefix=shared_prefix) if val_examples else None
                 eval_seconds += time.perf_counter() - began
                 point = {"step": step, "train/loss": round(last_train, 6)}
                 if last_val is not None:
