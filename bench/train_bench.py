@@ -6,7 +6,7 @@
     python -m bench.train_bench --model smollm2-135m --records 256 --epochs 1 \
         --variants ours,ours-bf16,trl,baseline           # CPU: the pretrained preset vs TRL's SFTTrainer
 
-Variants: ours (this train loop, fp32 on CPU), ours-bf16 (bf16 base weights, fp32 adapters: only where
+Variants: ours (this train loop, fp32 on CPU), ours-noshare (the same with train.shared_prefix off), ours-bf16 (bf16 base weights, fp32 adapters: only where
 the CPU has AVX-512-BF16 or AMX), trl (TRL's SFTTrainer at its best settings for this workload:
 padding-free batches, completion-only loss, the same LoRA, records and chat format), baseline (plain
 transformers.Trainer + PEFT). --threads and --pack-tokens take comma lists to sweep them.
@@ -109,6 +109,8 @@ def _run_variant(variant, model_name, records, epochs, threads, pack_tokens=None
     params = bench_params(epochs, **({"pack_tokens": pack_tokens} if pack_tokens else {}))
     if model_name in PRESET_MODELS:
         params = with_preset(params, model_name, epochs)
+    if variant == "ours-noshare":  # shared-prefix packing off: every record computes its system prompt
+        params = params.model_copy(update={"train": params.train.model_copy(update={"shared_prefix": False})})
     device = resolve_device()
     precision = "bf16" if variant.endswith("-bf16") else params.train.precision
     dtype = resolve_dtype(precision, device)
@@ -175,7 +177,7 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
         run = lambda examples, t: fit(model, examples, val_ex if t is train else [], t,  # noqa: E731
                                       device=device, head_mode=head, log=lambda _m: None,
                                       pad_id=pad_id).train_seconds
-        setting = f"packing={train.packing} ({train.pack_tokens} tokens), head={head}, " \
+        setting = f"packing={train.packing} ({train.pack_tokens} tokens, shared prefix {train.shared_prefix}), head={head}, " \
                   f"{model.config._attn_implementation}, {str(dtype).removeprefix('torch.')} base"
     elif variant == "trl":
         run = lambda examples, t: _trl_sft(model, tokenizer, examples, t, device, dtype)[0]  # noqa: E731
@@ -300,7 +302,7 @@ def table(results: list[dict]) -> str:
         by_model.setdefault(r["model"], {})[r["variant"]] = r
     for model, pair in by_model.items():
         ours = pair.get("ours")
-        for other in ("ours-bf16", "trl", "baseline"):
+        for other in ("ours-noshare", "ours-bf16", "trl", "baseline"):
             base = pair.get(other)
             if ours and base and "error" not in ours and "error" not in base:
                 lines.append(f"\n{model}: ours / {other} = {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x real "
@@ -319,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", default="2", help="CPU threads per run (comma list to sweep)")
     parser.add_argument("--pack-tokens", default="", help="train.pack_tokens for ours (comma list to sweep)")
-    parser.add_argument("--variants", default="ours,baseline", help="comma list of ours,ours-bf16,trl,baseline")
+    parser.add_argument("--variants", default="ours,baseline",
+                        help="comma list of ours,ours-noshare (shared-prefix packing off),ours-bf16,trl,baseline")
     parser.add_argument("--only", choices=["ours", "baseline"], default=None, help="(old spelling of --variants X)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -332,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         print("--model 1b/3b needs a CUDA GPU (on CPU the benchmark uses the embedded default)", file=sys.stderr)
         return 2
     variants = [args.only] if args.only else args.variants.split(",")
-    bad = [v for v in variants if v not in ("ours", "ours-bf16", "trl", "baseline")]
+    bad = [v for v in variants if v not in ("ours", "ours-noshare", "ours-bf16", "trl", "baseline")]
     if bad:
-        print(f"--variants: unknown {bad}; choose from ours, ours-bf16, trl, baseline", file=sys.stderr)
+        print(f"--variants: unknown {bad}; choose from ours, ours-noshare, ours-bf16, trl, baseline", file=sys.stderr)
         return 2
     if "ours-bf16" in variants and not torch.cuda.is_available():
         from stages.core.modeling import cpu_bf16_supported
