@@ -11,8 +11,9 @@ def test_params_yaml_is_valid_and_complete(root):
     params = validate_params(raw)
     # every schema section is written out in params.yaml, so users see every knob
     assert set(raw) == set(Params.model_fields)
-    # the reference template's rank and alpha; dropout 0.05 for the embedded default (params.yaml says why)
-    assert params.train.lora.r == 32 and params.train.lora.alpha == 64 and params.train.lora.dropout == 0.05
+    # the SmolLM2 default: rank 16, alpha 32, no dropout (presets/smollm2-135m.yaml says why)
+    assert params.train.lora.r == 16 and params.train.lora.alpha == 32 and params.train.lora.dropout == 0.0
+    assert params.model.base == "smollm2-135m" and params.train.shared_prefix is True and params.cpu.threads == 2
 
 
 @pytest.mark.parametrize("raw,message", [

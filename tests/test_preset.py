@@ -33,10 +33,13 @@ def test_the_documented_presets_exist():
     assert P.load_preset("smollm2-135m")["train.lora.modules_to_save"] == []
 
 
-def test_the_embedded_preset_is_what_params_yaml_ships(root):
-    """params.yaml's default is the embedded model: applying its preset changes nothing."""
+def test_the_smollm2_preset_is_what_params_yaml_ships(root):
+    """params.yaml's default is the pretrained SmolLM2: applying its preset changes nothing, and the
+    random-weight model is a preset that changes the model and its settings."""
     tree = yaml.safe_load((root / "params.yaml").read_text())
-    assert P.applied(tree, P.load_preset("embedded")) == tree
+    assert P.applied(tree, P.load_preset("smollm2-135m")) == tree
+    embedded = P.applied(tree, P.load_preset("embedded"))
+    assert embedded["model"]["base"] == "embedded" and embedded["train"]["learning_rate"] == 5.0e-3
 
 
 def test_show_prints_one_dvc_exp_run_line():
