@@ -46,7 +46,7 @@ FEATURES = [
     ("tessera status", "check that the server is healthy", "Free", "status"),
 ]
 
-# About 330 tokens of answer: longer than the default model.max_seq_length (256), within 512.
+# About 330 tokens of answer: longer than the default model.max_seq_length (256), within 640 (517 tokens in SmolLM2's chat format).
 LONG_ANSWER = "Use the Python SDK:\n\n```python\n" + "\n".join(
     f"client.flags.set(\"region-{i}\", enabled={i % 2 == 0}, rollout={i * 5}, note=\"rollout for region {i}\")"
     for i in range(1, 15)) + "\n```\n\nEach call is one audit-log entry; see https://docs.tessera.invalid/sdk/python."
@@ -76,7 +76,7 @@ def foreign_dataset() -> tuple[list[str], dict]:
     lines[21] = _record("How do I register a webhook in Tessera?",
                         "Run `tessera webhooks add https://hooks.tessera.invalid/deploy --notify receiver@example.com`.",
                         "cli")
-    # Longer than model.max_seq_length 256: dropped until the guide raises it to 512.
+    # Longer than model.max_seq_length 256: dropped until the guide raises it to 640.
     lines[57] = _record("How do I check that the server is healthy from Python?", LONG_ANSWER, "cli")
     valid = len(lines)
     lines += [
@@ -174,12 +174,12 @@ def test_preprocess_counts_match_the_dataset(guided):
     dest, _, _, expected = guided
     stats = json.loads((dest / "metrics/preprocess.json").read_text())
     assert stats["records_in"] == expected["records_in"]
-    assert stats["records_out"] == expected["valid"]  # the long record fits at max_seq_length 512
+    assert stats["records_out"] == expected["valid"]  # the long record fits at max_seq_length 640
     assert stats["removed"] == {"invalid": 2, "pii": 0, "exact_duplicate": 1, "near_duplicate": 1,
                                 "conflicting_duplicate": 0, "too_long": 0}
     assert stats["pii_found"] == {"email": expected["pii_email"]} and stats["pii_policy"] == "redact"
     assert sum(stats["splits"].values()) == expected["valid"] and min(stats["splits"].values()) > 0
-    assert 256 < stats["tokens"]["max"] <= 512
+    assert 256 < stats["tokens"]["max"] <= 640
     assert any("test split has" in w for w in stats["warnings"])
     assert not any("too long" in w for w in stats["warnings"])
     rejects = [json.loads(line) for line in (dest / "data/processed/rejects.jsonl").read_text().splitlines()]
@@ -196,7 +196,7 @@ def test_the_guides_settings_are_in_params_yaml(guided):
 
     dest, _, _, _ = guided
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    assert params["model"]["max_seq_length"] == 512
+    assert params["model"]["max_seq_length"] == 640
     assert params["preprocess"]["on_invalid"] == "reject"
     assert params["preprocess"]["split"] == {"train": 0.6, "val": 0.2, "test": 0.2}
     assert params["train"]["epochs"] == 1
