@@ -498,3 +498,54 @@ def test_dvc_yaml_base_stage_depends_on_the_base_model_only():
     # the code that decides the base results: generation, model loading, chat format, val loss, scoring
     assert {f"stages/core/{m}.py" for m in ("metrics", "generate", "modeling", "chat", "training", "records")} \
         <= set(base["deps"])
+
+
+def test_dvc_reruns_the_base_evaluation_for_base_inputs_only(tmp_path):
+    """DVC itself, on this dvc.yaml and params.yaml with stand-in files: after `dvc commit`, a change of
+    the LoRA rank or of the gate leaves evaluate_base up to date; max_new_tokens or the base model does not."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for stage in stages.values():
+        paths = list(stage.get("deps", []))
+        for key in ("outs", "metrics", "plots"):
+            paths += [o if isinstance(o, str) else next(iter(o)) for o in stage.get(key, []) or []]
+        for path in map(repo.joinpath, paths):
+            if not path.exists():
+                target = path if path.suffix else path / "stand-in"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(f"{path.name}\n")
+
+    def dvc(*args):
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    dvc("init", "--no-scm", "-q")
+    dvc("commit", "-f", "-q")
+    original = (repo / "params.yaml").read_text()
+
+    def changed(edit) -> set[str]:
+        raw = yaml.safe_load(original)
+        edit(raw)
+        (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        try:
+            return set(json.loads(dvc("status", "--json") or "{}"))
+        finally:
+            (repo / "params.yaml").write_text(original)
+
+    assert changed(lambda p: None) == set()
+    assert changed(lambda p: p["train"]["lora"].update(r=p["train"]["lora"]["r"] * 2)) == {"train"}
+    assert changed(lambda p: p["train"].update(method="full")) == {"train", "evaluate"}
+    assert changed(lambda p: p["evaluate"]["gate"].update(max_regression=0.5)) == {"evaluate"}
+    assert changed(lambda p: p["evaluate"].update(max_new_tokens=7)) == {"evaluate_base", "evaluate"}
+    assert "evaluate_base" in changed(lambda p: p["model"].update(max_seq_length=p["model"]["max_seq_length"] + 1))
