@@ -196,7 +196,7 @@ def score_answers(answers: list[str], references: list[str], finished: list[bool
         if semantic:
             for row, b, s in zip(rows, bert, sim):
                 row["bertscore_f1"], row["semantic_similarity"] = b, s
-        bar.update(1, now="done")
+        bar.update(1, now=None)
     return rows
 
 

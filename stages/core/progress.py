@@ -121,9 +121,10 @@ class Progress:
     # -- what the caller uses ---------------------------------------------------------------------
 
     def update(self, n: float = 1, **values) -> None:
-        """Advance by n units; keyword values (e.g. loss=1.23) become the shown running values."""
+        """Advance by n units; keyword values (e.g. loss=1.23) become the shown running values
+        (None removes one)."""
         self.n += n
-        self.values.update(values)
+        self._values(values)
         if self._bar is not None:
             if values:
                 self._bar.set_postfix({k: format_value(v) for k, v in self.values.items()}, refresh=False)
@@ -132,12 +133,19 @@ class Progress:
             self._maybe_line()
 
     def set(self, **values) -> None:
-        """Change the shown running values without advancing."""
-        self.values.update(values)
+        """Change the shown running values without advancing (None removes one)."""
+        self._values(values)
         if self._bar is not None:
             self._bar.set_postfix({k: format_value(v) for k, v in self.values.items()})
         elif self.mode == "lines":
             self._maybe_line()
+
+    def _values(self, values: dict) -> None:
+        for key, value in values.items():
+            if value is None:
+                self.values.pop(key, None)
+            else:
+                self.values[key] = value
 
     def write(self, message: str) -> None:
         """A log line that does not break the bar (tqdm.write on a terminal, a plain line otherwise)."""
