@@ -87,6 +87,8 @@ def test_tty_mode_is_a_tqdm_bar(monkeypatch):
     out = FakeTTY()
     with P.progress("evaluate: tuned answers", total=8, unit="answer", stream=out) as bar:
         assert bar.mode == "bar" and isinstance(bar._bar, tqdm)
+        # a terminal that reports no size (here: none at all) gets one, else tqdm draws or shows nothing
+        assert bar._bar.ncols == 100 and bar._bar.nrows == 24
         bar.update(4, tok_s=12.345)
         bar.write("a log line")
         assert bar._bar.n == 4 and bar._bar.total == 8
@@ -109,3 +111,12 @@ def test_mode_can_be_forced_or_silenced(monkeypatch):
     monkeypatch.delenv(P.MODE_ENV)
     with pytest.raises(ValueError, match="progress mode"):
         P.progress("x", mode="fancy")
+
+
+def test_the_last_unit_is_reported_once_by_the_closing_line():
+    clock, out = FakeClock(), io.StringIO()
+    with P.progress("answers", total=4, unit="answer", mode="lines", interval=10, stream=out, clock=clock) as bar:
+        clock.now += 48                              # one batch of 4 answers, longer than the interval
+        bar.update(4, tokens_per_s=4.2)
+    lines = _lines(out)
+    assert lines == ["[answers] 4/4 answer (100%), 12 s/answer, elapsed 48s, done, tokens_per_s 4.2"]

@@ -26,6 +26,7 @@ imports torch: the module is cheap to import anywhere.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
@@ -60,6 +61,15 @@ def resolve_mode(mode: str, stream: TextIO) -> str:
         except (ValueError, OSError):  # a closed stream
             return "lines"
     return mode
+
+
+def _terminal_size(stream) -> tuple[int, int]:
+    """(columns, lines) of the stream's terminal; 0 where unknown."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return 0, 0
+    return size.columns, size.lines
 
 
 def format_duration(seconds: float | None) -> str:
@@ -116,7 +126,13 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, leave=True)
+            # A terminal without a size (a pty that reports 0 x 0, e.g. under `script` or some CI
+            # runners) makes tqdm draw nothing (0 columns) or hide the bar (0 rows): give it a size then.
+            columns, lines = _terminal_size(self.stream)
+            size = {"dynamic_ncols": True} if columns > 0 else {"ncols": 100}
+            if lines <= 0:
+                size["nrows"] = 24
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=True, **size)
 
     # -- what the caller uses ---------------------------------------------------------------------
 
@@ -201,7 +217,8 @@ class Progress:
         return ", ".join(parts)
 
     def _maybe_line(self) -> None:
-        if self.clock() - self._last_line >= self.interval:
+        finished = self.total is not None and self.n >= self.total  # the closing line says it
+        if not finished and self.clock() - self._last_line >= self.interval:
             self._emit()
 
     def _emit(self, final: bool = False) -> None:
