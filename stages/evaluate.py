@@ -1,24 +1,28 @@
 """evaluate stage: base and tuned model side by side on the test split, a report, and the quality gate.
 
-    python -m stages.evaluate --data data/processed --adapter models/adapter \\
+    python -m stages.evaluate --data data/processed --adapter models/adapter --base reports/eval_base \\
         --metrics metrics/eval.json --report reports/eval [--reference main:metrics/eval.json]
     python -m stages.evaluate gate --metrics metrics/eval.json [--reference PATH|REV:PATH]
     python -m stages.evaluate noise --seeds 3      (run-to-run noise of training: see stages/noise.py)
     python -m stages.evaluate plots-template       (an HTML template for `dvc plots show` offline)
 
-The first form generates greedy answers (batched, left-padded, KV cache) for every test question with
-the base model and then the tuned model, measures validation perplexity for both, scores every answer
-(ROUGE-L, BLEU-4, BERTScore F1, semantic similarity, exact match, fact recall, length ratio, missing
-end token; optionally an LLM judge), and writes
+The first form reads the base model's answers, scores and validation loss from the evaluate_base
+stage's output (reports/eval_base, stages/evaluate_base.py: they do not depend on training, so a
+training change does not recompute them), refusing results made for another test split or other
+settings; generates greedy answers (batched, left-padded, KV cache) for every test question with the
+tuned model, measures its validation perplexity, scores every answer (ROUGE-L, BLEU-4, BERTScore F1,
+semantic similarity, exact match, fact recall, length ratio, missing end token; optionally an LLM
+judge, for base and tuned answers), and writes
     metrics/eval_summary.json      the DVC metric: a few tuned headline numbers and gate.passed, so that
                                    `dvc metrics show` and `dvc exp show` stay narrow
     metrics/eval.json              everything (git-tracked, not a DVC metric): base / tuned / delta /
-                                   test_set / significance / by_category / by_fact_seen / reference / gate / speed
+                                   test_set / significance / by_category / by_fact_seen / reference / gate
     metrics/eval_records.json      every test record's scores, base and tuned (git-tracked), so that any two
                                    revisions can be compared record by record (paired tests)
     reports/eval/predictions.jsonl one line per test record: question, reference, both answers, scores
     reports/eval/report.md         headline table, per-topic table, worst answers, judge line
     reports/eval/plots/            base.json, tuned.json, by_category.json (DVC plots), metrics.png
+`--base ""` computes the base model's results in this run instead (nothing is read or written for them).
 The stage itself succeeds when the gate fails (the verdict is in the metrics); the `gate` command
 recomputes the verdict from params.yaml and exits 1 with the reasons when it fails, 0 when it passes.
 """
@@ -31,7 +35,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core import cli, io
@@ -39,135 +42,16 @@ from .core.perf import write_perf
 from .core import significance
 from .core.gate import RECORDS_NAME, compare, evaluate_gate, load_records, load_reference
 from .core.params import EVAL_METRICS, ConfigError, Params, load_params
-from .core.records import DataError, Problem, content_hash
+from .core.records import content_hash
+# Shared with the evaluate_base stage (imported here so that `from stages.evaluate import ...` keeps working).
+from .evaluate_base import (InputError, ModelRun, all_local, generate_answers, load_base, read_split,  # noqa: F401
+                            read_splits, record_id, run_model, score_answers, validation_loss)
 
 STAGE = "evaluate"
-REQUIRED_FIELDS = ("instruction", "output")
+DEFAULT_BASE = "reports/eval_base"
 RECORD_DIGITS = 4       # per-record scores in eval_records.json; the paired tests use these rounded values
 SUMMARY_NAME = "eval_summary.json"
 SUMMARY_METRICS = ("rouge_l", "bleu4", "bertscore_f1", "fact_recall")  # the tuned numbers DVC shows
-
-
-# ---------------------------------------------------------------------------------------------------
-# Inputs
-
-
-class InputError(DataError):
-    """A missing input (no per-line problems to list)."""
-
-    def __init__(self, message: str):
-        Exception.__init__(self, message)
-        self.problems = []
-
-
-def record_id(record: dict) -> str:
-    """A test record's stable id: its own "id" field, else a hash of its system prompt and question
-    (the same question has the same id in every revision, whatever its position in the file)."""
-    if isinstance(record.get("id"), (str, int)) and not isinstance(record.get("id"), bool):
-        return str(record["id"])
-    import hashlib
-
-    text = f"{record.get('system', '')}\n{record['instruction']}"
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-def read_split(path: str | Path) -> list[dict]:
-    """Records of a processed split; every bad line is reported at once, by line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} not found (run the preprocess stage first: dvc repro preprocess)")
-    rows, problems = [], []
-    seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(Problem(str(path), number, f"not valid JSON ({exc.msg})"))
-                continue
-            if not isinstance(row, dict):
-                problems.append(Problem(str(path), number, "not a JSON object"))
-                continue
-            bad = [k for k in REQUIRED_FIELDS if not isinstance(row.get(k), str) or not row[k].strip()]
-            if bad:
-                problems.append(Problem(str(path), number, f"missing or empty {', '.join(bad)}"))
-                continue
-            row.setdefault("system", "")
-            row.setdefault("category", "uncategorised")
-            row_id = record_id(row)
-            if row_id in seen:
-                problems.append(Problem(str(path), number, f"record id {row_id!r} repeats line {seen[row_id]} "
-                                                           "(the same question twice, or a repeated \"id\")"))
-                continue
-            seen[row_id] = number
-            rows.append(row)
-    if problems:
-        raise DataError(f"{path}: {len(problems)} bad record(s)", problems)
-    if not rows:
-        raise InputError(f"{path} has no records")
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------
-# Generation and perplexity
-
-
-@dataclass
-class ModelRun:
-    answers: list[str]
-    finished: list[bool]
-    new_tokens: int            # generated tokens, stop tokens included
-    generation_s: float
-    val_loss: float | None
-    scores: list[dict] = field(default_factory=list)
-    judge: list[int | None] | None = None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.generation_s if self.generation_s > 0 else 0.0
-
-
-def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int):
-    """Greedy answers in the input order; prompts are batched by length to keep padding small."""
-    from .core.chat import chat_format
-    from .core.generate import generate_batch
-
-    fmt = chat_format(tokenizer)
-    prompts = [fmt.prompt_ids(r.get("system", ""), r["instruction"]) for r in records]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers, finished = [""] * len(prompts), [False] * len(prompts)
-    new_tokens = 0
-    started = time.perf_counter()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        for i, gen in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, fmt)):
-            answers[i] = tokenizer.decode(gen.token_ids, skip_special_tokens=True,
-                                          clean_up_tokenization_spaces=False).strip()
-            finished[i] = gen.finished
-            new_tokens += len(gen.token_ids) + int(gen.finished)
-    return answers, finished, new_tokens, time.perf_counter() - started
-
-
-def validation_loss(model, tokenizer, records: list[dict], batch_size: int, device) -> float | None:
-    """Mean completion-token cross-entropy on the validation split (perplexity = exp)."""
-    from .core.chat import chat_format
-    from .core.training import evaluate_loss
-
-    if not records:
-        return None
-    fmt = chat_format(tokenizer)
-    examples = [fmt.encode(r.get("system", ""), r["instruction"], r["output"], completion_only=True) for r in records]
-    return float(evaluate_loss(model, examples, batch_size, device, pad_id=fmt.pad_id))
-
-
-def run_model(model, tokenizer, test, val, params: Params, device) -> ModelRun:
-    model.eval()
-    answers, finished, tokens, seconds = generate_answers(model, tokenizer, test, params.evaluate.max_new_tokens,
-                                                          params.evaluate.batch_size)
-    loss = validation_loss(model, tokenizer, val, params.evaluate.batch_size, device)
-    return ModelRun(answers, finished, tokens, seconds, loss)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,39 +195,46 @@ def _load_models(params: Params, adapter_dir: Path):
 
 
 def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str | Path,
-             reference: str | None = None, log=print) -> tuple[dict, list[dict], dict]:
-    """Metrics (dict for metrics/eval.json), per-record predictions and the per-record scores file;
-    loads every model once."""
+             reference: str | None = None, log=print,
+             base_dir: str | Path | None = DEFAULT_BASE) -> tuple[dict, list[dict], dict]:
+    """Metrics (dict for metrics/eval.json), per-record predictions and the per-record scores file.
+    The base model's results come from `base_dir` (the evaluate_base stage's output, checked against
+    these splits and params); base_dir None computes them here. Loads every model once."""
     import gc
 
     import torch
 
     from .core import metrics as M
     from .core.determinism import fix_cpu_threads
-    from .core.modeling import load_base_model, load_tuned_model, resolve_device, resolve_dtype
+    from .core.modeling import load_tuned_model, resolve_device, resolve_dtype
+    from .evaluate_base import compute_base
 
     started = time.perf_counter()
     adapter_dir = Path(adapter_dir)
     ref = load_reference(reference) if reference else None  # fail on a bad reference before any model work
+    tokenizer = _load_models(params, adapter_dir)
+    # stale or missing base results fail here too, before any model work
+    base = load_base(base_dir, params, test, val) if base_dir is not None else None
     judge = None
     if params.evaluate.judge.enabled:
         from .core.judge import Judge, config_from_env
 
         judge = Judge(config_from_env(), params.evaluate.judge.timeout_s)
-    tokenizer = _load_models(params, adapter_dir)
     device = resolve_device("auto")
     fix_cpu_threads(params.cpu.threads, device)  # the same bytes whatever the core count (determinism.py)
     dtype = resolve_dtype("auto", device)
 
-    log(f"[evaluate] base model: {params.model.base} on {device}; {len(test)} test, {len(val)} val records")
-    model = load_base_model(params.model, dtype=dtype, device=device, tokenizer=tokenizer)
-    base = run_model(model, tokenizer, test, val, params, device)
-    del model
-    gc.collect()
-    log(f"[evaluate] tuned model ({params.train.method}) from {adapter_dir}")
+    semantic = None
+    if base is None:
+        semantic = M.SemanticScorer(params.evaluate.encoder, params.evaluate.bertscore_layer, device=str(device))
+        base = compute_base(params, test, val, tokenizer, device, dtype, semantic, log)
+    else:
+        log(f"[evaluate] base model: {params.model.base}, answers and scores from {base_dir}")
+    log(f"[evaluate] tuned model ({params.train.method}) from {adapter_dir} on {device}; {len(test)} test, "
+        f"{len(val)} val records")
     model = load_tuned_model(params.model, adapter_dir, params.train.method, dtype=dtype, device=device,
                              tokenizer=tokenizer)
-    tuned = run_model(model, tokenizer, test, val, params, device)
+    tuned = run_model(model, tokenizer, test, val, params, device, name="tuned")
     del model
     gc.collect()
     if device.type == "cuda":
@@ -351,11 +242,10 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     generated = time.perf_counter()
 
     log(f"[evaluate] scoring with encoder {params.evaluate.encoder}")
-    semantic = M.SemanticScorer(params.evaluate.encoder, params.evaluate.bertscore_layer,
-                                device=str(device))
+    if semantic is None:
+        semantic = M.SemanticScorer(params.evaluate.encoder, params.evaluate.bertscore_layer, device=str(device))
     refs = [r["output"] for r in test]
-    for run in (base, tuned):
-        run.scores = M.score_answers(run.answers, refs, run.finished, semantic)
+    tuned.scores = score_answers(tuned.answers, refs, tuned.finished, semantic, desc="scoring tuned answers")
     judge_info = {"enabled": False}
     if judge is not None:
         n = min(params.evaluate.judge.max_records, len(test))
@@ -380,8 +270,10 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     metrics["speed"] = {
         "device": str(device), "batch_size": params.evaluate.batch_size,
         "base_generated_tokens": base.new_tokens, "tuned_generated_tokens": tuned.new_tokens,
-        "base_tokens_per_s": round(base.tokens_per_s, 1), "tuned_tokens_per_s": round(tuned.tokens_per_s, 1),
+        "base_tokens_per_s": round(base.tokens_per_s, 1) if base.generation_s else None,
+        "tuned_tokens_per_s": round(tuned.tokens_per_s, 1),
         "generation_s": round(base.generation_s + tuned.generation_s, 2),
+        "base_from": str(base_dir) if base_dir is not None else None,
         "models_s": round(generated - started, 2), "scoring_s": round(scored - generated, 2),
         "total_s": round(time.perf_counter() - started, 2),
     }
@@ -426,11 +318,6 @@ def write_outputs(metrics: dict, predictions: list[dict], metrics_path: str | Pa
         io.write_json(summary_path, summary_metrics(metrics))
 
 
-def _all_local(params: Params) -> bool:
-    names = (params.model.base, params.model.tokenizer, params.evaluate.encoder)
-    return all(name == "embedded" or Path(name).exists() for name in names)
-
-
 def _print_gate(gate: dict, out=sys.stdout) -> None:
     if gate["passed"]:
         print(f"quality gate: PASSED ({len(gate['checks'])} checks)", file=out)
@@ -457,6 +344,9 @@ def stage_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data/processed", help="folder with test.jsonl and val.jsonl")
     parser.add_argument("--adapter", default="models/adapter", help="train stage output folder")
+    parser.add_argument("--base", default=DEFAULT_BASE,
+                        help="the evaluate_base stage's output (the base model's answers, scores and val loss); "
+                             "'' = compute them in this run")
     parser.add_argument("--metrics", default="metrics/eval.json")
     parser.add_argument("--records", default=None, help=f"per-record scores (default: {RECORDS_NAME} beside --metrics)")
     parser.add_argument("--summary", default=None,
@@ -468,13 +358,12 @@ def stage_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if _all_local(params):  # nothing to download: never let a library try the hub
+    if all_local(params):  # nothing to download: never let a library try the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    test = read_split(Path(args.data) / "test.jsonl")
-    val_path = Path(args.data) / "val.jsonl"
-    val = read_split(val_path) if val_path.is_file() else []
+    test, val = read_splits(args.data)
     reference = args.reference if args.reference is not None else params.evaluate.reference
-    metrics, predictions, records = evaluate(params, test, val, args.adapter, reference or None)
+    metrics, predictions, records = evaluate(params, test, val, args.adapter, reference or None,
+                                             base_dir=args.base or None)
     # Timings vary by machine and load: logs/perf/evaluate.json, not eval.json or the (cached) report,
     # so that the same inputs give the same bytes (stages/core/perf.py).
     speed = metrics.pop("speed")

@@ -6,7 +6,8 @@ tuned model's headline metrics. Not a DVC stage: it stays out of `dvc repro` and
 
 For each seed it writes a params file with `train.seed` set (and any --set overrides), runs the train
 stage and then the evaluate stage as subprocesses into a temporary folder (never into models/ or
-metrics/), and reads the tuned metrics. It writes metrics/noise_floor.json (git-tracked):
+metrics/), and reads the tuned metrics. The base model's results (the evaluate_base stage) do not
+depend on the seed: they are made once, into the same folder. It writes metrics/noise_floor.json (git-tracked):
 
     {"seeds": [1, 2, 3], "n_test": 63, "test_set_hash": "...", "overrides": {...},
      "seconds_per_seed": 212.4,
@@ -95,6 +96,7 @@ def run_seeds(params_path: Path, data: Path, seeds: list[int], overrides: list[t
               work: Path, log=print) -> list[dict]:
     raw = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     runs = []
+    base = work / "eval_base"  # the base model's results do not depend on the training seed: made once
     for seed in seeds:
         folder = work / f"seed_{seed}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -104,8 +106,10 @@ def run_seeds(params_path: Path, data: Path, seeds: list[int], overrides: list[t
         load_params(seed_params)  # a bad --set fails here, with the key, before any training
         _stage(["stages.train", "--params", str(seed_params), "--data", str(data), "--output", str(folder / "adapter"),
                 "--checkpoints", "", "--metrics", str(folder / "train.json"), "--live", ""], log)
+        if not base.exists():
+            _stage(["stages.evaluate_base", "--params", str(seed_params), "--data", str(data), "--output", str(base)], log)
         _stage(["stages.evaluate", "--params", str(seed_params), "--data", str(data), "--adapter",
-                str(folder / "adapter"), "--metrics", str(folder / "eval.json"), "--summary", "",
+                str(folder / "adapter"), "--base", str(base), "--metrics", str(folder / "eval.json"), "--summary", "",
                 "--report", str(folder / "report")], log)
         runs.append(json.loads((folder / "eval.json").read_text(encoding="utf-8")))
         log(f"[noise] seed {seed}: tuned rouge_l {runs[-1]['tuned'].get('rouge_l')}")

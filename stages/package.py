@@ -37,6 +37,7 @@ from .core.io import atomic_dir, read_json, read_jsonl, write_json, write_text_a
 from .core.modeling import EMBEDDED, count_parameters, load_tuned_model, resolve_device
 from .core.params import ConfigError, CpuParams, ModelParams, PackageParams, load_params
 from .core.perf import write_perf
+from .core.progress import progress
 
 STAGE = "package"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,18 +108,30 @@ def save_dtype(choice: str, model: ModelParams) -> torch.dtype:
 
 @torch.inference_mode()
 def answer_and_logits(model, prompts: list[list[int]], max_new_tokens: int, fmt,
-                      reference: list[list[int]] | None = None) -> tuple[list[list[int]], list[torch.Tensor]]:
+                      reference: list[list[int]] | None = None,
+                      desc: str = "merge check") -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy answers, and the logits at the positions that chose each token of `reference`
-    (the model's own answers when None), on the CPU in fp32."""
-    answers = [g.token_ids for g in generate_batch(model, prompts, max_new_tokens, fmt, temperature=0.0)]
-    follow = reference if reference is not None else answers
-    device = next(model.parameters()).device
-    logits = []
-    for prompt, answer in zip(prompts, follow):
-        ids = torch.tensor([prompt + answer], dtype=torch.long, device=device)
-        # Only the positions that chose the answer's tokens (and the one after it) reach the LM head.
-        out = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0]
-        logits.append(out.float().cpu())
+    (the model's own answers when None), on the CPU in fp32. A progress bar counts steps: each
+    decoding step of the batch, then each prompt's teacher-forced pass."""
+    with progress(desc, total=max_new_tokens + len(prompts), unit="step") as bar:
+        done = [0]
+
+        def on_step(step: int) -> None:
+            bar.update(step - done[0], phase="greedy answers")
+            done[0] = step
+
+        answers = [g.token_ids for g in generate_batch(model, prompts, max_new_tokens, fmt, temperature=0.0,
+                                                       on_step=on_step)]
+        bar.update(max_new_tokens - done[0], phase="teacher-forced logits")  # every row stopped early
+        follow = reference if reference is not None else answers
+        device = next(model.parameters()).device
+        logits = []
+        for prompt, answer in zip(prompts, follow):
+            ids = torch.tensor([prompt + answer], dtype=torch.long, device=device)
+            # Only the positions that chose the answer's tokens (and the one after it) reach the LM head.
+            out = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0]
+            logits.append(out.float().cpu())
+            bar.update(1)
     return answers, logits
 
 
@@ -270,9 +283,10 @@ def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_
     tuned = load_tuned_model(model_params, adapter_dir, method, dtype=torch.float32, device=torch_device,
                              tokenizer=tokenizer)
     tuned.eval()
-    ref_answers, ref_logits = answer_and_logits(tuned, prompts, max_new, fmt)
+    ref_answers, ref_logits = answer_and_logits(tuned, prompts, max_new, fmt, desc="merge check 1/3: adapter model")
     merged = tuned.merge_and_unload() if method != "full" else tuned
-    answers, logits = answer_and_logits(merged, prompts, max_new, fmt, ref_answers)
+    answers, logits = answer_and_logits(merged, prompts, max_new, fmt, ref_answers,
+                                        desc="merge check 2/3: merged model")
     merge = compare(ref_answers, ref_logits, answers, logits, package_params.logits_tolerance)
     log(f"merge check (fp32): {merge['greedy_identical']}/{merge['prompts']} greedy answers identical, relative "
         f"logit diff {merge['relative_logit_diff']:.3g} (tolerance {merge['logits_tolerance']:g})")
@@ -298,7 +312,8 @@ def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_
         #    within rounding of each other, so they are reported, not required.
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype).to(torch_device)
         reloaded.eval()
-        answers, logits = answer_and_logits(reloaded, prompts, max_new, fmt, ref_answers)
+        answers, logits = answer_and_logits(reloaded, prompts, max_new, fmt, ref_answers,
+                                            desc=f"merge check 3/3: saved {str(dtype).removeprefix('torch.')} model")
         del reloaded
         tolerance = package_params.logits_tolerance if dtype == torch.float32 else package_params.saved_logits_tolerance
         saved = compare(ref_answers, ref_logits, answers, logits, tolerance,

@@ -22,19 +22,28 @@ UNIT_METRICS = METRIC_KEYS - {"length_ratio", "val_loss", "val_perplexity"}
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
+    """Data, params, an adapter, and the evaluate_base stage's output for them (work/eval_base)."""
+    from stages.core import perf
+    from stages.evaluate_base import main as base_main
+
     work = tmp_path_factory.mktemp("evaluate")
     data = write_data(work / "data")
     params = write_params(ROOT / "params.yaml", work / "params.yaml")
     adapter = make_adapter(params, work / "adapter")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perf, "PERF_DIR", work / "perf")
+        assert base_main(["--data", str(data), "--output", str(work / "eval_base"), "--params", str(params)]) == 0
     return work, data, params, adapter
 
 
-def _run(work, data, params, adapter, name, *extra):
+def _run(work, data, params, adapter, name, *extra, base=None):
+    """The evaluate stage; base: the evaluate_base output to read (default: the module's), "" = none."""
     from stages.evaluate import main
 
     metrics, report = work / name / "metrics" / "eval.json", work / name / "reports" / "eval"
-    rc = main(["--data", str(data), "--adapter", str(adapter), "--metrics", str(metrics), "--report", str(report),
-               "--params", str(params), *extra])
+    base = str(adapter.parent / "eval_base") if base is None else str(base)
+    rc = main(["--data", str(data), "--adapter", str(adapter), "--base", base, "--metrics", str(metrics),
+               "--report", str(report), "--params", str(params), *extra])
     return rc, metrics, report
 
 
@@ -181,9 +190,11 @@ def test_dvc_yaml_registers_the_stage_and_plots():
 
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stage = dvc["stages"]["evaluate"]
-    assert stage["params"] == ["model", "train.method", "evaluate"]
-    assert {"data/processed/test.jsonl", "data/processed/val.jsonl", "models/adapter", "stages/evaluate.py",
-            "stages/core/metrics.py", "stages/core/report.py", "stages/core/gate.py"} <= set(stage["deps"])
+    assert stage["params"] == ["cpu", "model", "train.method", "evaluate"]
+    assert {"data/processed/test.jsonl", "data/processed/val.jsonl", "models/adapter", "reports/eval_base",
+            "stages/evaluate.py", "stages/evaluate_base.py", "stages/core/metrics.py", "stages/core/report.py",
+            "stages/core/gate.py"} <= set(stage["deps"])
+    assert "--base reports/eval_base" in stage["cmd"]
     assert stage["outs"] == ["reports/eval", {"metrics/eval.json": {"cache": False}},
                              {"metrics/eval_records.json": {"cache": False}}]
     assert stage["metrics"] == [{"metrics/eval_summary.json": {"cache": False}}]
@@ -342,3 +353,199 @@ def test_stage_against_a_reference_with_per_record_scores(inputs, stage_run, tmp
     assert (metrics_path.with_name("eval_records.json").read_text()
             == reference.with_name("eval_records.json").read_text())          # same answers, same bytes
     assert "| rouge_l | " in (report / "report.md").read_text()
+
+
+# --- the base model's evaluation: its own stage (evaluate_base) ----------------------------------------
+
+def test_evaluate_base_writes_answers_scores_and_what_they_were_made_from(inputs):
+    from stages.core.params import load_params
+    from stages.core.records import content_hash
+    from stages.evaluate_base import base_settings, read_split, record_id
+
+    work, data, params, _ = inputs
+    base = work / "eval_base"
+    assert sorted(p.name for p in base.iterdir()) == ["answers.jsonl", "base.json"]
+    assert not list(work.glob(".eval_base.*")), "temporary folder left behind"
+    meta = json.loads((base / "base.json").read_text())
+    test, val = read_split(data / "test.jsonl"), read_split(data / "val.jsonl")
+    assert meta["test_set"] == {"n": len(TEST_RECORDS), "hash": content_hash(test)}
+    assert meta["val_set"] == {"n": 3, "hash": content_hash(val)}
+    assert meta["settings"] == base_settings(load_params(params))
+    assert meta["settings"]["max_new_tokens"] == 6 and "train" not in json.dumps(meta["settings"])
+    assert meta["val_loss"] > 0 and meta["generated_tokens"] > 0
+    assert not {"seconds", "total_s", "tokens_per_s"} & set(meta)       # timings: logs/perf/evaluate_base.json
+    assert json.loads((work / "perf" / "evaluate_base.json").read_text())["base_tokens_per_s"] > 0
+    rows = [json.loads(line) for line in (base / "answers.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [record_id(r) for r in test]
+    for row in rows:
+        assert set(row) == {"id", "answer", "ended", "scores"} and isinstance(row["ended"], bool)
+        assert set(row["scores"]) == {"rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match",
+                                      "fact_recall", "length_ratio", "no_end_token"}
+
+
+def test_reading_the_base_results_gives_the_same_outputs_as_computing_them_in_the_run(inputs, tmp_path):
+    """evaluate_base then evaluate writes byte-identical metrics, per-record scores, predictions and
+    report to the evaluate stage computing the base model in the same run (the way it worked before the
+    evaluate_base stage). The base model here is initialised wider (init_std 0.1) so that its answers
+    are words, not the empty answers of the fixture's base model, and every base score is exercised."""
+    import yaml
+
+    from stages.core import perf
+    from stages.evaluate_base import main as base_main
+
+    work, data, _, adapter = inputs
+    params = write_params(ROOT / "params.yaml", tmp_path / "params.yaml")
+    raw = yaml.safe_load(params.read_text())
+    raw["model"]["embedded"]["init_std"] = 0.1
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perf, "PERF_DIR", tmp_path / "perf")
+        assert base_main(["--data", str(data), "--output", str(tmp_path / "eval_base"), "--params", str(params)]) == 0
+        rc, via_base, via_report = _run(tmp_path, data, params, adapter, "via_base", base=tmp_path / "eval_base")
+        assert rc == 0
+        rc, inline, inline_report = _run(tmp_path, data, params, adapter, "inline", base="")
+        assert rc == 0
+    for name in ("eval.json", "eval_records.json", "eval_summary.json"):
+        assert (inline.parent / name).read_bytes() == (via_base.parent / name).read_bytes(), name
+    for name in ("predictions.jsonl", "report.md", "plots/headline.json", "plots/by_category.json"):
+        assert (inline_report / name).read_bytes() == (via_report / name).read_bytes(), name
+    m = json.loads(via_base.read_text())
+    assert m["base"]["val_loss"] > 0 and m["base"]["bertscore_f1"] > 0 and m["base"]["length_ratio"] > 0
+    rows = [json.loads(line) for line in (via_report / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["base"]["answer"] for r in rows) and any(r["base"]["answer"] != r["tuned"]["answer"] for r in rows)
+
+
+def test_missing_base_results_name_the_command(inputs, tmp_path, capsys):
+    work, data, params, adapter = inputs
+    rc, metrics, report = _run(tmp_path, data, params, adapter, "nobase", base=tmp_path / "nowhere")
+    err = capsys.readouterr().err
+    assert rc == 1 and "base.json not found" in err and "dvc repro evaluate_base" in err
+    assert "Traceback" not in err and not metrics.exists() and not report.exists()
+
+
+def test_stale_base_results_are_refused_with_the_command(inputs, tmp_path, capsys):
+    work, data, params, adapter = inputs
+    other = tmp_path / "data"
+    other.mkdir()
+    lines = (data / "test.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    row["output"] = "PM job code indicates Part Time Employee."          # the test split changed
+    (other / "test.jsonl").write_text("\n".join([json.dumps(row), *lines[1:]]) + "\n")
+    (other / "val.jsonl").write_text((data / "val.jsonl").read_text())
+    rc, metrics, report = _run(tmp_path, other, params, adapter, "stale")
+    err = capsys.readouterr().err
+    assert rc == 1 and "is stale" in err and "the test split (test.jsonl: 5 records" in err
+    assert "val split" not in err and "dvc repro evaluate_base" in err and "Traceback" not in err
+    assert not metrics.exists() and not report.exists()
+
+    changed = write_params(ROOT / "params.yaml", tmp_path / "params.yaml", max_new_tokens=7)
+    rc, metrics, _ = _run(tmp_path, data, changed, adapter, "stale2")
+    err = capsys.readouterr().err
+    assert rc == 1 and "params evaluate.max_new_tokens (7 now, 6 in the results)" in err
+    assert "test split" not in err and "dvc repro evaluate_base" in err and not metrics.exists()
+
+
+def test_only_the_base_inputs_make_base_results_stale(inputs):
+    """A train param (the LoRA rank, epochs), the gate or the judge do not touch the base results;
+    the base model, the encoder or the batch size do."""
+    import yaml
+
+    from stages.core.params import validate_params
+    from stages.evaluate_base import StaleBaseError, load_base, read_split
+
+    work, data, params, _ = inputs
+    raw = yaml.safe_load(params.read_text())
+    test, val = read_split(data / "test.jsonl"), read_split(data / "val.jsonl")
+
+    def load(edit):
+        changed = yaml.safe_load(yaml.safe_dump(raw))
+        edit(changed)
+        return load_base(work / "eval_base", validate_params(changed), test, val)
+
+    def train_change(p):
+        p["train"]["lora"]["r"] = 16
+        p["train"]["epochs"] = 9
+        p["train"]["method"] = "qlora"
+        p["evaluate"]["gate"]["min_tuned"] = {"rouge_l": 0.9}
+        p["evaluate"]["judge"]["enabled"] = True
+
+    run = load(train_change)
+    assert len(run.answers) == len(TEST_RECORDS) and run.val_loss > 0 and len(run.scores) == len(TEST_RECORDS)
+    for edit, named in ((lambda p: p["model"]["embedded"].update(seed=1), "model.embedded"),
+                        (lambda p: p["evaluate"].update(batch_size=3), "evaluate.batch_size"),
+                        (lambda p: p["evaluate"].update(bertscore_layer=5), "evaluate.bertscore_layer"),
+                        (lambda p: p["cpu"].update(threads=1), "cpu.threads")):
+        with pytest.raises(StaleBaseError, match="dvc repro evaluate_base") as caught:
+            load(edit)
+        assert named in str(caught.value)
+    with pytest.raises(StaleBaseError, match="val split"):
+        load_base(work / "eval_base", validate_params(raw), test, val[:2])
+
+
+def test_dvc_yaml_base_stage_depends_on_the_base_model_only():
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    base = stages["evaluate_base"]
+    assert base["params"] == ["cpu", "model", "evaluate.max_new_tokens", "evaluate.batch_size", "evaluate.encoder",
+                              "evaluate.bertscore_layer"]
+    assert not [p for p in base["params"] if p == "train" or p.startswith("train.") or p == "evaluate"]
+    produced_by_train = {out if isinstance(out, str) else next(iter(out)) for out in stages["train"]["outs"]}
+    assert not produced_by_train & set(base["deps"]) and "models/adapter" not in base["deps"]
+    assert {"data/processed/test.jsonl", "data/processed/val.jsonl", "stages/evaluate_base.py"} <= set(base["deps"])
+    assert "stages/evaluate.py" not in base["deps"]     # editing the evaluate stage does not re-evaluate the base
+    assert base["outs"] == ["reports/eval_base"] and "--output reports/eval_base" in base["cmd"]
+    # the code that decides the base results: generation, model loading, chat format, val loss, scoring
+    assert {f"stages/core/{m}.py" for m in ("metrics", "generate", "modeling", "chat", "training", "records")} \
+        <= set(base["deps"])
+
+
+def test_dvc_reruns_the_base_evaluation_for_base_inputs_only(tmp_path):
+    """DVC itself, on this dvc.yaml and params.yaml with stand-in files: after `dvc commit`, a change of
+    the LoRA rank or of the gate leaves evaluate_base up to date; max_new_tokens or the base model does not."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for stage in stages.values():
+        paths = list(stage.get("deps", []))
+        for key in ("outs", "metrics", "plots"):
+            paths += [o if isinstance(o, str) else next(iter(o)) for o in stage.get(key, []) or []]
+        for path in map(repo.joinpath, paths):
+            if not path.exists():
+                target = path if path.suffix else path / "stand-in"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(f"{path.name}\n")
+
+    def dvc(*args):
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    dvc("init", "--no-scm", "-q")
+    dvc("commit", "-f", "-q")
+    original = (repo / "params.yaml").read_text()
+
+    def changed(edit) -> set[str]:
+        raw = yaml.safe_load(original)
+        edit(raw)
+        (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        try:
+            return set(json.loads(dvc("status", "--json") or "{}"))
+        finally:
+            (repo / "params.yaml").write_text(original)
+
+    assert changed(lambda p: None) == set()
+    assert changed(lambda p: p["train"]["lora"].update(r=p["train"]["lora"]["r"] * 2)) == {"train"}
+    assert changed(lambda p: p["train"].update(method="full")) == {"train", "evaluate"}
+    assert changed(lambda p: p["evaluate"]["gate"].update(max_regression=0.5)) == {"evaluate"}
+    assert changed(lambda p: p["evaluate"].update(max_new_tokens=7)) == {"evaluate_base", "evaluate"}
+    assert "evaluate_base" in changed(lambda p: p["model"].update(max_seq_length=p["model"]["max_seq_length"] + 1))

@@ -73,3 +73,5 @@ def test_two_tiny_seeds_end_to_end(tmp_path):
     for seed in (1, 2):   # each seed trained with its own train.seed, into the work folder only
         assert yaml.safe_load((tmp_path / "work" / f"seed_{seed}" / "params.yaml").read_text())["train"]["seed"] == seed
     assert "seed noise (sd): rouge_l ±" in done.stdout
+    assert (tmp_path / "work" / "eval_base" / "base.json").is_file()     # the base model evaluated once
+    assert done.stdout.count("[noise] python -m stages.evaluate_base") == 1

@@ -86,7 +86,8 @@ def test_outputs_exist(repo):
                  "models/adapter/tokenizer/tokenizer.json", "models/merged/model.safetensors",
                  "models/merged/chat_template.jinja", "reports/eval/predictions.jsonl", "reports/eval/report.md",
                  "reports/eval/plots/headline.json", "reports/eval/plots/by_category.json",
-                 "metrics/eval_records.json", "metrics/eval_summary.json", "dvc.lock"):
+                 "metrics/eval_records.json", "metrics/eval_summary.json", "reports/eval_base/base.json",
+                 "reports/eval_base/answers.jsonl", "dvc.lock"):
         assert (dest / path).exists(), path
     assert list((dest / "dvclive/train/plots/metrics").rglob("*.tsv")), "no loss curves"
     lines = (dest / "reports/eval/predictions.jsonl").read_text().splitlines()
@@ -150,6 +151,7 @@ def test_training_param_change_reruns_train_not_preprocess(repo):
         params.write_text(yaml.safe_dump(data, sort_keys=False))
         status = json.loads(_sh([sys.executable, "-m", "dvc", "status", "--json"], dest, env).stdout)
         assert "train" in status and "preprocess" not in status
+        assert "evaluate_base" not in status     # the base model's evaluation does not depend on training
         diff = json.loads(_sh([sys.executable, "-m", "dvc", "params", "diff", "--json"], dest, env).stdout)
         assert diff["params.yaml"]["train.lora.r"]["new"] == 8
     finally:

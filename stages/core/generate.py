@@ -9,6 +9,7 @@ is reported as unfinished (the classic sign of a fine-tune that never learned to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,10 +32,29 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def step_hook(on_step: Callable[[int], None]):
+    """A stopping criterion that never stops: it calls on_step(n) after the n-th decoding step (one
+    new token per row), which is how a progress bar follows one `generate` call."""
+    from transformers import StoppingCriteria
+
+    class _Hook(StoppingCriteria):
+        def __init__(self):
+            self.steps = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.steps += 1
+            on_step(self.steps)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return _Hook()
+
+
 @torch.inference_mode()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, fmt: ChatFormat, temperature: float = 0.0,
-                   seed: int | None = None) -> list[Generation]:
-    """Answers for a batch of prompt token ids; greedy (deterministic) when temperature is 0."""
+                   seed: int | None = None, on_step: Callable[[int], None] | None = None) -> list[Generation]:
+    """Answers for a batch of prompt token ids; greedy (deterministic) when temperature is 0.
+    on_step(n), if given, is called after each decoding step n = 1, 2, ... (at most max_new_tokens;
+    fewer when every row stopped early): the progress hook. It does not change the answers."""
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -42,10 +62,15 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, fmt: Ch
     sampling = temperature > 0
     if sampling and seed is not None:
         torch.manual_seed(seed)
+    extra = {}
+    if on_step is not None:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList([step_hook(on_step)])
     out = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
         do_sample=sampling, temperature=temperature if sampling else None, top_p=None, top_k=None,
-        eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id, use_cache=True,
+        eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id, use_cache=True, **extra,
     )
     results = []
     for row in out[:, ids.shape[1]:].tolist():

@@ -143,7 +143,11 @@ class PackagedGGUFSource(ModelSource):
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=cache))
         try:
-            self._convert(gguf, tmp)
+            from .progress import progress
+
+            with progress(f"converting {self.name} (once, into {cache})", total=len(self.CONVERT_STEPS),
+                          unit="step") as bar:
+                self._convert(gguf, tmp, bar)
             (tmp / "source.json").write_text(json.dumps({**self.provenance_static(), "sha256": digest,
                                                          "gguf_size": gguf.stat().st_size}, indent=2) + "\n")
             try:
@@ -169,19 +173,29 @@ class PackagedGGUFSource(ModelSource):
             pass
         return None
 
-    def _convert(self, gguf: Path, out: Path) -> None:
+    # The one-time conversion's steps, as its progress bar counts them.
+    CONVERT_STEPS = ("tokenizer", "dequantise weights", "rebuild model", "save")
+
+    def _convert(self, gguf: Path, out: Path, bar=None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers import logging as hf_logging
+
+        def step(now: str | None, advance: bool = True) -> None:  # one step done, `now` starts
+            if bar is not None:
+                bar.update(1 if advance else 0, now=now)
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
+            step("tokenizer", advance=False)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            step("dequantise weights")
             quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         except ImportError as exc:
             raise ConfigError(f"model.base '{self.name}': converting the GGUF needs the gguf package ({exc})") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+        step("rebuild model")
         # The dequantised weights are ordinary fp32 tensors; only the config still says "gguf", which
         # save_pretrained refuses. Rebuild the same architecture without it and copy the weights in.
         config = quantised.config
@@ -190,8 +204,10 @@ class PackagedGGUFSource(ModelSource):
         config.name_or_path = self.name
         model = type(quantised)(config)
         model.load_state_dict(quantised.state_dict(), strict=True)
+        step("save")
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        step(None)
 
     def load_model(self, params, dtype, kwargs):
         from transformers import AutoModelForCausalLM

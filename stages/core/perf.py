@@ -36,7 +36,7 @@ def summary_lines(directory: str | Path | None = None) -> list[str]:
 
     directory = Path(directory or PERF_DIR)
     lines = []
-    for stage in ("preprocess", "train", "evaluate", "package", "deploy"):
+    for stage in ("preprocess", "train", "evaluate_base", "evaluate", "package", "deploy"):
         path = directory / f"{stage}.json"
         if not path.is_file():
             continue
