@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .chat import IGNORE_INDEX, PAD_ID, EncodedExample
 from .params import ConfigError
+from .progress import progress
 
 
 class TrainingError(Exception):
@@ -605,7 +606,7 @@ LEGACY_CHECKPOINT_FILE = "checkpoint.pt"
 # change to any of them starts training afresh instead of resuming a checkpoint of the old code.
 # tests/test_training_core.py keeps this in step with what stages/train.py imports.
 TRAINING_CODE = ("train.py", "core/training.py", "core/modeling.py", "core/chat.py", "core/params.py",
-                 "core/determinism.py")
+                 "core/determinism.py", "core/progress.py")
 # The libraries whose versions change the numbers (a checkpoint of another version starts afresh).
 TRAINING_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
                       "liger-kernel", "unsloth", "bitsandbytes")
@@ -632,8 +633,9 @@ def library_versions(names: tuple[str, ...] = TRAINING_LIBRARIES) -> dict[str, s
 
 def run_identity(params_dict: dict, data_hash: str, world_size: int = 1, code: dict | None = None,
                  libraries: dict | None = None) -> dict:
-    """What a run depends on: params, data, process count, training code and library versions."""
-    return {"params": {"model": params_dict.get("model"), "train": params_dict.get("train")},
+    """What a run depends on: params (the CPU thread count too: it changes the numbers on some CPUs),
+    data, process count, training code and library versions."""
+    return {"params": {"cpu": params_dict.get("cpu"), "model": params_dict.get("model"), "train": params_dict.get("train")},
             "data": data_hash, "world_size": world_size,
             "code": training_code_hashes() if code is None else code,
             "libraries": library_versions() if libraries is None else libraries}
@@ -897,105 +899,118 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
     stopped_early = state is not None and state.get("stopped", False)
     finished = stopped_early or step >= total_steps
     epoch = start_epoch
-    while not finished and epoch < train.epochs:
-        plan = epoch_steps(len(train_examples), records_per_step, epoch, train.seed, world)
-        index = start_index if epoch == start_epoch else 0
-        while index < len(plan):
-            indices = plan[index]
-            group = [train_examples[i] for i in indices]
-            n_labels = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in group)
-            mine = [train_examples[i] for i in shard(indices, dist_info.rank, world)]
-            micro = micro_batches(mine, train.batch_size, train.packing, train.pack_tokens, pad_id, shared_prefix)
-            real = len(micro)
-            if fsdp:  # every forward/backward is a collective: all processes run as many
-                micro = equalize_micro_batches(micro, dist_info)
-            began = time.perf_counter()
-            step_loss = 0.0
-            for k, batch in enumerate(micro):
-                batch = batch.to(dist_info.device)
-                sync = k == len(micro) - 1
-                ctx = module.no_sync() if (distributed == "ddp" and not sync) else _null()
-                weight = 1.0 if k < real else 0.0  # a padding micro-batch adds nothing
-                with ctx:
-                    loss_sum = _forward_loss(module, batch) * weight
-                    # Divide by the step's label tokens over all processes; DDP and FSDP average
-                    # gradients over processes, so multiply by the world size to get the global sum back.
-                    (loss_sum * (world / max(1, n_labels))).backward()
-                step_loss += float(loss_sum.detach())
-                if k < real:
-                    real_tokens += batch.num_real_tokens
-            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_seconds += time.perf_counter() - began
-            if world > 1:
-                step_loss = _all_reduce_sum(step_loss, dist_info)
-            label_tokens += n_labels
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"training loss is {step_loss} at step {step + 1}; lower "
-                                    f"train.learning_rate (now {train.learning_rate}) or check the data")
-            window_loss += step_loss
-            window_tokens += n_labels
-            step += 1
-            index += 1
-            is_eval = index in eval_points or index == len(plan)
-            if is_eval:
-                last_train = window_loss / max(1, window_tokens)
-                window_loss, window_tokens = 0.0, 0
+    # A bar on a terminal, a plain line every few seconds elsewhere (CI, logs), with the rate, the ETA
+    # and the running loss; main process only. The epoch and evaluation lines go through it.
+    bar = progress("train", total=total_steps - step, unit="step") if dist_info.is_main else None
+    if bar is not None:
+        log = bar_log(bar, log)
+    try:
+        while not finished and epoch < train.epochs:
+            plan = epoch_steps(len(train_examples), records_per_step, epoch, train.seed, world)
+            index = start_index if epoch == start_epoch else 0
+            while index < len(plan):
+                indices = plan[index]
+                group = [train_examples[i] for i in indices]
+                n_labels = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in group)
+                mine = [train_examples[i] for i in shard(indices, dist_info.rank, world)]
+                micro = micro_batches(mine, train.batch_size, train.packing, train.pack_tokens, pad_id, shared_prefix)
+                real = len(micro)
+                if fsdp:  # every forward/backward is a collective: all processes run as many
+                    micro = equalize_micro_batches(micro, dist_info)
                 began = time.perf_counter()
-                last_val = evaluate_loss(model, val_examples, train.batch_size * 4, dist_info.device,
-                                         train.packing, train.pack_tokens, head_mode, dist_info,
-                                         sharded_module=module if fsdp else None, pad_id=pad_id,
-                                         shared_prefix=shared_prefix) if val_examples else None
-                eval_seconds += time.perf_counter() - began
-                point = {"step": step, "train/loss": round(last_train, 6)}
-                if last_val is not None:
-                    point["val/loss"] = round(last_val, 6)
-                    point["val/perplexity"] = round(math.exp(min(last_val, 50.0)), 4)
-                history.append(point)
-                if logger is not None:
-                    logger.step = step
-                    for name, value in point.items():
-                        if name != "step":
-                            logger.log_metric(name, value)
-                    logger.next_step()
-                log(f"epoch {epoch + 1} step {step}/{total_steps}: train loss {last_train:.4f}"
-                    + (f", val loss {last_val:.4f}" if last_val is not None else ""))
-                score = last_val if last_val is not None else last_train
-                if best_val is None or score < best_val - 1e-6:
-                    best_val, best_step, bad_evals = score, step, 0
-                    best_state = trainable_state(model)
-                else:
-                    bad_evals += 1
-                stopped_early = bool(train.early_stopping_patience and bad_evals >= train.early_stopping_patience)
-                if index == len(plan):
-                    memory_log.append({"epoch": epoch + 1, **memory_snapshot(dist_info.device)})
-                    log(f"epoch {epoch + 1} memory: {memory_log[-1]}")
-                    release_memory(dist_info.device)
-                next_epoch, next_index = (epoch + 1, 0) if index == len(plan) else (epoch, index)
-                if checkpoint_dir is not None and dist_info.is_main:
-                    warning = save_checkpoint(checkpoint_dir, {
-                        "resume_key": run_key, "identity": run_identity, "step": step, "epoch": next_epoch,
-                        "index": next_index,
-                        "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "best_val": best_val, "best_step": best_step,
-                        "bad_evals": bad_evals, "best_state": best_state, "history": history,
-                        "memory": memory_log, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                        "real_tokens": real_tokens, "label_tokens": label_tokens, "last_train": last_train,
-                        "last_val": last_val, "torch_rng": torch.get_rng_state(), "stopped": stopped_early,
-                    })
-                    if warning:
-                        log(warning)
-                if stopped_early:
-                    log(f"early stopping: {bad_evals} evaluations without a better validation loss "
-                        f"(best {best_val:.4f} at step {best_step})")
-                    break
-            if stop_after_steps is not None and step - resumed_from >= stop_after_steps:
-                raise KeyboardInterrupt(f"stopped after {stop_after_steps} steps (test hook)")
-        if stopped_early:
-            break
-        epoch += 1
+                step_loss = 0.0
+                for k, batch in enumerate(micro):
+                    batch = batch.to(dist_info.device)
+                    sync = k == len(micro) - 1
+                    ctx = module.no_sync() if (distributed == "ddp" and not sync) else _null()
+                    weight = 1.0 if k < real else 0.0  # a padding micro-batch adds nothing
+                    with ctx:
+                        loss_sum = _forward_loss(module, batch) * weight
+                        # Divide by the step's label tokens over all processes; DDP and FSDP average
+                        # gradients over processes, so multiply by the world size to get the global sum back.
+                        (loss_sum * (world / max(1, n_labels))).backward()
+                    step_loss += float(loss_sum.detach())
+                    if k < real:
+                        real_tokens += batch.num_real_tokens
+                torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                train_seconds += time.perf_counter() - began
+                if world > 1:
+                    step_loss = _all_reduce_sum(step_loss, dist_info)
+                label_tokens += n_labels
+                if not math.isfinite(step_loss):
+                    raise TrainingError(f"training loss is {step_loss} at step {step + 1}; lower "
+                                        f"train.learning_rate (now {train.learning_rate}) or check the data")
+                window_loss += step_loss
+                window_tokens += n_labels
+                step += 1
+                index += 1
+                if bar is not None:
+                    bar.update(1, loss=step_loss / max(1, n_labels))
+                is_eval = index in eval_points or index == len(plan)
+                if is_eval:
+                    last_train = window_loss / max(1, window_tokens)
+                    window_loss, window_tokens = 0.0, 0
+                    began = time.perf_counter()
+                    last_val = evaluate_loss(model, val_examples, train.batch_size * 4, dist_info.device,
+                                             train.packing, train.pack_tokens, head_mode, dist_info,
+                                             sharded_module=module if fsdp else None, pad_id=pad_id,
+                                             shared_prefix=shared_prefix) if val_examples else None
+                    eval_seconds += time.perf_counter() - began
+                    if bar is not None and last_val is not None:
+                        bar.set(val_loss=last_val)
+                    point = {"step": step, "train/loss": round(last_train, 6)}
+                    if last_val is not None:
+                        point["val/loss"] = round(last_val, 6)
+                        point["val/perplexity"] = round(math.exp(min(last_val, 50.0)), 4)
+                    history.append(point)
+                    if logger is not None:
+                        logger.step = step
+                        for name, value in point.items():
+                            if name != "step":
+                                logger.log_metric(name, value)
+                        logger.next_step()
+                    log(f"epoch {epoch + 1} step {step}/{total_steps}: train loss {last_train:.4f}"
+                        + (f", val loss {last_val:.4f}" if last_val is not None else ""))
+                    score = last_val if last_val is not None else last_train
+                    if best_val is None or score < best_val - 1e-6:
+                        best_val, best_step, bad_evals = score, step, 0
+                        best_state = trainable_state(model)
+                    else:
+                        bad_evals += 1
+                    stopped_early = bool(train.early_stopping_patience and bad_evals >= train.early_stopping_patience)
+                    if index == len(plan):
+                        memory_log.append({"epoch": epoch + 1, **memory_snapshot(dist_info.device)})
+                        log(f"epoch {epoch + 1} memory: {memory_log[-1]}")
+                        release_memory(dist_info.device)
+                    next_epoch, next_index = (epoch + 1, 0) if index == len(plan) else (epoch, index)
+                    if checkpoint_dir is not None and dist_info.is_main:
+                        warning = save_checkpoint(checkpoint_dir, {
+                            "resume_key": run_key, "identity": run_identity, "step": step, "epoch": next_epoch,
+                            "index": next_index,
+                            "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "best_val": best_val, "best_step": best_step,
+                            "bad_evals": bad_evals, "best_state": best_state, "history": history,
+                            "memory": memory_log, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                            "real_tokens": real_tokens, "label_tokens": label_tokens, "last_train": last_train,
+                            "last_val": last_val, "torch_rng": torch.get_rng_state(), "stopped": stopped_early,
+                        })
+                        if warning:
+                            log(warning)
+                    if stopped_early:
+                        log(f"early stopping: {bad_evals} evaluations without a better validation loss "
+                            f"(best {best_val:.4f} at step {best_step})")
+                        break
+                if stop_after_steps is not None and step - resumed_from >= stop_after_steps:
+                    raise KeyboardInterrupt(f"stopped after {stop_after_steps} steps (test hook)")
+            if stopped_early:
+                break
+            epoch += 1
+    finally:
+        if bar is not None:
+            bar.close()
     if best_state is not None:
         load_trainable_state(model, best_state)
     return FitResult(
@@ -1004,6 +1019,20 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
         train_seconds=train_seconds, eval_seconds=eval_seconds, real_tokens=real_tokens,
         label_tokens=label_tokens, resumed_from_step=resumed_from, history=history, memory_per_epoch=memory_log,
     )
+
+
+def bar_log(bar, log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` for use while `bar` runs: on a terminal each line is written with the bar cleared and
+    redrawn after it (tqdm's external_write_mode), so lines do not break it; elsewhere `log` as is."""
+    tqdm_bar = getattr(bar, "_bar", None)
+    if tqdm_bar is None:
+        return log
+
+    def write(message: str) -> None:
+        with tqdm_bar.external_write_mode(file=tqdm_bar.fp):
+            log(message)
+
+    return write
 
 
 class _null:
