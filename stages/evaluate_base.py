@@ -159,6 +159,10 @@ def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int,
     return answers, finished, new_tokens, time.perf_counter() - started
 
 
+# Tokens per packed row of the validation-loss pass (no gradients: rows can be longer than training's).
+VAL_PACK_TOKENS = 512
+
+
 def validation_loss(model, tokenizer, records: list[dict], batch_size: int, device) -> float | None:
     """Mean completion-token cross-entropy on the validation split (perplexity = exp)."""
     from .core.chat import chat_format
@@ -168,7 +172,10 @@ def validation_loss(model, tokenizer, records: list[dict], batch_size: int, devi
         return None
     fmt = chat_format(tokenizer)
     examples = [fmt.encode(r.get("system", ""), r["instruction"], r["output"], completion_only=True) for r in records]
-    return float(evaluate_loss(model, examples, batch_size, device, pad_id=fmt.pad_id))
+    # Packed rows with shared prefixes: the same loss as padded batches (tests/test_training_core.py),
+    # without computing padding or each record's copy of the system prompt.
+    return float(evaluate_loss(model, examples, batch_size, device, packing=True, pack_tokens=VAL_PACK_TOKENS,
+                               pad_id=fmt.pad_id, shared_prefix=True))
 
 
 def run_model(model, tokenizer, test, val, params: Params, device, name: str = "model") -> ModelRun:
