@@ -42,7 +42,8 @@ REQUIRED_FIELDS = ("instruction", "output")
 BASE_FILE = "base.json"
 ANSWERS_FILE = "answers.jsonl"
 FORMAT = 1               # base.json's layout; a different one is stale
-REMAKE = "dvc repro evaluate_base (or: python -m stages.evaluate_base --data DATA --output BASE_DIR)"
+REMAKE = ("dvc repro evaluate_base (dvc repro -f evaluate_base if DVC calls it up to date; or by hand: "
+          "python -m stages.evaluate_base --data DATA --output BASE_DIR)")
 
 
 # ---------------------------------------------------------------------------------------------------
