@@ -39,6 +39,7 @@ from pathlib import Path
 
 from .core import cli, io
 from .core.perf import write_perf
+from .core.progress import quiet_library_bars
 from .core import significance
 from .core.gate import RECORDS_NAME, compare, evaluate_gate, load_records, load_reference
 from .core.params import EVAL_METRICS, ConfigError, Params, load_params
@@ -357,6 +358,7 @@ def stage_main(argv: list[str]) -> int:
                         help="metrics file to compare with: PATH or REV:PATH (default: evaluate.reference)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    quiet_library_bars()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if all_local(params):  # nothing to download: never let a library try the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

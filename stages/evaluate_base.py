@@ -34,7 +34,7 @@ from pathlib import Path
 from .core import cli, io
 from .core.params import Params, load_params
 from .core.perf import write_perf
-from .core.progress import progress
+from .core.progress import progress, quiet_library_bars
 from .core.records import DataError, Problem, content_hash
 
 STAGE = "evaluate_base"
@@ -42,7 +42,8 @@ REQUIRED_FIELDS = ("instruction", "output")
 BASE_FILE = "base.json"
 ANSWERS_FILE = "answers.jsonl"
 FORMAT = 1               # base.json's layout; a different one is stale
-REMAKE = "dvc repro evaluate_base (or: python -m stages.evaluate_base --data DATA --output BASE_DIR)"
+REMAKE = ("dvc repro evaluate_base (dvc repro -f evaluate_base if DVC calls it up to date; or by hand: "
+          "python -m stages.evaluate_base --data DATA --output BASE_DIR)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,7 +137,8 @@ class ModelRun:
 def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int,
                      desc: str = "answers"):
     """Greedy answers in the input order; prompts are batched by length to keep padding small. A
-    progress bar counts answers, with the generated tokens per second as its running value."""
+    progress bar counts answers, with the generated tokens per second as its running value, and the
+    decoding step of the batch in progress (so a long batch still reports)."""
     from .core.chat import chat_format
     from .core.generate import generate_batch
 
@@ -147,15 +149,19 @@ def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int,
     new_tokens = 0
     started = time.perf_counter()
     with progress(desc, total=len(prompts), unit="answer") as bar:
+        def on_step(step: int) -> None:  # a heartbeat within a long batch: its decoding step
+            bar.set(decoding=f"token {step}/{max_new_tokens} of a batch of {len(chunk)}")
+
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            for i, gen in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, fmt)):
+            for i, gen in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, fmt,
+                                                    on_step=on_step)):
                 answers[i] = tokenizer.decode(gen.token_ids, skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False).strip()
                 finished[i] = gen.finished
                 new_tokens += len(gen.token_ids) + int(gen.finished)
             seconds = time.perf_counter() - started
-            bar.update(len(chunk), tokens_per_s=new_tokens / seconds if seconds > 0 else 0.0)
+            bar.update(len(chunk), tokens_per_s=new_tokens / seconds if seconds > 0 else 0.0, decoding=None)
     return answers, finished, new_tokens, time.perf_counter() - started
 
 
@@ -344,6 +350,7 @@ def stage_main(argv: list[str]) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    quiet_library_bars()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if all_local(params):  # nothing to download: never let a library try the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -37,7 +37,7 @@ from .core.io import atomic_dir, read_json, read_jsonl, write_json, write_text_a
 from .core.modeling import EMBEDDED, count_parameters, load_tuned_model, resolve_device
 from .core.params import ConfigError, CpuParams, ModelParams, PackageParams, load_params
 from .core.perf import write_perf
-from .core.progress import progress
+from .core.progress import progress, quiet_library_bars
 
 STAGE = "package"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work():
         params = load_params(args.params)
+        quiet_library_bars()
         card = package(args.adapter, args.output, params.package, data_dir=args.data,
                        eval_metrics=args.eval_metrics, train_metrics=args.train_metrics)
         write_json(args.metrics, {"merge_check": card["merge_check"], "parameters": card["model"]["parameters"],

@@ -120,3 +120,15 @@ def test_the_last_unit_is_reported_once_by_the_closing_line():
         bar.update(4, tokens_per_s=4.2)
     lines = _lines(out)
     assert lines == ["[answers] 4/4 answer (100%), 12 s/answer, elapsed 48s, done, tokens_per_s 4.2"]
+
+
+def test_library_bars_are_quieted_without_a_terminal_only(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv(P.MODE_ENV, raising=False)
+    try:
+        hf_logging.enable_progress_bar()
+        assert P.quiet_library_bars(FakeTTY()) is False and hf_logging.is_progress_bar_enabled()
+        assert P.quiet_library_bars(io.StringIO()) is True and not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

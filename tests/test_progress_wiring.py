@@ -131,3 +131,23 @@ def test_evaluation_shows_answers_and_scoring(tmp_path, plain_lines, capsys):
     assert any(line.startswith(f"[base answers] {len(records)}/{len(records)} answer (100%)")
                and "tokens_per_s" in line for line in err.splitlines()), err
     assert any(line.startswith("[scoring base answers] 3/3 step (100%)") for line in err.splitlines()), err
+
+
+def test_a_long_batch_still_reports_its_decoding_step(monkeypatch, plain_lines, capsys):
+    """Lines come from within a batch (the generation hook), not only when it ends."""
+    from stages.core import progress
+    from stages.core.modeling import load_base_model, load_tokenizer
+    from stages.core.params import ModelParams
+    from stages.evaluate_base import generate_answers
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")          # every update may print
+    tokenizer = load_tokenizer("embedded")
+    model = load_base_model(ModelParams.model_validate({**TINY_MODEL, "embedded": {**TINY_MODEL["embedded"],
+                                                                                   "init_std": 0.1}}),
+                            tokenizer=tokenizer).eval()
+    records = [{"system": SYSTEM, "instruction": q, "output": a} for q, a, *_ in TEST_RECORDS[:2]]
+    generate_answers(model, tokenizer, records, 4, 2, desc="one batch")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[one batch]")]
+    assert any(line.startswith("[one batch] 0/2 answer (0%)") and "decoding token 1/4 of a batch of 2" in line
+               for line in lines), lines
+    assert lines[-1].startswith("[one batch] 2/2 answer (100%)") and "decoding" not in lines[-1]

@@ -19,6 +19,7 @@ Two modes, chosen by where the output goes (`mode="auto"`):
   defaults to 10 s; the environment variable LLAMA_FT_PROGRESS_INTERVAL (seconds) changes it, and
   LLAMA_FT_PROGRESS=off|bar|lines forces a mode (off prints nothing).
 The output goes to stderr (like tqdm), so a stage's stdout stays its own report.
+`quiet_library_bars()` at a stage's start turns off transformers' own redrawn bars in lines mode.
 
 `total=None` (an unknown amount of work) shows done and rate, without percent or ETA. Nothing here
 imports torch: the module is cheap to import anywhere.
@@ -232,6 +233,27 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def quiet_library_bars(stream: TextIO | None = None) -> bool:
+    """Without a terminal, turn off the redrawn bars of transformers ("Loading weights", "Writing
+    model shards") and huggingface_hub, which would fill CI logs with carriage returns; a stage calls
+    this once at its start. Returns True when it turned them off."""
+    if resolve_mode("auto", stream if stream is not None else sys.stderr) == "bar":
+        return False
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+    return True
 
 
 def progress(desc: str, total: float | None = None, unit: str = "it", **options) -> Progress:
