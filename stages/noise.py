@@ -69,7 +69,7 @@ def spread(values: list[float | None]) -> dict | None:
             "values": [round(v, 6) for v in numbers]}
 
 
-def summarise(runs: list[dict], seeds: list[int], overrides: dict, seconds: float) -> dict:
+def summarise(runs: list[dict], seeds: list[int], overrides: dict, seconds: float, model: str | None = None) -> dict:
     """The noise-floor file from the evaluate stage's metrics of each seed's run."""
     hashes = {(r.get("test_set") or {}).get("hash") for r in runs}
     if len(hashes) > 1:
@@ -79,7 +79,8 @@ def summarise(runs: list[dict], seeds: list[int], overrides: dict, seconds: floa
         entry = spread([(r.get("tuned") or {}).get(name) for r in runs])
         if entry is not None:
             metrics[name] = entry
-    return {"seeds": seeds, "n_test": runs[0].get("n_test") if runs else None,
+    # model: the base model it was measured for (model.base); another model's seed noise does not apply.
+    return {"model": model, "seeds": seeds, "n_test": runs[0].get("n_test") if runs else None,
             "test_set_hash": next(iter(hashes)) if hashes else None, "overrides": overrides,
             "seconds_per_seed": round(seconds / max(1, len(seeds)), 1), "metrics": metrics}
 
@@ -140,7 +141,9 @@ def main(argv: list[str]) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="noise-") as tmp:
             runs = run_seeds(Path(args.params), data, seeds, overrides, Path(tmp))
-    result = summarise(runs, seeds, {".".join(k): v for k, v in overrides}, time.perf_counter() - started)
+    model = dict(((".".join(k), v) for k, v in overrides)).get("model.base") or \
+        (yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}).get("model", {}).get("base")
+    result = summarise(runs, seeds, {".".join(k): v for k, v in overrides}, time.perf_counter() - started, model)
     io.write_json(args.out, result)
     shown = ", ".join(f"{k} ±{v['sd']:.4f}" for k, v in result["metrics"].items() if v.get("sd") is not None)
     print(f"[noise] {len(seeds)} seeds, {result['seconds_per_seed']:.0f} s per seed; seed noise (sd): {shown}")

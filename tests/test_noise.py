@@ -32,8 +32,8 @@ def test_params_for_seed_sets_the_seed_and_the_overrides_only():
 def test_summary_is_the_spread_over_seeds():
     runs = [{"n_test": 63, "test_set": {"hash": "h"}, "tuned": {"rouge_l": v, "bleu4": 0.1, "fact_recall": None}}
             for v in (0.20, 0.24, 0.22)]
-    out = noise.summarise(runs, [1, 2, 3], {"train.epochs": 1}, 30.0)
-    assert out["seeds"] == [1, 2, 3] and out["n_test"] == 63 and out["test_set_hash"] == "h"
+    out = noise.summarise(runs, [1, 2, 3], {"train.epochs": 1}, 30.0, "smollm2-135m")
+    assert out["model"] == "smollm2-135m" and out["seeds"] == [1, 2, 3] and out["n_test"] == 63 and out["test_set_hash"] == "h"
     assert out["seconds_per_seed"] == 10.0 and out["overrides"] == {"train.epochs": 1}
     assert out["metrics"]["rouge_l"] == {"mean": 0.22, "sd": 0.02, "min": 0.2, "max": 0.24,
                                          "values": [0.2, 0.24, 0.22]}

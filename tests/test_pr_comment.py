@@ -73,6 +73,19 @@ def test_a_loss_change_within_the_seed_noise_or_the_tolerance_is_noise_not_bette
     assert worse[0].flag == "⚠️ worse"
 
 
+def test_a_noise_floor_applies_only_to_the_model_it_was_measured_for(tmp_path):
+    assert pc.noise_applies({"model": "smollm2-135m", "metrics": {}}, "smollm2-135m")
+    assert not pc.noise_applies({"model": "embedded", "metrics": {}}, "smollm2-135m")
+    assert pc.noise_applies({"metrics": {}}, "embedded")          # written before the key: the embedded model
+    assert not pc.noise_applies({"metrics": {}}, "smollm2-135m") and not pc.noise_applies(None, "embedded")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/noise_floor.json").write_text('{"model": "embedded", "metrics": {"val_loss": {"sd": 0.07}}}')
+    (tmp_path / "params.yaml").write_text("model:\n  base: smollm2-135m\n")
+    assert pc._noise_floor(tmp_path, "HEAD") is None
+    (tmp_path / "params.yaml").write_text("model:\n  base: embedded\n")
+    assert pc._noise_floor(tmp_path, "HEAD")["metrics"]["val_loss"]["sd"] == 0.07
+
+
 def test_new_removed_and_changed_non_numeric_metrics():
     diff = {"metrics/deploy.json": {
         "url": {"old": None, "new": "http://127.0.0.1:5001/score"},

@@ -858,9 +858,26 @@ def _eval_comparison(cwd: Path, base: str, base_label: str, metrics_path: str, e
 
 
 def _noise_floor(cwd: Path, base: str) -> dict | None:
-    """metrics/noise_floor.json of this revision, else the base branch's."""
+    """metrics/noise_floor.json of this revision, else the base branch's; None when it was measured
+    for another base model than params.yaml's (another model's seed noise says nothing of this one)."""
     data, _ = _load_json(cwd / NOISE_PATH)
-    return data if data is not None else _json_text(git_show(base, NOISE_PATH, cwd))
+    data = data if data is not None else _json_text(git_show(base, NOISE_PATH, cwd))
+    return data if noise_applies(data, _params_model(cwd)) else None
+
+
+def noise_applies(noise: dict | None, model: str | None) -> bool:
+    """A noise floor applies to the model it was measured for (its "model"; files written before the
+    key existed were measured on the embedded model)."""
+    return isinstance(noise, dict) and (noise.get("model") or "embedded") == (model or "embedded")
+
+
+def _params_model(cwd: Path) -> str | None:
+    try:
+        import yaml
+
+        return ((yaml.safe_load((cwd / "params.yaml").read_text(encoding="utf-8")) or {}).get("model") or {}).get("base")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def apply_eval_flags(rows: list[MetricRow], comparison: dict | None, tolerance: float) -> None:
