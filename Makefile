@@ -60,7 +60,7 @@ lock: $(UV)
 # Runs the whole graph on the default model (params.yaml; offline, CPU): preprocess -> train ->
 # evaluate -> package -> deploy (local), then prints the evaluation headline and the stage timings
 # (logs/perf/, kept out of metrics/ so that the same inputs give the same committed bytes).
-# `make pipeline PRESET=smollm2-135m` first applies presets/smollm2-135m.yaml to params.yaml.
+# `make pipeline PRESET=embedded` first applies presets/embedded.yaml (the random-weight smoke model) to params.yaml.
 pipeline: setup
 ifdef PRESET
 	python -m stages.preset apply $(PRESET)
