@@ -395,6 +395,15 @@ class ServeCacheParams(Section):
 class ServeBatchingParams(Section):
     max_batch: int = Field(16, ge=1, le=1024, description="queued requests decoded together; 1 disables")
     window_ms: float = Field(5.0, ge=0, le=1000, description="wait for more requests after the first")
+    engine: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: greedy requests join and leave the running batch at every decoding "
+        "step (transformers' continuous batching, paged KV cache); static: today's run-to-the-longest batches")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="continuous engine on a GPU: capture decoding steps as CUDA graphs (auto = "
+        "transformers' choice); never on a CPU")
+    max_batch_tokens: int = Field(0, ge=0, le=1_000_000,
+                                  description="continuous engine: most tokens (prefill + decode) in one forward "
+                                  "pass; 0 = 256 on a CPU, 2048 on a GPU")
 
 
 class ServeQueueParams(Section):
