@@ -113,7 +113,14 @@ class TrainParams(Section):
     packing: bool = Field(True, description="padding-free packing, attention kept inside each record")
     pack_tokens: int = Field(4096, ge=16, description="most tokens in one packed micro-batch row")
     fused_loss: Literal["auto", "liger", "none"] = Field(
-        "auto", description="liger fused linear cross-entropy on CUDA (auto); else completion-only head")
+        "auto", description="auto: logits at labelled positions when a micro-batch's logits fit "
+        "fused_loss_budget_mb, else liger fused linear cross-entropy (CUDA); none: always the former")
+    fused_loss_budget_mb: int = Field(
+        4096, ge=0, le=1_000_000, description="fused_loss auto: most MiB the logits at labelled positions "
+        "(and their gradient) of one micro-batch may take before liger's fused head is used instead")
+    tokens_per_step: int = Field(
+        0, ge=0, le=10_000_000, description="size optimizer steps in tokens: records per step = this / the "
+        "mean record length (0 = batch_size x gradient_accumulation_steps records)")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun: ddp for lora/qlora, fsdp for full (auto)")
