@@ -195,7 +195,7 @@ class Batcher:
                 raise DeadlineExceeded(f"not answered within {self.timeout_s:g} s (serve.request_timeout_s)",
                                        self.retry_after_s)
         for job in jobs:
-            if isinstance(job.error, DeadlineExceeded):
+            if isinstance(job.error, (DeadlineExceeded, DecoderDown)):
                 raise job.error
             if job.error is not None:
                 raise RuntimeError(f"generation failed: {job.error!r}") from job.error
@@ -419,6 +419,16 @@ class ContinuousBatcher(Batcher):
                         self.rows += 1
                     self._finish([job])
             elif result is None and not self.manager.is_running():
+                # The decoding thread is gone (stopped, or a fatal error): nobody will answer the
+                # requests it held, so they fail now rather than at their deadlines.
+                with self._inflight_lock:
+                    orphans = list(self._inflight.values())
+                    self._inflight.clear()
+                fatal = getattr(self.manager.background_thread_status, "fatal_error", None)
+                for job in orphans:
+                    job.error = DecoderDown(f"the decoding thread stopped ({fatal!r})" if fatal else
+                                            "the decoding thread stopped")
+                self._finish(orphans)
                 time.sleep(0.05)
             expired = []
             with self._inflight_lock:
