@@ -406,8 +406,8 @@ class ServeBatchingParams(Section):
         "continuous", description="continuous: greedy requests join and leave the running batch at every decoding "
         "step (transformers' continuous batching, paged KV cache); static: today's run-to-the-longest batches")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
-        "auto", description="continuous engine on a GPU: capture decoding steps as CUDA graphs (auto = "
-        "transformers' choice); never on a CPU")
+        "auto", description="continuous engine on a GPU: replay decoding steps as CUDA graphs (auto = on "
+        "with CUDA); never on a CPU")
     max_batch_tokens: int = Field(0, ge=0, le=1_000_000,
                                   description="continuous engine: most tokens (prefill + decode) in one forward "
                                   "pass; 0 = 256 on a CPU, 2048 on a GPU")
