@@ -330,7 +330,13 @@ class ContinuousBatcher(Batcher):
             self.manager.warmup()  # captures the CUDA graphs before the first request
         # Started from a daemon thread, so that the manager's thread (created without a daemon flag,
         # which it then inherits) never keeps a finishing process alive.
-        starter = threading.Thread(target=self.manager.start, daemon=True)
+        # Under inference mode, which transformers (5.24) carries into the decoding thread: cheaper
+        # than no_grad on a CPU (no autograd version counters), as generate_batch runs.
+        def start():
+            with torch.inference_mode():
+                self.manager.start()
+
+        starter = threading.Thread(target=start, daemon=True)
         starter.start()
         starter.join()
         self._inflight: dict[str, Job] = {}
@@ -338,7 +344,8 @@ class ContinuousBatcher(Batcher):
         self._counter = 0
         self._closed = False
         self.steps_seen = 0
-        self.progress_at = time.monotonic()
+        self.progress_at = time.monotonic()   # when the decoding step counter last moved
+        self.work_since: float | None = None  # requests handed to the manager and no step since it went idle
         self.max_inflight = 0
         self._collector = threading.Thread(target=self._collect_results, name="serve-cb-results", daemon=True)
         self._collector.start()
@@ -356,10 +363,9 @@ class ContinuousBatcher(Batcher):
         healthy, why = super().health()  # the sampling thread: alive, not stuck on one batch
         if not healthy:
             return healthy, why
-        with self._inflight_lock:
-            waiting = len(self._inflight)
-        if waiting and time.monotonic() - self.progress_at > self.stall_s:
-            return False, f"the decoding thread has made no progress for over {self.stall_s:g} s"
+        work_since = self.work_since
+        if work_since is not None and time.monotonic() - max(work_since, self.progress_at) > self.stall_s:
+            return False, f"the decoding thread has been on one batch (decoding step) for over {self.stall_s:g} s"
         return True, f"decoding thread alive, {self.pending} request(s) pending"
 
     def submit(self, jobs: list[Job], timeout_s: float | None = None) -> None:
@@ -374,10 +380,13 @@ class ContinuousBatcher(Batcher):
         with self._inflight_lock:
             self._counter += 1
             request_id = f"serve-{self._counter}"
-            if not self._inflight:
-                self.progress_at = time.monotonic()
+            if self.work_since is None:
+                self.work_since = time.monotonic()
             self._inflight[request_id] = job
-            self.max_inflight = max(self.max_inflight, len(self._inflight))
+            inflight = len(self._inflight)
+            self.max_inflight = max(self.max_inflight, inflight)
+            for neighbour in self._inflight.values():  # batch_size: most requests decoded at once
+                neighbour.batch_size = max(neighbour.batch_size, inflight)
         job.request_id = request_id
         try:
             added = self.manager.add_request(list(job.prompt), request_id=request_id,
@@ -404,9 +413,7 @@ class ContinuousBatcher(Batcher):
             if result is not None and result.is_finished():
                 with self._inflight_lock:
                     job = self._inflight.pop(result.request_id, None)
-                    neighbours = len(self._inflight) + 1
                 if job is not None:
-                    self.progress_at = now
                     if getattr(result, "error", None):
                         job.error = RuntimeError(str(result.error))
                     else:
@@ -418,7 +425,7 @@ class ContinuousBatcher(Batcher):
                             tokens.append(int(token))
                         if len(tokens) > job.max_new_tokens:
                             tokens, finished = tokens[:job.max_new_tokens], False
-                        job.tokens, job.finished, job.batch_size = tokens, finished, neighbours
+                        job.tokens, job.finished = tokens, finished
                         self.rows += 1
                     self._finish([job])
             elif result is None and not self.manager.is_running():
@@ -443,6 +450,11 @@ class ContinuousBatcher(Batcher):
                 job.error = DeadlineExceeded("not answered within its deadline", self.retry_after_s)
                 self.expired += 1
                 self._finish([job])
+            # Idle again once nothing is in flight and the decoding loop has taken every cancellation
+            # (it drains them between steps, so a loop stuck in a step leaves them there).
+            with self._inflight_lock:
+                if not self._inflight and self.manager.cancel_queue.empty():
+                    self.work_since = None
 
     def close(self) -> None:
         super().close()
