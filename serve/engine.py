@@ -295,7 +295,7 @@ def continuous_batching_config(device_type: str, max_batch: int, max_request_tok
         "max_requests_per_batch": max_batch,
         "allow_block_sharing": False,
         # auto = on with CUDA: transformers' own default turns graphs off for SDPA (it needs an
-        # attention mask), but on an H200 they took a decoding step of the 1B model from ~31 ms to
+        # attention mask), but on an H200 they took a decoding step of the 1B model from ~39 ms to
         # 10.7 ms at batch 1 (docs/serving.md); never on a CPU.
         "use_cuda_graph": cuda_graphs != "off" if cuda else False,
         "use_async_batching": None if cuda else False,
