@@ -353,6 +353,17 @@ class ContinuousBatcher(Batcher):
     def _step_counter(self) -> int:
         return int(getattr(self.manager, "current_batch", 0) or 0)
 
+    def _note_progress(self, now: float) -> None:
+        """Records when the decoding loop's step counter last moved, and goes idle once nothing is in
+        flight and the loop has taken every cancellation (it drains them between steps, so a loop
+        stuck in a step leaves them there)."""
+        steps = self._step_counter()
+        if steps != self.steps_seen:
+            self.steps_seen, self.progress_at = steps, now
+        with self._inflight_lock:
+            if not self._inflight and self.manager.cancel_queue.empty():
+                self.work_since = None
+
     def decoder_alive(self) -> bool:
         return (self._thread.is_alive() and self._collector.is_alive() and self.manager.is_running()
                 and getattr(self.manager.background_thread_status, "fatal_error", None) is None)
@@ -363,6 +374,7 @@ class ContinuousBatcher(Batcher):
         healthy, why = super().health()  # the sampling thread: alive, not stuck on one batch
         if not healthy:
             return healthy, why
+        self._note_progress(time.monotonic())
         work_since = self.work_since
         if work_since is not None and time.monotonic() - max(work_since, self.progress_at) > self.stall_s:
             return False, f"the decoding thread has been on one batch (decoding step) for over {self.stall_s:g} s"
@@ -402,14 +414,17 @@ class ContinuousBatcher(Batcher):
     def _collect_results(self) -> None:
         """Routes finished results to their jobs; cancels jobs past their deadline; tracks progress."""
         while not self._closed:
+            # Block until a result or the earliest deadline of a request in flight (at most 0.25 s):
+            # no polling while the decoding loop works.
+            with self._inflight_lock:
+                earliest = min((job.deadline for job in self._inflight.values()), default=float("inf"))
+            wait = min(0.25, max(0.005, earliest - time.monotonic()))
             try:
-                result = self.manager.get_result(timeout=0.02)
+                result = self.manager.get_result(timeout=wait)
             except BaseException:  # noqa: BLE001 - keep routing
                 result = None
             now = time.monotonic()
-            steps = self._step_counter()
-            if steps != self.steps_seen:
-                self.steps_seen, self.progress_at = steps, now
+            self._note_progress(now)
             if result is not None and result.is_finished():
                 with self._inflight_lock:
                     job = self._inflight.pop(result.request_id, None)
@@ -450,11 +465,7 @@ class ContinuousBatcher(Batcher):
                 job.error = DeadlineExceeded("not answered within its deadline", self.retry_after_s)
                 self.expired += 1
                 self._finish([job])
-            # Idle again once nothing is in flight and the decoding loop has taken every cancellation
-            # (it drains them between steps, so a loop stuck in a step leaves them there).
-            with self._inflight_lock:
-                if not self._inflight and self.manager.cancel_queue.empty():
-                    self.work_since = None
+            self._note_progress(time.monotonic())
 
     def close(self) -> None:
         super().close()
