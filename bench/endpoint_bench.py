@@ -2,7 +2,7 @@
 
     python -m bench.endpoint_bench                       # starts azmlinfsrv on models/merged itself
     python -m bench.endpoint_bench --url http://127.0.0.1:5001/score   # an endpoint already running
-    python -m bench.endpoint_bench --compare             # batching vs no batching vs 2 worker processes
+    python -m bench.endpoint_bench --compare             # continuous vs static batching vs none vs 2 workers
 
 For each concurrency level (deploy.bench.concurrency in params.yaml, default 1 4 8 16) it sends
 deploy.bench.requests POST /score requests, that many clients at a time, each asking for
@@ -34,8 +34,11 @@ FALLBACK_QUESTIONS = ["How do I submit an expense report?", "What is the PM job 
                       "Where is the Dublin office?", "How do I book a meeting room?", "How do I reset my password?"]
 
 VARIANTS = {
-    # One worker process, request threads, dynamic batching in the scoring script (the default).
+    # One worker process, request threads, batching in the scoring script (the default engine:
+    # continuous batching, serve.batching.engine).
     "batching": {"workers": 1, "serve": {}},
+    # The same server with the earlier engine: static batches run to their longest answer.
+    "static": {"workers": 1, "serve": {"batching": {"engine": "static"}}},
     # Same server, batching off: requests are decoded one at a time.
     "no-batching": {"workers": 1, "serve": {"batching": {"max_batch": 1, "window_ms": 0}}},
     # The inference server's own scaling: two worker processes (two model copies), no batching.
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, help="override deploy.bench.requests")
     parser.add_argument("--max-new-tokens", type=int, help="override deploy.bench.max_new_tokens")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="batching")
-    parser.add_argument("--compare", action="store_true", help="run every variant (batching, no-batching, workers-2)")
+    parser.add_argument("--compare", action="store_true", help="run every variant (batching, static, no-batching, workers-2)")
     parser.add_argument("--torch-threads", type=int, help="override serve.torch_threads of the started server")
     parser.add_argument("--output", default="metrics/endpoint_bench.json")
     args = parser.parse_args(argv)
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.torch_threads is not None:
                     serve["torch_threads"] = args.torch_threads
                 print(f"variant {name}: workers {variant['workers']}, threads {serve['threads']}, "
-                      f"batching max {serve['batching']['max_batch']}", flush=True)
+                      f"batching max {serve['batching']['max_batch']}, engine {serve['batching'].get('engine')}", flush=True)
                 with LocalServer(args.model, serve, host="127.0.0.1", port=0, workers=variant["workers"],
                                  readiness_timeout_s=params.deploy.readiness_timeout_s) as server:
                     result = benchmark(server.score_url, levels, requests, max_new_tokens, Path(args.data))

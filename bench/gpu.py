@@ -7,11 +7,15 @@
 Parts, in this order (each in its own child process, so its peak memory is its own and a crash or
 a hang costs only that part):
   matmul     bf16 8192^3 matrix product on random data: the GPU's peak, the MFU denominator
-  train_1b   Llama-3.2-1B architecture (random weights): this project's train loop vs Trainer + PEFT
-  loss_head  liger fused linear cross-entropy vs logits at labelled positions vs full logits
-  qlora      bitsandbytes nf4 base (the train stage's own construction) vs the bf16 LoRA of train_1b
-  serve      the endpoint's Engine at concurrency 1, 8, 32 (and 32 with max_batch 32), 128-token answers
-  train_3b   as train_1b on the 3B architecture, when the remaining budget allows (estimated from 1B)
+  serve      the endpoint's Engine, old (static batches) against new (continuous batching, CUDA
+             graphs) at concurrency 1, 8, 32, 128-token greedy answers, with ratios
+  train_1b   Llama-3.2-1B architecture (random weights, the llama-3.2-1b preset's learning rate):
+             this project's train loop with token-budget steps (4 epochs), with today's 16-record
+             steps, and the Trainer + PEFT baseline on the same tokens
+  loss_head  liger fused linear cross-entropy vs logits at labelled positions vs full logits, and
+             what fused_loss auto's memory rule picks
+  qlora      bitsandbytes nf4 base against bf16 LoRA, same construction and warm-up, order A B B A
+  train_3b   ours on the 3B architecture, when the remaining budget allows (estimated from 1B)
 A part that cannot run says "skipped: <why>"; one that breaks says "failed: <one line>"; the run goes on.
 
 Writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md (the same table) and prints the table and the
@@ -32,9 +36,11 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("matmul", "train_1b", "loss_head", "qlora", "serve", "train_3b")
+ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b")
 # Seconds a part needs to be worth starting on an H200 (train_3b is estimated from train_1b instead).
-NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 90, "serve": 90}
+NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 60, "serve": 90}
+# Most seconds a part may run before it is stopped (a hang costs only its share), on a GPU.
+CAPS = {"matmul": 60, "serve": 200, "train_1b": 200, "loss_head": 60, "qlora": 150, "train_3b": 300}
 # 3B / 1B training FLOPs per token (stages.core.estimate.flops_per_token, LoRA, ~100-token records).
 FLOPS_3B_OVER_1B = 2.6
 COLUMNS = [  # (key, header, format)
@@ -102,6 +108,9 @@ def need_s(name: str, results: dict) -> float:
     done = results.get("train_1b", {})
     if not done.get("status", "").startswith("ok"):
         return NEEDS["train_1b"] * FLOPS_3B_OVER_1B
+    ours = next((row for row in done.get("rows", []) if row.get("run") == "ours" and "train_s" in row), None)
+    if ours:  # train_3b runs ours only: its training time scaled, plus loading and warm-up
+        return ours["train_s"] * FLOPS_3B_OVER_1B * 1.3 + 40
     return done.get("elapsed_s", NEEDS["train_1b"]) * FLOPS_3B_OVER_1B + 30
 
 
@@ -115,11 +124,7 @@ def run_all(ctx: dict, parts: list[str], budget_s: float, start_method: str, cud
             results[name] = {"status": "skipped: no CUDA GPU visible to torch "
                                        "(python -m bench.gpu OUT_DIR --cpu-smoke runs the CPU code path)", "rows": []}
             continue
-        if ctx["smoke"] and name == "train_3b":
-            results[name] = {"status": "skipped: --cpu-smoke trains the embedded model once (train_1b); "
-                                       "3B is the same code at another size", "rows": []}
-            continue
-        needed = need_s(name, results)
+        needed = 0 if ctx["smoke"] else need_s(name, results)
         if left < needed:
             results[name] = {"status": f"skipped: budget: needs about {needed:.0f} s, {left:.0f} s left of {budget_s:.0f} s",
                              "rows": []}
@@ -128,7 +133,8 @@ def run_all(ctx: dict, parts: list[str], budget_s: float, start_method: str, cud
         ctx = {**ctx, "peak_flops": results.get("matmul", {}).get("peak_flops"),
                "train_rows": results.get("train_1b", {}).get("rows", [])}
         part_began = time.monotonic()
-        result = run_part(name, ctx, left - 2, start_method)
+        cap = left - 2 if ctx["smoke"] else min(left - 2, CAPS.get(name, left))
+        result = run_part(name, ctx, cap, start_method)
         result["elapsed_s"] = round(time.monotonic() - part_began, 1)
         results[name] = result
         log(f"[bench.gpu] {name}: {result['status']} in {result['elapsed_s']} s", flush=True)
@@ -207,8 +213,20 @@ def versions() -> dict:
     return found
 
 
+def device_name_now(smoke: bool) -> str:
+    """The device the parts run on, asked of torch in this process (not only when matmul ran)."""
+    import torch
+
+    if smoke or not torch.cuda.is_available():
+        return "cpu"
+    try:
+        return torch.cuda.get_device_name(0)
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({type(exc).__name__})"
+
+
 def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: float) -> dict:
-    device_name = results.get("matmul", {}).get("device_name")
+    device_name = results.get("matmul", {}).get("device_name") or ctx.get("device_name")
     ours = next((row for row in results.get("train_1b", {}).get("rows", [])
                  if row.get("run") == "ours" and "tokens_per_s" in row), None)
     gpu_figure = ours["tokens_per_s"] if ours and not ctx["smoke"] else None
@@ -219,7 +237,9 @@ def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: f
                 "workload": {"data": "data/raw/corporate_qa.jsonl", "records": ctx["records"] or "all",
                              "held_out": "every 10th record, at most 100", "epochs": ctx["epochs"],
                              "warmup_records": ctx["warmup_records"], "pack_tokens": ctx["pack_tokens"],
-                             "serve_levels": ctx["serve_levels"], "serve_tokens": ctx["serve_tokens"]}},
+                             "tokens_per_step": ctx["tokens_per_step"], "baseline_epochs": ctx["baseline_epochs"],
+                             "serve_levels": ctx["serve_levels"], "serve_requests": ctx["serve_requests"],
+                             "serve_tokens": ctx["serve_tokens"], "serve_max_batch": ctx["serve_max_batch"]}},
         "parts": {name: results[name] for name in ORDER if name in results},
         "rows": table_rows(results),
         "estimate": estimate_record(device_name, gpu_figure),
@@ -235,13 +255,30 @@ def render_markdown(rep: dict) -> str:
              + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + ".", "",
              f"Workload: {json.dumps(kit['workload'])}", "", markdown_table(rep["rows"]), ""]
     for name in ("train_1b", "train_3b"):
-        speedup = rep["parts"].get(name, {}).get("speedup")
-        if speedup:
-            lines.append(f"- {name}: ours / baseline = {speedup:.2f}x real tokens/s")
+        part = rep["parts"].get(name, {})
+        if part.get("speedup"):
+            lines.append(f"- {name}: ours / baseline = {part['speedup']:.2f}x real tokens/s")
+        if part.get("token_budget_speedup"):
+            lines.append(f"- {name}: token-budget steps / 16-record steps = {part['token_budget_speedup']:.2f}x real tokens/s")
+        if part.get("loss_same_tokens"):
+            loss = part["loss_same_tokens"]
+            lines.append(f"- {name}: final loss on the baseline's tokens: ours {loss['ours']:.4f}, baseline {loss['baseline']:.4f}")
+    serve = rep["parts"].get("serve", {})
+    for level, ratio in serve.get("continuous_over_static", {}).items():
+        lines.append(f"- serve, concurrency {level}: continuous / static = {ratio['tokens_per_s']:.2f}x output tokens/s, "
+                     f"{ratio['p95']:.2f}x p95 latency")
+    if serve.get("identical_answers"):
+        lines.append("- serve, greedy answers identical: "
+                     + "; ".join(f"{k} {v}" for k, v in serve["identical_answers"].items()))
+    head = rep["parts"].get("loss_head", {}).get("auto_rule")
+    if head:
+        lines.append(f"- fused_loss auto: {head['labelled_positions']} labelled positions, about "
+                     f"{head['estimated_mb']:,.0f} MiB of logits, budget {head['budget_mb']:,} MiB: picks {head['pick']}")
     qlora = rep["parts"].get("qlora", {}).get("vs_bf16_lora")
     if qlora:
-        lines.append(f"- qlora / bf16 LoRA: {qlora['tokens_per_s_ratio']:.2f}x tokens/s, "
-                     f"{qlora['peak_mb_ratio']:.2f}x peak memory")
+        lines.append(f"- qlora / bf16 LoRA (order lora, qlora, qlora, lora; mean of 2 each): "
+                     f"{qlora['tokens_per_s_ratio']:.2f}x tokens/s (spread lora {qlora['lora_spread']:.1%}, "
+                     f"qlora {qlora['qlora_spread']:.1%}), {qlora['peak_mb_ratio']:.2f}x peak memory")
     est = rep["estimate"]
     lines.append(f"- params.yaml: `{est['paste']}`" if est["paste"] else f"- estimate: none recorded ({est['why']})")
     return "\n".join(lines) + "\n"
@@ -323,11 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None, help="no part starts or runs past this many seconds (default 460: the kit ends within 8 minutes)")
     parser.add_argument("--parts", default=",".join(ORDER), help=f"comma list of {', '.join(ORDER)}")
     parser.add_argument("--records", type=int, default=None, help="first N records of the data (default: all)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 1; reference workload: 4)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of the steady-state training run (default 4, the reference workload; 1 in the smoke)")
+    parser.add_argument("--tokens-per-step", type=int, default=None,
+                        help="train.tokens_per_step of the 'ours' runs (default 16384; 512 in the smoke)")
     parser.add_argument("--start-method", choices=["fork", "spawn"], default=None,
                         help="how part processes start (default: fork in the smoke, spawn with CUDA)")
     parser.add_argument("--pack-tokens", type=int, default=None,
-                        help="tokens per packed row on the GPU (default 4096; params.yaml's value in the smoke)")
+                        help="tokens per packed row on the GPU (default 8192; params.yaml's value in the smoke)")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = [p for p in parts if p not in ORDER]
@@ -345,11 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     ctx = {
         "smoke": smoke,
         "records": args.records or (16 if smoke else None),
-        "epochs": args.epochs or 1,
+        "epochs": args.epochs or (1 if smoke else 4),
+        "baseline_epochs": 1,
+        "qlora_epochs": 1,
         "warmup_records": 4 if smoke else 32,
-        "pack_tokens": args.pack_tokens or (None if smoke else 4096),
-        "serve_levels": [(1, None), (2, None)] if smoke else [(1, None), (8, None), (32, None), (32, 32)],
+        "pack_tokens": args.pack_tokens or (None if smoke else 8192),
+        "tokens_per_step": args.tokens_per_step or (512 if smoke else 16384),
+        "loss_head_tokens": 4096,
+        "serve_levels": [1, 2] if smoke else [1, 8, 32],
+        "serve_requests": [2, 4] if smoke else [3, 16, 32],
         "serve_tokens": 8 if smoke else 128,
+        "serve_max_batch": 4 if smoke else 32,
+        "serve_cuda_graphs": "on",
+        "device_name": device_name_now(smoke),
     }
     budget_s = args.budget_s or (600.0 if smoke else 460.0)
     # fork in the smoke: the children reuse the parent's imports (seconds, not minutes, on a busy CPU);

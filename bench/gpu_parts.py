@@ -61,15 +61,38 @@ def one_line(exc: BaseException) -> str:
 
 
 def workload(ctx, tokenizer):
-    """(params, train examples, val examples) of the fixed slice the training parts share."""
-    from bench.train_bench import bench_params, encode_rows, load_records
+    """(params, train examples, val examples) of the fixed slice the training parts share.
+
+    On a GPU the random-weight Llama-3.2 architectures train with the `llama-3.2-1b` preset's
+    settings (learning rate 1e-4, warm-up 0.1, LoRA r 32 / alpha 64): the embedded model's 5e-3
+    (params.yaml) diverged on 1B (`training loss is nan at step 88`)."""
+    from bench.train_bench import bench_params, encode_rows, load_records, with_preset
 
     overrides = {"pack_tokens": ctx["pack_tokens"]} if ctx.get("pack_tokens") else {}
     params = bench_params(ctx["epochs"], **overrides)
+    if not ctx["smoke"]:
+        params = with_preset(params, "llama-3.2-1b", ctx["epochs"])
+        params = params.model_copy(update={"train": params.train.model_copy(update=overrides)})
     train_rows, val_rows = load_records(DATA, ctx["records"])
     if ctx["smoke"]:
         val_rows = val_rows[:4]
     return params, encode_rows(tokenizer, train_rows), encode_rows(tokenizer, val_rows)
+
+
+def budgeted(params, train_ex, tokens_per_step: int, epochs: int, vocab_size: int, liger: bool, cuda: bool):
+    """params for "ours" with steps of `tokens_per_step` tokens (stages.core.training.with_token_budget)
+    and the loss head that fused_loss auto picks for that micro-batch (select_loss_head's memory rule),
+    pinned as fused_loss liger/none so the train loop takes it as is. Returns (params, head choice)."""
+    from stages.core.training import select_loss_head, with_token_budget
+
+    train = params.train.model_copy(update={"tokens_per_step": tokens_per_step, "epochs": epochs})
+    train = with_token_budget(train, train_ex)
+    share = sum(e.num_completion_tokens for e in train_ex) / max(1, sum(len(e.input_ids) for e in train_ex))
+    micro_tokens = min(train.pack_tokens, max(tokens_per_step, 1)) if train.packing else train.pack_tokens
+    choice = select_loss_head("auto", cuda, liger, labelled_positions=int(micro_tokens * share),
+                              vocab_size=vocab_size, budget_mb=train.fused_loss_budget_mb)
+    train = train.model_copy(update={"fused_loss": "liger" if choice.value == "liger" else "none"})
+    return params.model_copy(update={"train": train}), choice
 
 
 def materialise(ctx, size: str, tokenizer, device) -> Path:
@@ -161,33 +184,70 @@ def part_matmul(ctx) -> dict:
                       "tflops": round(flops / 1e12, 2)}]}
 
 
-def part_train(ctx, size: str) -> dict:
-    """This project's train loop (its best settings) vs the plain Trainer + PEFT baseline."""
+def _train_row(name: str, run: str, r: dict, extra: str = "") -> dict:
+    return {"part": "train", "model": name, "run": run, "setting": r["setting"] + extra,
+            "tokens_per_s": r["tokens_per_s"], "mfu": r.get("mfu"), "peak_mb": r["peak_mb"],
+            "final_loss": r["final_val_loss"], "train_s": r["train_s"], "real_tokens": r["real_tokens"],
+            "records": r["records"], "epochs": r["epochs"]}
+
+
+def part_train(ctx, size: str, baseline: bool = True) -> dict:
+    """This project's train loop vs the plain Trainer + PEFT baseline.
+
+    Runs (each on a fresh model, after the same warm-up: one full step at learning rate 0):
+      ours          token-budget steps (train.tokens_per_step), the head fused_loss auto picks,
+                    `epochs` epochs: the steady-state figure;
+      ours-records  today's steps of 16 records (4 x accumulation 4), 1 epoch: the before figure;
+      ours-1ep      as ours, `baseline_epochs` epochs: the final loss on the baseline's tokens;
+      baseline      Trainer + PEFT, `baseline_epochs` epochs.
+    """
     from bench.train_bench import measure_variant
+    from stages.core.estimate import model_config
     from stages.core.modeling import load_tokenizer, resolve_dtype
+    from stages.core.training import package_available
+
+    from bench.train_bench import GPU_MODELS
 
     device = device_of(ctx)
     name = model_name(ctx, size)
     tokenizer = load_tokenizer("embedded")
     params, train_ex, val_ex = workload(ctx, tokenizer)
     dtype = resolve_dtype(params.train.precision, device)
+    base = params.model if name == "embedded" else params.model.model_copy(update={"base": GPU_MODELS[name]})
+    vocab = model_config(base).vocab_size
+    liger = device.type == "cuda" and package_available("liger_kernel")
+    ours, head = budgeted(params, train_ex, ctx["tokens_per_step"], ctx["epochs"], vocab, liger, device.type == "cuda")
+    per_step = ours.train.batch_size * ours.train.gradient_accumulation_steps
+    budget_note = f"; {ctx['tokens_per_step']} tokens/step = {per_step} records/step; {head.note or head.value}"
+    runs = [("ours", ours, budget_note)]
+    if baseline:
+        records = params.model_copy(update={"train": params.train.model_copy(update={"epochs": ctx["baseline_epochs"]})})
+        ours_short, _ = budgeted(params, train_ex, ctx["tokens_per_step"], ctx["baseline_epochs"], vocab, liger,
+                                 device.type == "cuda")
+        runs += [("ours-records", records, "; 16 records/step (before token budgets)"),
+                 ("ours-1ep", ours_short, budget_note), ("baseline", records, "")]
     rows, results = [], {}
-    for variant in ("ours", "baseline"):
+    for run, run_params, note in runs:
         release(device)
+        variant = "baseline" if run == "baseline" else "ours"
+        steps = run_params.train.batch_size * run_params.train.gradient_accumulation_steps
         try:
-            r = measure_variant(variant, name, params, tokenizer, train_ex, val_ex, device, dtype,
-                                warmup_records=ctx["warmup_records"], peak_flops=ctx.get("peak_flops"))
-        except Exception as exc:  # noqa: BLE001 - one variant failing leaves the other's figures
-            rows.append({"part": "train", "model": name, "run": variant, "status": f"failed: {one_line(exc)}"})
+            r = measure_variant(variant, name, run_params, tokenizer, train_ex, val_ex, device, dtype,
+                                warmup_records=max(ctx["warmup_records"], steps) if variant == "ours"
+                                else ctx["warmup_records"], peak_flops=ctx.get("peak_flops"))
+        except Exception as exc:  # noqa: BLE001 - one run failing leaves the others' figures
+            rows.append({"part": "train", "model": name, "run": run, "status": f"failed: {one_line(exc)}"})
             continue
-        results[variant] = r
-        rows.append({"part": "train", "model": name, "run": variant, "setting": r["setting"],
-                     "tokens_per_s": r["tokens_per_s"], "mfu": r.get("mfu"), "peak_mb": r["peak_mb"],
-                     "final_loss": r["final_val_loss"], "train_s": r["train_s"], "real_tokens": r["real_tokens"],
-                     "records": r["records"], "epochs": r["epochs"]})
+        results[run] = r
+        rows.append(_train_row(name, run, r, note))
     out = {"status": "ok", "rows": rows, "model": name}
     if "ours" in results and "baseline" in results:
         out["speedup"] = round(results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"], 3)
+    if "ours" in results and "ours-records" in results:
+        out["token_budget_speedup"] = round(results["ours"]["tokens_per_s"] / results["ours-records"]["tokens_per_s"], 3)
+    if "ours-1ep" in results and "baseline" in results:
+        out["loss_same_tokens"] = {"ours": results["ours-1ep"]["final_val_loss"],
+                                   "baseline": results["baseline"]["final_val_loss"]}
     if not results:
         out["status"] = "failed: " + "; ".join(row["status"][len("failed: "):] for row in rows)
     return out
@@ -214,7 +274,7 @@ def part_loss_head(ctx) -> dict:
     config = model_config(base)
     hidden_size, vocab = config.hidden_size, config.vocab_size
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    tokens = 64 if ctx["smoke"] else ctx["pack_tokens"] or params.train.pack_tokens
+    tokens = 64 if ctx["smoke"] else ctx["loss_head_tokens"]
     # The real share of labelled (completion) positions in the workload, at random positions.
     _, train_ex, _ = workload(ctx, load_tokenizer("embedded"))
     share = sum(e.num_completion_tokens for e in train_ex) / sum(len(e.input_ids) for e in train_ex)
@@ -274,52 +334,142 @@ def part_loss_head(ctx) -> dict:
         except Exception as exc:  # noqa: BLE001
             row["status"] = f"failed: {one_line(exc)}"
         rows.append(row)
-    return {"status": "ok", "rows": rows, "peak_note": "peak_mb: memory the head adds over its inputs"}
+    from stages.core.training import labelled_logits_mb, select_loss_head
+
+    labelled = int(labelled.sum())
+    pick = select_loss_head("auto", device.type == "cuda", liger_ok, labelled_positions=labelled, vocab_size=vocab,
+                            budget_mb=params.train.fused_loss_budget_mb)
+    return {"status": "ok", "rows": rows, "peak_note": "peak_mb: memory the head adds over its inputs",
+            "auto_rule": {"labelled_positions": labelled, "estimated_mb": round(labelled_logits_mb(labelled, vocab), 1),
+                          "budget_mb": params.train.fused_loss_budget_mb, "pick": pick.value, "note": pick.note}}
 
 
 def part_qlora(ctx) -> dict:
-    """QLoRA (bitsandbytes nf4 base) on 1B with the train stage's own model construction, same slice
-    and settings as the bf16 LoRA "ours" run of the train part."""
+    """QLoRA (bitsandbytes nf4 base) against bf16 LoRA, both built by the train stage's own model
+    construction (stages.train.build_model_hf) from the same saved 1B folder, with the same slice,
+    settings (token-budget steps, the same loss head) and warm-up (one full step at learning rate 0
+    on each fresh model). Order A B B A (lora, qlora, qlora, lora), so neither arm always runs first
+    or last; each arm's two runs give its spread. Without CUDA or bitsandbytes the QLoRA runs are
+    skipped and the LoRA arm still runs (the smoke covers its code)."""
+    import statistics as stats
+
     import torch
 
     from bench.train_bench import measure_variant
-    from stages.core.modeling import load_tokenizer
+    from stages.core.modeling import load_tokenizer, resolve_dtype
     from stages.core.params import ConfigError
     from stages.core.training import check_method, package_available
     from stages.train import build_model_hf  # imported before the check, so the smoke proves it imports
 
     try:
         check_method("qlora", torch.cuda.is_available() and not ctx["smoke"], package_available("bitsandbytes"))
+        qlora_why = None
     except ConfigError as exc:
-        raise Skip(str(exc)) from None
+        qlora_why = str(exc)
 
     device = device_of(ctx)
+    name = model_name(ctx, "1b")
     tokenizer = load_tokenizer("embedded")
     params, train_ex, val_ex = workload(ctx, tokenizer)
     folder = materialise(ctx, "1b", tokenizer, device)
-    params = params.model_copy(update={
-        "model": params.model.model_copy(update={"base": str(folder)}),
-        "train": params.train.model_copy(update={"method": "qlora"})})
-    release(device)
-    model = build_model_hf(params, device, torch.bfloat16, tokenizer=tokenizer)
-    r = measure_variant("ours", "1b", params, tokenizer, train_ex, val_ex, device, torch.bfloat16,
-                        warmup_records=ctx["warmup_records"], peak_flops=ctx.get("peak_flops"), model=model)
-    q = params.train.quantization
-    rows = [{"part": "qlora", "model": "1b", "run": "qlora",
-             "setting": f"nf4 (double quant {q.double_quant}), {r['setting']}",
-             "tokens_per_s": r["tokens_per_s"], "mfu": r.get("mfu"), "peak_mb": r["peak_mb"],
-             "final_loss": r["final_val_loss"], "train_s": r["train_s"], "real_tokens": r["real_tokens"]}]
-    lora = next((row for row in ctx.get("train_rows", []) if row.get("run") == "ours" and "tokens_per_s" in row), None)
-    out = {"status": "ok", "rows": rows}
-    if lora:
-        out["vs_bf16_lora"] = {"tokens_per_s_ratio": round(r["tokens_per_s"] / lora["tokens_per_s"], 3),
-                               "peak_mb_ratio": round(r["peak_mb"] / lora["peak_mb"], 3)}
+    from stages.core.estimate import model_config
+
+    vocab = model_config(params.model.model_copy(update={"base": str(folder)})).vocab_size
+    liger = device.type == "cuda" and package_available("liger_kernel")
+    params, head = budgeted(params, train_ex, ctx["tokens_per_step"], ctx["qlora_epochs"], vocab, liger,
+                            device.type == "cuda")
+    dtype = resolve_dtype(params.train.precision, device)
+    rows, figures = [], {"lora": [], "qlora": []}
+    order = ("lora", "qlora", "qlora", "lora")
+    for position, arm in enumerate(order):
+        row = {"part": "qlora", "model": name, "run": f"{arm} #{order[:position + 1].count(arm)} (run {position + 1} of 4)"}
+        if arm == "qlora" and qlora_why:
+            rows.append({**row, "status": f"skipped: {qlora_why}"})
+            continue
+        arm_params = params.model_copy(update={
+            "model": params.model.model_copy(update={"base": str(folder)}),
+            "train": params.train.model_copy(update={"method": arm})})
+        release(device)
+        try:
+            model = build_model_hf(arm_params, device, dtype, tokenizer=tokenizer)
+            steps = arm_params.train.batch_size * arm_params.train.gradient_accumulation_steps
+            r = measure_variant("ours", name, arm_params, tokenizer, train_ex, val_ex,
+                                device, dtype, warmup_records=max(ctx["warmup_records"], steps),
+                                peak_flops=ctx.get("peak_flops"), model=model)
+        except Exception as exc:  # noqa: BLE001
+            rows.append({**row, "status": f"failed: {one_line(exc)}"})
+            continue
+        finally:
+            model = None
+        figures[arm].append(r["tokens_per_s"])
+        q = arm_params.train.quantization
+        what = f"nf4 (double quant {q.double_quant}) base, " if arm == "qlora" else ""
+        rows.append({**row, "setting": f"{what}{r['setting']}; {head.note or head.value}",
+                     "tokens_per_s": r["tokens_per_s"], "mfu": r.get("mfu"), "peak_mb": r["peak_mb"],
+                     "final_loss": r["final_val_loss"], "train_s": r["train_s"], "real_tokens": r["real_tokens"]})
+    out = {"status": "ok", "rows": rows, "order": "lora, qlora, qlora, lora",
+           "tokens_per_s": {arm: values for arm, values in figures.items()}}
+    if figures["lora"] and figures["qlora"]:
+        lora, qlora = stats.mean(figures["lora"]), stats.mean(figures["qlora"])
+        spread = lambda v: (max(v) - min(v)) / stats.mean(v) if len(v) > 1 else 0.0  # noqa: E731
+        out["vs_bf16_lora"] = {"tokens_per_s_ratio": round(qlora / lora, 3),
+                               "lora_spread": round(spread(figures["lora"]), 3),
+                               "qlora_spread": round(spread(figures["qlora"]), 3),
+                               "peak_mb_ratio": round(
+                                   max(r.get("peak_mb", 0) for r in rows if r["run"].startswith("qlora") and "peak_mb" in r)
+                                   / max(r.get("peak_mb", 1) for r in rows if r["run"].startswith("lora") and "peak_mb" in r), 3)}
+    if not figures["lora"] and not figures["qlora"]:
+        out["status"] = "failed: " + "; ".join(r["status"] for r in rows if "status" in r)
     return out
 
 
+def _serve_level(engine, requests, concurrency: int) -> tuple[dict, dict]:
+    """Closed-loop clients: `concurrency` threads, each sending its next request when answered."""
+    latencies, tokens, batch_sizes, answers = [], [], [], {}
+    lock = threading.Lock()
+    pending = list(reversed(list(enumerate(requests))))
+
+    def client():
+        while True:
+            with lock:
+                if not pending:
+                    return
+                index, request = pending.pop()
+            began = time.perf_counter()
+            answer = engine.answer([request])[0]
+            elapsed = time.perf_counter() - began
+            with lock:
+                latencies.append(elapsed)
+                tokens.append(answer.completion_tokens)
+                batch_sizes.append(answer.batch_size)
+                answers[index] = answer.response
+
+    steps_before = engine.batcher._step_counter() if hasattr(engine.batcher, "_step_counter") else None
+    began = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    wall = time.perf_counter() - began
+    latencies.sort()
+    count = len(requests)
+    row = {"requests": count, "requests_per_s": round(count / wall, 3), "tokens_per_s": round(sum(tokens) / wall, 1),
+           "p50_s": round(_percentile(latencies, 0.50), 3), "p95_s": round(_percentile(latencies, 0.95), 3),
+           "mean_output_tokens": round(sum(tokens) / count, 1), "mean_batch": round(sum(batch_sizes) / count, 2),
+           "wall_s": round(wall, 3)}
+    if steps_before is not None:
+        steps = engine.batcher._step_counter() - steps_before
+        row["decode_steps"] = steps
+        row["ms_per_step"] = round(1000 * wall / max(1, steps), 2)
+    return row, answers
+
+
 def part_serve(ctx) -> dict:
-    """The endpoint's Engine (serve/engine.py: prompt building, dynamic batcher, generate_batch) on
-    1B, closed-loop clients at each concurrency, greedy answers of `serve_tokens` new tokens."""
+    """The endpoint's Engine (serve/engine.py) on 1B, old engine against new: `static` (the
+    run-to-the-longest batcher) and `continuous` (transformers' continuous batching, CUDA graphs on
+    a GPU), closed-loop clients at each concurrency, greedy answers of `serve_tokens` new tokens,
+    the same requests for both (a level's first requests are the lower levels' requests). The order
+    alternates per level (static first, then continuous first, ...), so neither engine always runs
+    on a warmer GPU. Both engines are loaded once (two model copies) and warmed up."""
     import torch
 
     from bench.train_bench import load_records
@@ -334,65 +484,71 @@ def part_serve(ctx) -> dict:
     questions = list(dict.fromkeys(r["instruction"] for r in rows_data))
     base = serve_config()
     base["cache"] = {**base["cache"], "enabled": False}  # every request decoded: measure the model, not the cache
+    base["log_path"] = ""
     new_tokens = ctx["serve_tokens"]
-    rows, engines = [], {}
-    asked = 0
-    for concurrency, max_batch in ctx["serve_levels"]:
-        max_batch = max_batch or base["batching"]["max_batch"]
-        row = {"part": "serve", "model": name, "run": f"concurrency {concurrency}",
-               "setting": f"Engine, max_batch {max_batch}, window {base['batching']['window_ms']} ms, "
-                          f"{new_tokens} new tokens, greedy, cache off"}
+    max_batch = ctx["serve_max_batch"]
+    engines, notes = {}, {}
+    for kind in ("static", "continuous"):
+        config = {**base, "batching": {**base["batching"], "max_batch": max_batch, "engine": kind,
+                                       "cuda_graphs": ctx["serve_cuda_graphs"]}}
+        began = time.perf_counter()
         try:
-            if max_batch not in engines:
-                for old in engines.values():
-                    old.batcher.close()
-                engines.clear()
-                release(device)
-                config = {**base, "batching": {**base["batching"], "max_batch": max_batch}}
-                engines[max_batch] = Engine(folder, config, device=device.type)
-            engine = engines[max_batch]
-            count = max(4, 2 * concurrency) if not ctx["smoke"] else 2 * concurrency
-            requests = [engine.parse({"instruction": questions[(asked + i) % len(questions)],
-                                      "max_new_tokens": new_tokens, "temperature": 0})[0][0] for i in range(count)]
-            asked += count
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            latencies, tokens, batch_sizes = [], [], []
-            lock = threading.Lock()
-            pending = list(reversed(requests))
-
-            def client():
-                while True:
-                    with lock:
-                        if not pending:
-                            return
-                        request = pending.pop()
-                    began = time.perf_counter()
-                    answer = engine.answer([request])[0]
-                    elapsed = time.perf_counter() - began
-                    with lock:
-                        latencies.append(elapsed)
-                        tokens.append(answer.completion_tokens)
-                        batch_sizes.append(answer.batch_size)
-
-            began = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                for future in [pool.submit(client) for _ in range(concurrency)]:
-                    future.result()
-            wall = time.perf_counter() - began
-            latencies.sort()
-            row.update(requests=count, requests_per_s=round(count / wall, 3), tokens_per_s=round(sum(tokens) / wall, 1),
-                       p50_s=round(_percentile(latencies, 0.50), 3), p95_s=round(_percentile(latencies, 0.95), 3),
-                       mean_output_tokens=round(sum(tokens) / count, 1),
-                       mean_batch=round(sum(batch_sizes) / count, 2))
-            if device.type == "cuda":
-                row["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-        except Exception as exc:  # noqa: BLE001
-            row["status"] = f"failed: {one_line(exc)}"
-        rows.append(row)
+            engines[kind] = Engine(folder, config, device=device.type)
+        except Exception as exc:  # noqa: BLE001 - CUDA graphs refused: the engine without them
+            if kind != "continuous" or device.type != "cuda":
+                raise
+            notes[kind] = f"CUDA graphs failed ({one_line(exc)}); without them. "
+            config["batching"]["cuda_graphs"] = "off"
+            engines[kind] = Engine(folder, config, device=device.type)
+        notes[kind] = notes.get(kind, "") + f"ready in {time.perf_counter() - began:.1f} s"
+    rows, answers, by_level = [], {}, {}
+    for position, concurrency in enumerate(ctx["serve_levels"]):
+        count = ctx["serve_requests"][position]
+        order = ("static", "continuous") if position % 2 == 0 else ("continuous", "static")
+        for kind in order:
+            engine = engines[kind]
+            cb = getattr(engine.batcher, "cb_config", None)
+            graphs = getattr(cb, "use_cuda_graph", None) if cb is not None else None
+            row = {"part": "serve", "model": name, "run": f"{kind}, concurrency {concurrency}",
+                   "setting": f"{kind} engine, max_batch {max_batch}, {new_tokens} new tokens, greedy, cache off"
+                              + (f", CUDA graphs {graphs}" if kind == "continuous" else "") + f"; {notes[kind]}"}
+            try:
+                requests = [engine.parse({"instruction": questions[i % len(questions)], "max_new_tokens": new_tokens,
+                                          "temperature": 0})[0][0] for i in range(count)]
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                measured, got = _serve_level(engine, requests, concurrency)
+                row.update(measured)
+                answers[(kind, concurrency)] = got
+                by_level.setdefault(concurrency, {})[kind] = measured
+                if device.type == "cuda":
+                    row["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+            except Exception as exc:  # noqa: BLE001
+                row["status"] = f"failed: {one_line(exc)}"
+            rows.append(row)
     for engine in engines.values():
         engine.batcher.close()
-    return {"status": "ok", "rows": rows}
+    ratios = {}
+    for concurrency, pair in by_level.items():
+        if "static" in pair and "continuous" in pair and pair["static"]["tokens_per_s"]:
+            ratios[str(concurrency)] = {
+                "tokens_per_s": round(pair["continuous"]["tokens_per_s"] / pair["static"]["tokens_per_s"], 2),
+                "p95": round(pair["continuous"]["p95_s"] / max(pair["static"]["p95_s"], 1e-9), 2)}
+    # Greedy answers: the same request at every level and in both engines (the first level's requests)
+    first = ctx["serve_levels"][0]
+    identical = {}
+    for kind in ("static", "continuous"):
+        alone = answers.get((kind, first), {})
+        for concurrency in ctx["serve_levels"][1:]:
+            crowd = answers.get((kind, concurrency), {})
+            shared = [i for i in alone if i in crowd]
+            identical[f"{kind}: concurrency {first} vs {concurrency}"] = f"{sum(alone[i] == crowd[i] for i in shared)}/{len(shared)}"
+    for concurrency in ctx["serve_levels"]:
+        a, b = answers.get(("static", concurrency), {}), answers.get(("continuous", concurrency), {})
+        shared = [i for i in a if i in b]
+        identical[f"static vs continuous at {concurrency}"] = f"{sum(a[i] == b[i] for i in shared)}/{len(shared)}"
+    return {"status": "ok", "rows": rows, "continuous_over_static": ratios, "identical_answers": identical}
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -407,5 +563,5 @@ PARTS = {
     "loss_head": part_loss_head,
     "qlora": part_qlora,
     "serve": part_serve,
-    "train_3b": lambda ctx: part_train(ctx, "3b"),
+    "train_3b": lambda ctx: part_train(ctx, "3b", baseline=False),
 }

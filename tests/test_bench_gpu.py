@@ -47,21 +47,26 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
         status = part["status"]
         assert status == "ok" or (status.startswith("skipped: ") and len(status) > len("skipped: ") + 10), (name, status)
     parts = report["parts"]
-    assert parts["qlora"]["status"].startswith("skipped: ") and "bitsandbytes" in parts["qlora"]["status"]
-    assert parts["train_3b"]["status"].startswith("skipped: ")
+    assert report["kit"]["device_name"] == "cpu"
 
     # matmul: a positive rate, handed to the other parts as the MFU denominator
     assert parts["matmul"]["peak_flops"] > 0
 
-    # train: ours and the Trainer + PEFT baseline on the same records, real figures
+    # train: ours with token-budget steps, ours with 16-record steps, ours on the baseline's tokens, and
+    # the Trainer + PEFT baseline, on the same records; real figures
     train = {row["run"]: row for row in parts["train_1b"]["rows"]}
-    assert set(train) == {"ours", "baseline"}
+    assert set(train) == {"ours", "ours-records", "ours-1ep", "baseline"}
     for row in train.values():
         assert "status" not in row, row
         assert row["tokens_per_s"] > 0 and row["peak_mb"] > 0 and math.isfinite(row["final_loss"])
-        assert row["real_tokens"] == train["ours"]["real_tokens"]  # same workload for both
+        assert row["real_tokens"] == train["baseline"]["real_tokens"]  # same workload (1 epoch in the smoke)
     assert "packing=True" in train["ours"]["setting"]
+    assert "512 tokens/step = " in train["ours"]["setting"] and "16 records/step" in train["ours-records"]["setting"]
     assert parts["train_1b"]["speedup"] == pytest.approx(train["ours"]["tokens_per_s"] / train["baseline"]["tokens_per_s"], rel=1e-2)
+    assert parts["train_1b"]["token_budget_speedup"] > 0
+    assert parts["train_1b"]["loss_same_tokens"]["ours"] == train["ours-1ep"]["final_loss"]
+    # train_3b: ours only, on the embedded model in the smoke
+    assert [row["run"] for row in parts["train_3b"]["rows"]] == ["ours"] and "status" not in parts["train_3b"]["rows"][0]
 
     # loss head: liger needs CUDA; the two logit heads compute the same loss on the same inputs
     heads = {row["run"]: row for row in parts["loss_head"]["rows"]}
@@ -69,14 +74,32 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     assert heads["liger"]["status"] == "skipped: liger-kernel needs CUDA (Triton kernels)"
     assert heads["completion"]["final_loss"] == pytest.approx(heads["full"]["final_loss"], rel=1e-4)
     assert heads["completion"]["tokens_per_s"] > 0
+    assert parts["loss_head"]["auto_rule"]["pick"] == "completion"
 
-    # serving: the endpoint's Engine at each concurrency level
+    # qlora: order lora, qlora, qlora, lora; the LoRA arm runs on CPU, the QLoRA runs say why they cannot
+    qlora = parts["qlora"]["rows"]
+    assert [row["run"] for row in qlora] == ["lora #1 (run 1 of 4)", "qlora #1 (run 2 of 4)", "qlora #2 (run 3 of 4)",
+                                             "lora #2 (run 4 of 4)"]
+    for row in qlora:
+        if row["run"].startswith("qlora"):
+            assert row["status"].startswith("skipped: ") and "bitsandbytes" in row["status"]
+        else:
+            assert "status" not in row and row["tokens_per_s"] > 0
+    assert len(parts["qlora"]["tokens_per_s"]["lora"]) == 2 and parts["qlora"]["tokens_per_s"]["qlora"] == []
+
+    # serving: old (static) and new (continuous) engine at each level, the order alternating per level
     serve = parts["serve"]["rows"]
-    assert [row["run"] for row in serve] == ["concurrency 1", "concurrency 2"]
+    assert [row["run"] for row in serve] == ["static, concurrency 1", "continuous, concurrency 1",
+                                             "continuous, concurrency 2", "static, concurrency 2"]
     for row in serve:
         assert "status" not in row, row
         assert row["requests_per_s"] > 0 and 0 < row["p50_s"] <= row["p95_s"]
         assert 0 < row["mean_output_tokens"] <= 8
+    assert set(parts["serve"]["continuous_over_static"]) == {"1", "2"}
+    # fp32 on CPU: greedy answers are the same alone, in a crowd and in either engine
+    for what, count in parts["serve"]["identical_answers"].items():
+        same, total = count.split("/")
+        assert same == total and int(total) > 0, (what, count)
 
     # no GPU figure, so nothing to paste, and it says why
     assert report["estimate"]["paste"] is None and report["estimate"]["why"]
@@ -88,7 +111,8 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
     assert [(cells[0], cells[2]) for cells in body] == [(row["part"], row["run"]) for row in report["rows"]]
     assert [cells[-1] for cells in body] == [row["status"] for row in report["rows"]]
-    assert "ours / baseline" in markdown
+    assert "ours / baseline" in markdown and "continuous / static" in markdown
+    assert markdown.splitlines()[2].split(", device: ")[1].startswith("cpu, ")
     assert markdown in proc.stdout
 
 
@@ -109,8 +133,23 @@ def test_parts_that_do_not_fit_the_budget_are_skipped_with_the_numbers(tmp_path)
 
 
 def test_3b_need_is_scaled_from_the_measured_1b_time():
+    ours = {"run": "ours", "train_s": 20.0}
+    assert gpu.need_s("train_3b", {"train_1b": {"status": "ok", "elapsed_s": 50.0, "rows": [ours]}}) == \
+        pytest.approx(20 * 2.6 * 1.3 + 40)
     assert gpu.need_s("train_3b", {"train_1b": {"status": "ok", "elapsed_s": 50.0}}) == pytest.approx(50 * 2.6 + 30)
     assert gpu.need_s("train_3b", {"train_1b": {"status": "failed: x"}}) == pytest.approx(90 * 2.6)
+
+
+def test_the_header_names_the_device_even_without_the_matmul_part():
+    ctx = {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
+           "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1, 8, 32], "serve_requests": [3, 16, 32],
+           "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200"}
+    results = {"serve": {"status": "ok", "rows": [], "continuous_over_static": {"32": {"tokens_per_s": 9.9, "p95": 0.1}}}}
+    rep = gpu.report(results, ctx, "2026-12-04 17:51 UTC", 12.0, 460)
+    assert rep["kit"]["device_name"] == "NVIDIA H200"
+    markdown = gpu.render_markdown(rep)
+    assert "device: NVIDIA H200," in markdown and "unknown" not in markdown
+    assert "- serve, concurrency 32: continuous / static = 9.90x output tokens/s, 0.10x p95 latency" in markdown
 
 
 @pytest.fixture

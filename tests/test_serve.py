@@ -270,6 +270,184 @@ def test_output_pii_filter_follows_the_param(engine, monkeypatch, mode, expected
     assert answer.response == expected
 
 
+# ---------------------------------------------------------------------------------------------
+# The continuous-batching engine (serve.engine.ContinuousBatcher) against today's static batcher
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engines(merged, tmp_path_factory):
+    """The same packaged model behind both engines, cache off: every request is decoded."""
+    from serve.engine import Engine
+
+    built = {}
+    for kind in ("continuous", "static"):
+        built[kind] = Engine(merged, serve_config(tmp_path_factory.mktemp(kind) / "log.jsonl",
+                                                  batching={"max_batch": 8, "window_ms": 20, "engine": kind}))
+    yield built
+    for engine in built.values():
+        engine.batcher.close()
+
+
+QUESTIONS = [("How do I submit an expense report?", None, 32), ("Where is the Dublin office?", "Be brief.", 7),
+             ("Hi", None, 3), ("Who approves annual leave for contractors in the Paris office?", None, 16),
+             ("What is the PM job code?", None, 1), ("How do I reset my password?", "Answer in one line.", 12)]
+
+
+def _jobs(engine, questions=QUESTIONS):
+    from serve.engine import Job
+
+    return [Job(engine.prompt(system if system is not None else engine.default_system, instruction), tokens, 0.0)
+            for instruction, system, tokens in questions]
+
+
+def _decode_alone(engine, jobs):
+    for job in jobs:
+        engine.batcher.submit([job], timeout_s=120)
+    return [(job.tokens, job.finished) for job in jobs]
+
+
+def test_continuous_engine_is_the_continuous_batcher(engines):
+    from serve.engine import Batcher, ContinuousBatcher
+
+    assert type(engines["continuous"].batcher) is ContinuousBatcher
+    assert type(engines["static"].batcher) is Batcher
+    config = engines["continuous"].batcher.cb_config
+    assert config.allow_block_sharing is False  # no prefix cache: an answer never depends on earlier prompts
+    assert not any(config.use_cuda_graph if isinstance(config.use_cuda_graph, tuple) else [config.use_cuda_graph])
+
+
+def test_continuous_answers_alone_equal_todays_engine_with_each_requests_own_limit(engines):
+    continuous = _decode_alone(engines["continuous"], _jobs(engines["continuous"]))
+    static = _decode_alone(engines["static"], _jobs(engines["static"]))
+    assert continuous == static
+    for (tokens, finished), (_, _, limit) in zip(continuous, QUESTIONS):
+        assert 1 <= len(tokens) <= limit and (finished or len(tokens) == limit)
+    # greedy decoding is deterministic: the same answers again
+    assert _decode_alone(engines["continuous"], _jobs(engines["continuous"])) == continuous
+
+
+def test_continuous_answers_are_identical_when_joining_mid_batch_and_leaving_early(engines):
+    """The request with the longest answer decodes; the others join it while it is mid-answer
+    (after its prefill and two decoding steps), and the short ones leave the batch while it goes
+    on. Every answer is token-identical to the answer the request gets alone."""
+    import threading
+
+    engine = engines["continuous"]
+    batcher = engine.batcher
+    alone = _decode_alone(engine, _jobs(engine))
+    jobs = _jobs(engine)
+    lengths = [len(tokens) for tokens, _ in alone]
+    longest = lengths.index(max(lengths))
+    assert lengths[longest] >= 10, lengths  # the model must answer at length for the scenario to mean anything
+    finished_at = {}
+
+    def run(index):
+        batcher.submit([jobs[index]], timeout_s=120)
+        finished_at[index] = batcher._step_counter()
+
+    first = batcher._step_counter()
+    runner = threading.Thread(target=run, args=(longest,))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while batcher._step_counter() < first + 3 and time.monotonic() < deadline:  # prefill + two decoding steps
+        time.sleep(0.0005)
+    assert longest not in finished_at, "the long request must still be decoding when the others join"
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs)) if i != longest]
+    for thread in threads:
+        thread.start()
+    for thread in [runner, *threads]:
+        thread.join(120)
+    assert [(job.tokens, job.finished) for job in jobs] == alone
+    assert jobs[longest].batch_size > 1                     # it shared decoding steps with the joiners
+    early = [i for i in range(len(jobs)) if i != longest and lengths[i] <= lengths[longest] - 6]
+    assert early and all(finished_at[i] < finished_at[longest] for i in early), (finished_at, lengths)
+
+
+def test_continuous_engine_answers_through_engine_answer_like_the_static_one(engines):
+    from serve.validation import GenRequest
+
+    requests = [GenRequest(instruction, system, tokens, 0.0) for instruction, system, tokens in QUESTIONS]
+    got = {kind: engine.answer(requests) for kind, engine in engines.items()}
+    for new, old in zip(got["continuous"], got["static"]):
+        assert (new.response, new.completion_tokens, new.finish_reason, new.prompt_tokens) == \
+            (old.response, old.completion_tokens, old.finish_reason, old.prompt_tokens)
+    assert max(answer.batch_size for answer in got["continuous"]) > 1
+    # sampled requests are decoded too (by the static path inside the continuous engine)
+    sampled, = engines["continuous"].answer([GenRequest("Hi", None, 4, 0.9)])
+    assert 1 <= sampled.completion_tokens <= 4
+
+
+def test_continuous_engine_keeps_the_queue_bound_and_the_deadline(engines):
+    from serve.engine import DeadlineExceeded, Overloaded
+
+    batcher = engines["continuous"].batcher
+    saved = batcher.max_pending
+    batcher.max_pending = 2
+    try:
+        with pytest.raises(Overloaded, match="limit 2"):
+            batcher.submit(_jobs(engines["continuous"])[:3])
+    finally:
+        batcher.max_pending = saved
+    assert batcher.pending == 0
+    expired = batcher.expired
+    job, = _jobs(engines["continuous"], [("How do I submit an expense report?", None, 32)])
+    step = batcher.manager._generation_step
+    batcher.manager._generation_step = lambda: (time.sleep(0.2), step())  # each decoding step is slow now
+    try:
+        began = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="not answered within"):
+            batcher.submit([job], timeout_s=0.5)
+        assert time.monotonic() - began < 2.0
+    finally:
+        del batcher.manager._generation_step
+    deadline = time.monotonic() + 10
+    while batcher.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.pending == 0 and batcher.expired == expired + 1 and not batcher._inflight
+    # the engine goes on answering
+    again, = _jobs(engines["continuous"], [("Hi", None, 3)])
+    batcher.submit([again], timeout_s=60)
+    assert again.tokens is not None
+
+
+def test_continuous_engine_health_reports_a_stalled_step_then_recovers(engines):
+    engine = engines["continuous"]
+    batcher = engine.batcher
+    saved = batcher.stall_s
+    batcher.stall_s = 0.3
+    step = batcher.manager._generation_step
+    batcher.manager._generation_step = lambda: (time.sleep(1.5), step())
+    try:
+        assert batcher.health()[0]
+        job, = _jobs(engine, [("Hi", None, 2)])
+        from serve.engine import DeadlineExceeded
+
+        with pytest.raises(DeadlineExceeded):
+            batcher.submit([job], timeout_s=0.2)  # abandoned and cancelled while the step hangs
+        time.sleep(0.5)
+        healthy, why = batcher.health()
+        assert not healthy and "one batch" in why
+    finally:
+        del batcher.manager._generation_step
+        batcher.stall_s = saved
+    deadline = time.monotonic() + 10
+    while not batcher.health()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batcher.health() == (True, "decoding thread alive, 0 request(s) pending")
+
+
+def test_continuous_engine_down_is_unhealthy_and_refuses(merged, tmp_path):
+    from serve.engine import DecoderDown, Engine
+
+    engine = Engine(merged, serve_config(tmp_path / "log.jsonl", batching={"max_batch": 4, "window_ms": 0}))
+    assert engine.batcher.health()[0]
+    engine.batcher.close()
+    healthy, why = engine.batcher.health()
+    assert not healthy and "not running" in why
+    with pytest.raises(DecoderDown):
+        engine.batcher.submit(_jobs(engine, [("Hi", None, 2)]))
+
+
 def test_model_dir_found_in_azure_subfolder(merged, tmp_path):
     from serve.engine import ModelDirError, find_model_dir
 

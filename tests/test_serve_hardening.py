@@ -206,13 +206,19 @@ from serve.score import init  # noqa: F401
 def run(request, request_headers=None):
     fault = request.headers.get("x-test-fault")
     batcher = score.engine.batcher if score.engine else None
-    if fault == "stall":  # every batch from now on takes this long
+    manager = getattr(batcher, "manager", None)  # the continuous engine's decoding loop
+    if fault == "stall":  # every batch (static) or decoding step (continuous) from now on takes this long
         seconds = float(request.headers.get("x-test-seconds", "5"))
         decode = type(batcher)._decode
         batcher._decode = lambda jobs, t: (time.sleep(seconds), decode(batcher, jobs, t))
+        if manager is not None:
+            step = type(manager)._generation_step
+            manager._generation_step = lambda: (time.sleep(seconds), step(manager))
         return {"stalled": seconds}
     if fault == "unstall":
         batcher.__dict__.pop("_decode", None)
+        if manager is not None:
+            manager.__dict__.pop("_generation_step", None)
         return {"stalled": 0}
     if fault == "kill":
         batcher.close()
@@ -252,7 +258,8 @@ def test_full_queue_is_429_with_retry_after_and_deadline_is_503(faulty):
     for status, headers, body in results:
         if status in (429, 503):
             assert headers.get("retry-after") == "3" and body["retry_after_s"] == 3
-    # 4 admitted at most; each batch takes 1.5 s and the deadline is 2 s: the second batch's wait ends in 503.
+    # 4 admitted at most; each decoding step takes 1.5 s and the deadline is 2 s: an answer needs a
+    # prefill and a decoding step (3 s), so the admitted requests end in 503.
     assert statuses.count(503) >= 1 or statuses.count(200) == 4
 
 
@@ -264,7 +271,7 @@ def test_deadline_answers_503_while_the_decoder_is_slow(faulty):
         waited = time.monotonic() - started
         assert status == 503 and headers.get("retry-after") == "3", body
         assert "not answered within 2 s" in body["error"] and 1.8 < waited < 3.5
-        time.sleep(1.5)  # the stalled batch is now over stall_s (1 s): liveness fails while it lasts
+        time.sleep(1.5)  # the stalled step is now over stall_s (1 s): liveness fails while it lasts
         status, raw = http("GET", f"{faulty.base_url}/")
         assert status == 503 and b"one batch" in raw
     finally:

@@ -114,7 +114,14 @@ class TrainParams(Section):
     pack_tokens: int = Field(4096, ge=16, description="most tokens in one packed micro-batch row")
     shared_prefix: bool = Field(True, description="packed records with the same prompt prefix (system turn) compute it once")
     fused_loss: Literal["auto", "liger", "none"] = Field(
-        "auto", description="liger fused linear cross-entropy on CUDA (auto); else completion-only head")
+        "auto", description="auto: logits at labelled positions when a micro-batch's logits fit "
+        "fused_loss_budget_mb, else liger fused linear cross-entropy (CUDA); none: always the former")
+    fused_loss_budget_mb: int = Field(
+        4096, ge=0, le=1_000_000, description="fused_loss auto: most MiB the logits at labelled positions "
+        "(and their gradient) of one micro-batch may take before liger's fused head is used instead")
+    tokens_per_step: int = Field(
+        0, ge=0, le=10_000_000, description="size optimizer steps in tokens: records per step = this / the "
+        "mean record length (0 = batch_size x gradient_accumulation_steps records)")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun: ddp for lora/qlora, fsdp for full (auto)")
@@ -396,6 +403,15 @@ class ServeCacheParams(Section):
 class ServeBatchingParams(Section):
     max_batch: int = Field(16, ge=1, le=1024, description="queued requests decoded together; 1 disables")
     window_ms: float = Field(5.0, ge=0, le=1000, description="wait for more requests after the first")
+    engine: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: greedy requests join and leave the running batch at every decoding "
+        "step (transformers' continuous batching, paged KV cache); static: today's run-to-the-longest batches")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="continuous engine on a GPU: replay decoding steps as CUDA graphs (auto = on "
+        "with CUDA); never on a CPU")
+    max_batch_tokens: int = Field(0, ge=0, le=1_000_000,
+                                  description="continuous engine: most tokens (prefill + decode) in one forward "
+                                  "pass; 0 = 256 on a CPU, 2048 on a GPU")
 
 
 class ServeQueueParams(Section):

@@ -1,0 +1,65 @@
+"""The GPU-side training rules (issue 22): token-budget steps and the fused_loss memory rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.core.chat import IGNORE_INDEX, EncodedExample
+from stages.core.params import ConfigError, TrainParams
+from stages.core.training import (LOGIT_BYTES, epoch_steps, labelled_logits_mb, records_per_step,
+                                  select_loss_head, with_token_budget)
+
+
+def example(n: int) -> EncodedExample:
+    return EncodedExample(list(range(1, n + 1)), [IGNORE_INDEX] * (n // 2) + list(range(n - n // 2)))
+
+
+@pytest.mark.parametrize("lengths, budget, expected", [
+    ([100, 100, 100, 100], 250, 2),          # 250 // 100
+    ([50, 150, 100, 100], 1000, 4),          # mean 100: 10 records, but only 4 exist
+    ([64, 64, 128, 128, 256], 1024, 5),           # mean 128: 8, capped at the 5 records
+    ([60, 70, 80, 90] * 100, 16384, 218),    # mean 75: 16384 // 75 = 218
+    ([5000, 3000], 1000, 1),                 # a budget smaller than one record: still one record
+    ([100, 100], 0, 16),                     # no budget: the default (batch_size x accumulation)
+])
+def test_records_per_step_from_a_token_budget(lengths, budget, expected):
+    assert records_per_step(lengths, budget, 16) == expected
+
+
+def test_token_budget_sets_the_records_of_every_optimizer_step():
+    examples = [example(n) for n in [60, 70, 80, 90] * 100]          # 400 records, mean 75 tokens
+    train = TrainParams(tokens_per_step=16384, pack_tokens=4096, packing=True)
+    budgeted = with_token_budget(train, examples)
+    assert (budgeted.batch_size, budgeted.gradient_accumulation_steps) == (218, 1)
+    steps = epoch_steps(len(examples), budgeted.batch_size * budgeted.gradient_accumulation_steps, 0, 42)
+    assert [len(s) for s in steps] == [218, 182]
+    # without packing: micro-batches of as many records as pack_tokens holds (4096 // 75 = 54), 4 of them
+    padded = with_token_budget(train.model_copy(update={"packing": False}), examples)
+    assert (padded.batch_size, padded.gradient_accumulation_steps) == (54, 4)
+    # tokens_per_step 0 (the CPU default) leaves the step as it was
+    assert with_token_budget(TrainParams(), examples) == TrainParams()
+
+
+def test_fused_loss_auto_computes_logits_when_they_fit_the_budget():
+    vocab = 128256
+    # 1,024 labelled positions x 128,256 x 12 bytes = 1,503 MiB (the H200 measured 1,535)
+    assert labelled_logits_mb(1024, vocab) == pytest.approx(1024 * vocab * LOGIT_BYTES / 2 ** 20)
+    fits = select_loss_head("auto", cuda=True, liger_installed=True, labelled_positions=1024, vocab_size=vocab,
+                            budget_mb=1504)
+    assert fits.value == "completion" and "1,503 MiB <= fused_loss_budget_mb 1,504" in fits.note
+    over = select_loss_head("auto", cuda=True, liger_installed=True, labelled_positions=1024, vocab_size=vocab,
+                            budget_mb=1502)
+    assert over.value == "liger" and "1,503 MiB > fused_loss_budget_mb 1,502" in over.note
+    assert select_loss_head("auto", cuda=True, liger_installed=True, labelled_positions=0, vocab_size=vocab,
+                            budget_mb=0).value == "completion"
+    # explicit choices and machines without liger are not affected by the budget
+    assert select_loss_head("liger", cuda=True, liger_installed=True, labelled_positions=1, vocab_size=vocab,
+                            budget_mb=10 ** 6).value == "liger"
+    assert select_loss_head("none", cuda=True, liger_installed=True, labelled_positions=10 ** 6, vocab_size=vocab,
+                            budget_mb=0).value == "completion"
+    assert select_loss_head("auto", cuda=False, liger_installed=True, labelled_positions=10 ** 6, vocab_size=vocab,
+                            budget_mb=0).value == "completion"
+    with pytest.raises(ConfigError):
+        select_loss_head("liger", cuda=True, liger_installed=False, labelled_positions=1, vocab_size=vocab, budget_mb=1)
+    # without sizes, auto cannot judge memory and keeps liger on CUDA (the earlier behaviour)
+    assert select_loss_head("auto", cuda=True, liger_installed=True).value == "liger"
