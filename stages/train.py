@@ -38,7 +38,7 @@ from .core.records import DataError, Problem, content_hash, jsonl_lines
 from .core.training import (DistInfo, TrainingError, check_method, fit, init_distributed, memory_snapshot,
                             TRAINING_LIBRARIES, identity_key, library_versions, oom_message, package_available,
                             release_memory, run_identity, seed_everything, select_backend, select_distributed,
-                            select_loss_head, trainable_state, uses_shared_prefix)
+                            select_loss_head, trainable_state, uses_shared_prefix, with_token_budget)
 
 STAGE = "train"
 SPLIT_FIELDS = ("system", "instruction", "output")
@@ -247,11 +247,25 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
                            str(data_dir / "train.jsonl"))
     val_ex = encode_rows(tokenizer, val_rows, True, params.model.max_seq_length, str(data_dir / "val.jsonl"))
 
+    if train.tokens_per_step > 0:  # steps sized in tokens (GPU): records per step follow from the data
+        train = with_token_budget(train, train_ex)
+        say(f"tokens_per_step {train.tokens_per_step}: {train.batch_size * train.gradient_accumulation_steps} "
+            f"records per optimizer step at the training split's mean record length")
+
     seed_everything(train.seed)
     if backend.value == "unsloth":  # pragma: no cover - needs CUDA
         model = build_model_unsloth(params, dtype)
     else:
         model = build_model_hf(params, device, dtype, tokenizer)
+    if cuda and train.fused_loss == "auto":  # pragma: no cover - needs CUDA
+        # The memory rule needs the largest micro-batch's labelled positions (at most a packed row's
+        # tokens, or a padded micro-batch's) and the vocabulary.
+        widest = train.pack_tokens if train.packing else train.batch_size * params.model.max_seq_length
+        head = select_loss_head(train.fused_loss, cuda, package_available("liger_kernel"),
+                                labelled_positions=widest, vocab_size=int(model.config.vocab_size),
+                                budget_mb=train.fused_loss_budget_mb)
+        if head.note:
+            say(head.note)
     trainable, total = count_parameters(model)
     say(f"{params.model.base} {train.method} on {device} ({dtype}), backend {backend.value}, loss head "
         f"{head.value}, packing {train.packing}, {distributed if distributed != 'none' else 'single process'}; "

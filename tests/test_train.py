@@ -384,3 +384,20 @@ def test_modules_to_save_must_name_one_module(tmp_path, data_dir):
 
     with pytest.raises(ConfigError, match=r"'norm' must name exactly one module, but it matches 5 .*model\.norm"):
         run(tmp_path, data_dir, {"train": {"lora": {"modules_to_save": ["norm"]}}})
+
+
+def test_tokens_per_step_sizes_the_optimizer_steps_in_tokens(tmp_path, data_dir, capsys, tokenizer):
+    """train.tokens_per_step (the GPU setting): records per step follow from the mean record length."""
+    import math
+
+    from stages.core.chat import chat_format
+    from stages.core.training import records_per_step
+
+    fmt = chat_format(tokenizer)
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    lengths = [len(fmt.encode(r["system"], r["instruction"], r["output"]).input_ids) for r in rows]
+    per_step = records_per_step(lengths, 300, 4)
+    assert 1 < per_step < len(rows)
+    metrics = run(tmp_path, data_dir, {"train": {"tokens_per_step": 300, "epochs": 1, "evals_per_epoch": 1}})
+    assert metrics["steps"] == math.ceil(len(rows) / per_step)
+    assert f"tokens_per_step 300: {per_step} records per optimizer step" in capsys.readouterr().out
