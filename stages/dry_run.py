@@ -166,9 +166,9 @@ def check_model(run: DryRun, params, tokenizer, rows, cuda: bool):
     if counts["total"] > REAL_BUILD_LIMIT or (params.train.method == "qlora" and not cuda):
         run.add("model", "PASS", f"{params.model.base}: architecture built on the meta device (no download): {size}")
         return None
-    from .core.chat import encode_example
+    from .core.chat import chat_format
     from .core.modeling import resolve_device, resolve_dtype
-    from .core.training import LossModule, micro_batches
+    from .core.training import LossModule, micro_batches, uses_shared_prefix
     from .train import build_model_hf
 
     device = resolve_device()
@@ -180,8 +180,9 @@ def check_model(run: DryRun, params, tokenizer, rows, cuda: bool):
     train_rows = rows.get("train") or []
     if not train_rows:
         return None
-    examples = [encode_example(tokenizer, r["system"], r["instruction"], r["output"],
-                               params.train.completion_only_loss) for r in train_rows[:48]]
+    fmt = chat_format(tokenizer)  # the model's own chat format (Llama 3, or its template: ChatML for SmolLM2)
+    examples = [fmt.encode(r["system"], r["instruction"], r["output"], params.train.completion_only_loss)
+                for r in train_rows[:48]]
     t = params.train
     module = LossModule(model, "completion")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate)
@@ -190,7 +191,7 @@ def check_model(run: DryRun, params, tokenizer, rows, cuda: bool):
     for s in range(3):
         group = examples[(s * per_step) % len(examples):][:per_step] or examples[:per_step]
         begin = time.perf_counter()
-        for batch in micro_batches(group, t.batch_size, t.packing, t.pack_tokens):
+        for batch in micro_batches(group, t.batch_size, t.packing, t.pack_tokens, fmt.pad_id, uses_shared_prefix(t)):
             batch = batch.to(device)
             loss = module(batch.input_ids, batch.attention_mask, batch.labels, batch.position_ids, batch.targets)
             (loss / max(1, batch.num_label_tokens)).backward()

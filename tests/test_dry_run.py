@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def raw_params(**train) -> dict:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"].update(base="embedded", tokenizer="embedded")  # a tiny random-weight model: no conversion, fast
     raw["model"]["embedded"].update(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
     raw["train"].update(train)
     return raw
@@ -94,12 +95,13 @@ def test_bad_data_and_impossible_memory_fail(tmp_path, data_dir, capsys):
 def test_estimate_training_contract():
     from stages.core.estimate import estimate_training
 
-    est = estimate_training(validate_params(raw_params()), tokens_per_epoch=60_000)
+    est = estimate_training(validate_params(raw_params(epochs=4, evals_per_epoch=1)), tokens_per_epoch=60_000)
     for key in ("tokens_per_epoch", "expected_tokens_per_s", "hours", "cost_usd", "vm_size", "nodes"):
         assert key in est
     assert est["vm_size"] == "Standard_NC40ads_H100_v5" and est["nodes"] == 1
     assert est["cost_usd"] == pytest.approx(est["hours"] * 6.0, abs=0.01)
-    pinned = estimate_training(validate_params(raw_params()), tokens_per_epoch=60_000, tokens_per_s=1000)
+    pinned = estimate_training(validate_params(raw_params(epochs=4, evals_per_epoch=1)), tokens_per_epoch=60_000,
+                               tokens_per_s=1000)
     assert pinned["hours"] == pytest.approx((240_000 / 1000 + 120 + 4 * 60_000 * 0.2 / 3 / 1000) / 3600, rel=1e-3)
     assert pinned["throughput_basis"] == "measured (given)"
 
@@ -110,7 +112,7 @@ def test_memory_estimates_for_real_llamas_without_download():
     def params(model, **train):
         raw = raw_params(**train)
         raw["model"]["base"] = model
-        raw["train"]["lora"]["modules_to_save"] = []
+        raw["train"]["lora"].update(modules_to_save=[], r=32, alpha=64)  # the reference template's rank
         return validate_params(raw)
 
     one_b = params("meta-llama/Llama-3.2-1B-Instruct")
