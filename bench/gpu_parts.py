@@ -41,6 +41,16 @@ def device_of(ctx):
     return torch.device("cuda")
 
 
+def kit_params(epochs: int, **train_overrides):
+    """The kit's base settings: params.yaml with the embedded preset applied and the benchmark's fixed
+    schedule (bench.train_bench.bench_params). Every part encodes with the Llama 3 tokenizer, which the
+    embedded model (the smoke) and the Llama-3.2 architectures (the GPU) share; params.yaml's own
+    default (SmolLM2, a 49,152-token vocabulary) cannot take its ids."""
+    from bench.train_bench import bench_params, with_preset
+
+    return with_preset(bench_params(epochs, **train_overrides), "embedded", epochs)
+
+
 def model_name(ctx, size: str) -> str:
     """The model a part runs: the exact Llama-3.2 architecture on a GPU, the embedded default in the smoke."""
     return "embedded" if ctx["smoke"] else size
@@ -66,10 +76,10 @@ def workload(ctx, tokenizer):
     On a GPU the random-weight Llama-3.2 architectures train with the `llama-3.2-1b` preset's
     settings (learning rate 1e-4, warm-up 0.1, LoRA r 32 / alpha 64): the embedded model's 5e-3
     (params.yaml) diverged on 1B (`training loss is nan at step 88`)."""
-    from bench.train_bench import bench_params, encode_rows, load_records, with_preset
+    from bench.train_bench import encode_rows, load_records, with_preset
 
     overrides = {"pack_tokens": ctx["pack_tokens"]} if ctx.get("pack_tokens") else {}
-    params = bench_params(ctx["epochs"], **overrides)
+    params = kit_params(ctx["epochs"], **overrides)
     if not ctx["smoke"]:
         params = with_preset(params, "llama-3.2-1b", ctx["epochs"])
         params = params.model_copy(update={"train": params.train.model_copy(update=overrides)})
@@ -105,13 +115,12 @@ def materialise(ctx, size: str, tokenizer, device) -> Path:
     from stages.core.chat import chat_format
     from stages.core.estimate import model_config
     from stages.core.modeling import load_base_model
-    from stages.core.params import load_params
 
     name = model_name(ctx, size)
     path = Path(ctx["work_dir"]) / f"model-{name}"
     if (path / "config.json").is_file():
         return path
-    params = load_params(ROOT / "params.yaml")
+    params = kit_params(ctx["epochs"])
     if name == "embedded":
         model = load_base_model(params.model, dtype=torch.float32, device="cpu", tokenizer=tokenizer)
     else:
@@ -262,14 +271,13 @@ def part_loss_head(ctx) -> dict:
     from stages.core.chat import IGNORE_INDEX
     from stages.core.estimate import model_config
     from stages.core.modeling import load_tokenizer
-    from stages.core.params import load_params
     from stages.core.training import Batch, completion_loss_sum, package_available
 
     from bench.train_bench import GPU_MODELS
 
     device = device_of(ctx)
     name = model_name(ctx, "1b")
-    params = load_params(ROOT / "params.yaml")
+    params = kit_params(ctx["epochs"])
     base = params.model if name == "embedded" else params.model.model_copy(update={"base": GPU_MODELS[name]})
     config = model_config(base)
     hidden_size, vocab = config.hidden_size, config.vocab_size

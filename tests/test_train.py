@@ -348,19 +348,23 @@ def test_the_weight_hash_recorded_for_this_cpu_kind(pinned_runs):
 @pytest.mark.slow
 def test_one_and_two_threads_agree_only_where_mkl_promises_it(tmp_path, data_dir, root, pinned_runs):
     """cpu.threads 1 against 2. MKL's Conditional Numerical Reproducibility (MKL_CBWR=AVX2,STRICT) makes
-    the thread count irrelevant on Intel CPUs, measured equal there; MKL documents it for Intel only, and
-    on an AMD Zen 4 1 and 2 threads gave different weights, which is why cpu.threads is fixed."""
+    the thread count irrelevant on Intel CPUs: asserted there. MKL documents it for Intel only, and on AMD
+    Zen 4 machines the answer depended on the computation: this run gave different weights at 1 and 2
+    threads before shared-prefix packing and the same weights after it (on two Zen 4 machines). Nothing
+    is promised there, so nothing is asserted; cpu.threads fixes the count the stages use instead."""
     from stages.core.determinism import _cpuinfo
 
     vendor = _cpuinfo()[0]
     one = _train_in_subprocess(tmp_path / "t1", data_dir, root, {}, {"cpu": {"threads": 1}})
+    weights = "adapter/adapter_model.safetensors"
     if vendor == "GenuineIntel":
         assert {k: v for k, v in one.items() if k != "metrics"} == \
                {k: v for k, v in pinned_runs["2"].items() if k != "metrics"}
-    elif vendor == "AuthenticAMD":
-        assert one["adapter/adapter_model.safetensors"] != pinned_runs["2"]["adapter/adapter_model.safetensors"]
     else:
-        pytest.skip(f"{vendor}: no MKL reproducibility claim measured for this vendor")
+        seen = "the same" if one[weights] == pinned_runs["2"][weights] else "different"
+        pytest.skip(f"{vendor}: MKL promises thread-count independence on Intel CPUs only, and on AMD Zen 4 it "
+                    f"has gone both ways with the computation; not asserted (this machine: {seen} weights "
+                    "at 1 and 2 threads). cpu.threads fixes the count instead.")
 
 
 @pytest.mark.slow

@@ -6,8 +6,10 @@ AVX2 (ATen's kernels, MKL's CNR branch, oneDNN's ISA) removes the ATen and oneDN
 instruction sets. What it cannot remove, measured (docs/evaluation.md, "Same commit, same numbers"):
 
 - MKL's Conditional Numerical Reproducibility is an Intel-only feature. On an AMD CPU (Zen 4) MKL
-  ignores MKL_CBWR's branch (AUTO, AVX512, AVX2,STRICT gave the same bytes) and its fp32 GEMM sums in an
-  order that depends on the number of threads: 1 and 2 threads gave different weights.
+  ignores MKL_CBWR's branch (AUTO, AVX512, AVX2,STRICT gave the same bytes), and nothing promises that
+  the thread count does not matter: a short training run gave different weights at 1 and 2 threads
+  before shared-prefix packing and the same weights after it. (The GEMM shapes probed gave the same
+  bytes at 1 and 2 threads; which kernel's order depended on the count was not isolated.)
 - Intel and AMD CPUs run different MKL code, so the same commit gives different bytes on the two.
 
 So the guarantee is: the same commit gives the same bytes on every machine of the same CPU kind
