@@ -275,9 +275,10 @@ def check_estimates(run: DryRun, params, data_dir: Path, local_tps: float | None
     train_file = data_dir / "train.jsonl"
     est = estimate_training(params, train_file=train_file if train_file.is_file() else None)
     run.estimates["azure"] = est
+    run.add("training length", "PASS", est["length_rule"])
     run.add("time and cost (Azure)", "PASS", format_estimate(est))
     if local_tps:
-        seconds = est["tokens_per_epoch"] * params.train.epochs / local_tps
+        seconds = est["tokens_per_epoch"] * est["epochs"] / local_tps
         run.estimates["local"] = {"tokens_per_s": round(local_tps, 1), "minutes": round(seconds / 60, 2)}
         run.add("time (this machine)", "PASS", f"about {seconds / 60:.1f} min of training at the measured "
                                                f"{local_tps:,.0f} tokens/s")

@@ -35,6 +35,7 @@ from .core.modeling import (EMBEDDED, check_model_fits, check_modules_to_save, c
 from .core.params import ConfigError, Params, load_params
 from .core.perf import write_perf
 from .core.records import DataError, Problem, content_hash, jsonl_lines
+from .core.schedule import training_length
 from .core.training import (DistInfo, TrainingError, check_method, fit, init_distributed, memory_snapshot,
                             TRAINING_LIBRARIES, identity_key, library_versions, oom_message, package_available,
                             release_memory, run_identity, seed_everything, select_backend, select_distributed,
@@ -251,6 +252,10 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         train = with_token_budget(train, train_ex)
         say(f"tokens_per_step {train.tokens_per_step}: {train.batch_size * train.gradient_accumulation_steps} "
             f"records per optimizer step at the training split's mean record length")
+    length = training_length(len(train_ex), train.batch_size * train.gradient_accumulation_steps, train.epochs,
+                             train.min_steps, dist_info.world_size)
+    train = train.model_copy(update={"epochs": length.epochs})
+    say(length.describe())
 
     seed_everything(train.seed)
     if backend.value == "unsloth":  # pragma: no cover - needs CUDA
@@ -295,8 +300,8 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         "final_train_loss": _r(result.final_train_loss), "final_val_loss": _r(result.final_val_loss),
         "best_val_loss": _r(result.best_val_loss), "best_step": result.best_step,
         "final_val_perplexity": _r(math.exp(min(result.final_val_loss, 50))) if result.final_val_loss else None,
-        "steps": result.steps, "epochs_run": result.epochs_run, "early_stopped": result.early_stopped,
-        "resumed_from_step": result.resumed_from_step,
+        "steps": result.steps, "epochs_planned": length.epochs, "epochs_run": result.epochs_run,
+        "early_stopped": result.early_stopped, "resumed_from_step": result.resumed_from_step,
         "real_tokens": result.real_tokens * world,
         "trainable_params": trainable, "total_params": total,
         # The CPU kind (vendor, instruction set, threads) or GPU the bytes depend on (determinism.py):

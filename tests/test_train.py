@@ -405,3 +405,11 @@ def test_tokens_per_step_sizes_the_optimizer_steps_in_tokens(tmp_path, data_dir,
     metrics = run(tmp_path, data_dir, {"train": {"tokens_per_step": 300, "epochs": 1, "evals_per_epoch": 1}})
     assert metrics["steps"] == math.ceil(len(rows) / per_step)
     assert f"tokens_per_step 300: {per_step} records per optimizer step" in capsys.readouterr().out
+
+
+def test_small_data_trains_min_steps_and_says_so(tmp_path, data_dir, capsys):
+    """12 records in steps of 4 are 3 steps per epoch: min_steps 10 makes 4 epochs, 12 steps."""
+    metrics = run(tmp_path, data_dir, {"train": {"epochs": 1, "min_steps": 10, "evals_per_epoch": 1}})
+    assert (metrics["epochs_planned"], metrics["steps"]) == (4, 12)
+    assert ("12 records, batch 4: 3 steps per epoch; training 4 epochs (min_steps 10; train.epochs is 1)"
+            in capsys.readouterr().out)

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 from .params import ConfigError, Params
+from .schedule import training_length
 
 GIB = 1024 ** 3
 
@@ -283,19 +284,27 @@ def estimate_training(params: Params, *, train_file: str | Path | None = None, t
         mfu = params.estimate.assumed_mfu.get(train.method, DEFAULT_ASSUMED_MFU[train.method])
         tokens_per_s = mfu * GPUS[gpu]["bf16_tflops"] * 1e12 / flops_per_token(config, train.method, counts, mean_len)
         basis = f"assumed MFU {mfu:.0%} of {gpu} bf16 peak (estimate.assumed_mfu)"
+    length = None
+    if records:  # the train stage's rule (stages/core/schedule.py): small data trains more epochs
+        per_step = train.batch_size * train.gradient_accumulation_steps
+        if train.tokens_per_step > 0:
+            per_step = max(1, min(records, int(train.tokens_per_step // mean_len)))
+        length = training_length(records, per_step, train.epochs, train.min_steps, gpus)
+    epochs = length.epochs if length else train.epochs
     efficiency = 1.0 if gpus == 1 else 0.9
     total_tps = tokens_per_s * gpus * efficiency
-    train_seconds = tokens_per_epoch * train.epochs / total_tps
+    train_seconds = tokens_per_epoch * epochs / total_tps
     # Validation passes (forward only, about 1/3 of a training step per token) and a fixed start-up
     # (image pull is excluded; model load + compile) so small runs are not estimated at zero.
-    val_seconds = train.evals_per_epoch * train.epochs * tokens_per_epoch * 0.2 / 3 / total_tps
+    val_seconds = train.evals_per_epoch * epochs * tokens_per_epoch * 0.2 / 3 / total_tps
     seconds = train_seconds + val_seconds + params.estimate.startup_seconds
     hours = seconds / 3600
     price = params.azure.prices_usd_per_hour.get(vm_size)
     return {
         "tokens_per_epoch": tokens_per_epoch,
         "records_per_epoch": records,
-        "epochs": train.epochs,
+        "epochs": epochs,
+        "length_rule": length.describe() if length else f"train.epochs ({train.epochs}); records not counted",
         "expected_tokens_per_s": round(total_tps, 1),
         "throughput_basis": basis,
         "hours": round(hours, 4),

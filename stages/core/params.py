@@ -98,6 +98,8 @@ class TrainParams(Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.15, ge=0, lt=1)
     epochs: int = Field(4, ge=1)
+    min_steps: int = Field(0, ge=0, le=1_000_000, description="train at least this many optimizer steps: "
+                           "epochs rise above `epochs` when the data is small (stages/core/schedule.py); 0 = off")
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(4, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
