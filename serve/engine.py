@@ -33,6 +33,7 @@ batch to the largest and cuts each row, which for greedy decoding is the answer 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import threading
@@ -50,6 +51,8 @@ from stages.core.pii import redact
 from .validation import GenRequest, Limits, RequestError, parse_request
 
 SERVING_METADATA = "serving.json"
+# serve.max_new_tokens_default auto, for a model folder whose serving.json has no evaluated value.
+AUTO_FALLBACK_MAX_NEW_TOKENS = 64
 REQUIRED_CONFIG = ("max_new_tokens_default", "max_new_tokens_limit", "temperature_max", "max_batch_requests",
                    "max_instruction_tokens", "max_system_tokens", "default_system", "pii_filter", "cache",
                    "batching", "threads", "log_path", "queue", "request_timeout_s", "stall_s")
@@ -525,6 +528,11 @@ class Engine:
         metadata_path = self.model_dir / SERVING_METADATA
         self.metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.is_file() else {}
         self.default_system = config["default_system"] or self.metadata.get("default_system", "")
+        if config["max_new_tokens_default"] == "auto":
+            # What the model was evaluated with (package wrote it from metrics/eval.json), within the limit.
+            evaluated = self.metadata.get("max_new_tokens") or AUTO_FALLBACK_MAX_NEW_TOKENS
+            self.limits = dataclasses.replace(self.limits, max_new_tokens_default=min(
+                int(evaluated), int(config["max_new_tokens_limit"])))
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.redact_output = config["pii_filter"] == "redact"
         cache = config["cache"]

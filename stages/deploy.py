@@ -289,15 +289,18 @@ class LocalServer:
 ANSWER_KEYS = ("response", "prompt_tokens", "completion_tokens", "response_time_ms")
 
 
-def smoke_test(server: LocalServer, prompts: list[str], max_new_tokens: int = 32) -> dict:
-    """Each smoke prompt, one batch of them and one invalid request against POST /score."""
+def smoke_test(server: LocalServer, prompts: list[str], max_new_tokens: int | None = None) -> dict:
+    """Each smoke prompt, one batch of them and one invalid request against POST /score. Without
+    max_new_tokens the smoke requests leave it out, so the endpoint's default answers them: with
+    serve.max_new_tokens_default auto, what the model was evaluated with (its serving.json)."""
     from stages.core.pii import redact
 
     checks, failures = [], []
     for prompt in prompts:
         started = time.perf_counter()
         status, headers, body = http_exchange("POST", server.score_url,
-                                              json.dumps({"instruction": prompt, "max_new_tokens": max_new_tokens}))
+                                              json.dumps({"instruction": prompt} | (
+                                                  {"max_new_tokens": max_new_tokens} if max_new_tokens else {})))
         latency = (time.perf_counter() - started) * 1000
         if not server.answers_as_itself(headers):
             failures.append(f"'{prompt}': answered by another process (no instance id of the server started here)")

@@ -41,7 +41,7 @@ from .core import cli, io
 from .core.perf import write_perf
 from .core.progress import quiet_library_bars
 from .core import significance
-from .core.gate import RECORDS_NAME, compare, evaluate_gate, load_records, load_reference
+from .core.gate import RECORDS_NAME, compare, evaluate_gate, likely_causes, load_records, load_reference
 from .core.params import EVAL_METRICS, ConfigError, Params, load_params
 from .core.records import content_hash
 # Shared with the evaluate_base stage (imported here so that `from stages.evaluate import ...` keeps working).
@@ -155,7 +155,7 @@ def summary_metrics(metrics: dict) -> dict:
 
 
 def prediction_rows(test: list[dict], base: ModelRun, tuned: ModelRun) -> list[dict]:
-    from .core.metrics import missing_facts
+    from .core.metrics import degenerate_reason, missing_facts
 
     rows = []
     for i, record in enumerate(test):
@@ -163,7 +163,8 @@ def prediction_rows(test: list[dict], base: ModelRun, tuned: ModelRun) -> list[d
                "instruction": record["instruction"], "reference": record["output"]}
         for name, run in (("base", base), ("tuned", tuned)):
             entry = {"answer": run.answers[i], "ended": run.finished[i],
-                     "missing_facts": missing_facts(run.answers[i], record["output"])}
+                     "missing_facts": missing_facts(run.answers[i], record["output"]),
+                     "degenerate_reason": degenerate_reason(run.answers[i], run.finished[i])}
             entry.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in run.scores[i].items()})
             if run.judge is not None:
                 entry["judge_score"] = run.judge[i] if i < len(run.judge) else None
@@ -182,6 +183,7 @@ def _load_models(params: Params, adapter_dir: Path):
     if not adapter_dir.is_dir():
         raise InputError(f"{adapter_dir} not found (run the train stage first: dvc repro train)")
     manifest_path = adapter_dir / "manifest.json"
+    manifest = {}
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if manifest.get("method") and manifest["method"] != params.train.method:
@@ -192,7 +194,7 @@ def _load_models(params: Params, adapter_dir: Path):
         raise InputError(f"{weights} not found: {adapter_dir} is not a train stage output for method "
                         f"'{params.train.method}'")
     tok_dir = adapter_dir / "tokenizer"
-    return load_tokenizer(str(tok_dir) if tok_dir.is_dir() else params.model.tokenizer)
+    return load_tokenizer(str(tok_dir) if tok_dir.is_dir() else params.model.tokenizer), manifest
 
 
 def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str | Path,
@@ -208,12 +210,14 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     from .core import metrics as M
     from .core.determinism import fix_cpu_threads
     from .core.modeling import load_tuned_model, resolve_device, resolve_dtype
-    from .evaluate_base import compute_base
+    from .evaluate_base import compute_base, with_answer_budget
 
     started = time.perf_counter()
     adapter_dir = Path(adapter_dir)
     ref = load_reference(reference) if reference else None  # fail on a bad reference before any model work
-    tokenizer = _load_models(params, adapter_dir)
+    tokenizer, training = _load_models(params, adapter_dir)
+    params, budget = with_answer_budget(params, tokenizer, test)
+    log(f"[evaluate] max_new_tokens {budget.max_new_tokens}: {budget.rule}")
     # stale or missing base results fail here too, before any model work
     base = load_base(base_dir, params, test, val) if base_dir is not None else None
     judge = None
@@ -262,12 +266,16 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     metrics["significance"] = significance_block(records, params.evaluate.gate.regression_metrics,
                                                  params.evaluate.gate.max_regression)
     metrics["judge"] = judge_info
+    metrics["answer_budget"] = {"max_new_tokens": budget.max_new_tokens, "rule": budget.rule,
+                                "hit_rate": {"base": metrics["base"]["no_end_token_rate"],
+                                             "tuned": metrics["tuned"]["no_end_token_rate"]}}
     # the encoder's name, not its path: a path differs between machines and would show in every diff
     metrics["encoder"] = {"name": params.evaluate.encoder, "bertscore_layer": semantic.layer}
     if ref is not None:
         metrics["reference"] = compare(metrics["tuned"], ref, params.evaluate.gate.regression_metrics,
                                        params.evaluate.gate.max_regression, records)
     metrics["gate"] = evaluate_gate(metrics, params.evaluate.gate, metrics.get("reference"))
+    metrics["gate"]["likely_causes"] = likely_causes(metrics, training)
     metrics["speed"] = {
         "device": str(device), "batch_size": params.evaluate.batch_size,
         "base_generated_tokens": base.new_tokens, "tuned_generated_tokens": tuned.new_tokens,

@@ -217,6 +217,17 @@ def score_answers(answers: list[str], references: list[str], finished: list[bool
 # The base results: what they were made from, writing, reading and the staleness check
 
 
+def with_answer_budget(params: Params, tokenizer, test: list[dict]):
+    """(params with evaluate.max_new_tokens a number, the AnswerBudget): "auto" resolved from the test
+    references' token lengths. Base and tuned answers get the same budget (the same tokenizer)."""
+    from .core.generate import answer_budget, reference_tokens
+
+    e = params.evaluate
+    lengths = reference_tokens(tokenizer, [r["output"] for r in test]) if e.max_new_tokens == "auto" else []
+    budget = answer_budget(e.max_new_tokens, e.max_new_tokens_cap, lengths)
+    return params.model_copy(update={"evaluate": e.model_copy(update={"max_new_tokens": budget.max_new_tokens})}), budget
+
+
 def base_settings(params: Params) -> dict:
     """Everything besides the splits that the base results depend on (the stage's params in dvc.yaml)."""
     e = params.evaluate
@@ -317,8 +328,9 @@ def load_base(base_dir: str | Path, params: Params, test: list[dict], val: list[
 # The stage
 
 
-def evaluate_base(params: Params, test: list[dict], val: list[dict], log=print) -> tuple[ModelRun, dict]:
-    """The base run and its timings (for logs/perf, not for the outputs)."""
+def evaluate_base(params: Params, test: list[dict], val: list[dict], log=print) -> tuple[ModelRun, dict, Params]:
+    """The base run, its timings (for logs/perf, not for the outputs) and the params it ran with
+    (evaluate.max_new_tokens resolved)."""
     from .core import metrics as M
     from .core.determinism import fix_cpu_threads
     from .core.modeling import load_tokenizer, resolve_device, resolve_dtype
@@ -327,6 +339,8 @@ def evaluate_base(params: Params, test: list[dict], val: list[dict], log=print) 
     # The tokenizer the train stage saves into models/adapter/tokenizer is this one (load_tokenizer
     # with the chat format prepared), so base prompts are the tokens the evaluate stage would build.
     tokenizer = load_tokenizer(params.model.tokenizer)
+    params, budget = with_answer_budget(params, tokenizer, test)
+    log(f"[{STAGE}] max_new_tokens {budget.max_new_tokens}: {budget.rule}")
     device = resolve_device("auto")
     fix_cpu_threads(params.cpu.threads, device)  # the same bytes whatever the core count (determinism.py)
     dtype = resolve_dtype("auto", device)
@@ -335,7 +349,7 @@ def evaluate_base(params: Params, test: list[dict], val: list[dict], log=print) 
     speed = {"device": str(device), "batch_size": params.evaluate.batch_size,
              "base_generated_tokens": run.new_tokens, "base_tokens_per_s": round(run.tokens_per_s, 1),
              "generation_s": round(run.generation_s, 2), "total_s": round(time.perf_counter() - started, 2)}
-    return run, speed
+    return run, speed, params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +369,7 @@ def stage_main(argv: list[str]) -> int:
     if all_local(params):  # nothing to download: never let a library try the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     test, val = read_splits(args.data)
-    run, speed = evaluate_base(params, test, val)
+    run, speed, params = evaluate_base(params, test, val)
     write_base(args.output, params, test, val, run)
     write_perf(STAGE, speed)
     from .core.metrics import aggregate

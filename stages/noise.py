@@ -35,7 +35,7 @@ from .core import io
 from .core.params import ConfigError, load_params
 
 NOISE_METRICS = ("rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
-                 "no_end_token_rate", "val_loss")
+                 "no_end_token_rate", "degenerate_rate", "val_loss")
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -297,7 +297,12 @@ def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_
     merged = merged.to(dtype)
     merged.config.pad_token_id = fmt.pad_id
     merged.config.eos_token_id = list(fmt.stop_ids)
-    generation_config = serving_generation_config(merged, fmt)
+    # The answer length the model was evaluated with (evaluate.max_new_tokens, resolved): the
+    # endpoint's default (serve.max_new_tokens_default: auto) and generation_config's, so a model
+    # evaluated at 300 tokens is not served at 64.
+    evaluated_budget = ((read_metrics(Path(eval_metrics) if eval_metrics else None) or {})
+                        .get("answer_budget") or {}).get("max_new_tokens")
+    generation_config = serving_generation_config(merged, fmt, evaluated_budget)
     merged.generation_config = generation_config
     parameters = count_parameters(merged)[1]
 
@@ -329,7 +334,8 @@ def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_
                   "prompts": merge["prompts"], "saved_dtype": str(dtype).removeprefix("torch.")}
 
         serving = {"default_system": training_system_prompt(data_dir), "chat_format": fmt.describe(),
-                   "stop_token_ids": list(fmt.stop_ids), "pad_token_id": fmt.pad_id}
+                   "stop_token_ids": list(fmt.stop_ids), "pad_token_id": fmt.pad_id,
+                   "max_new_tokens": evaluated_budget}
         write_json(tmp / "serving.json", serving)
         # Every byte of the card is a function of the stage's inputs (no clock, no git state), so
         # the same adapter and data package to the same models/merged hash on every machine.
@@ -365,14 +371,15 @@ def _problems(check: dict, setting: str) -> list[str]:
     return problems
 
 
-def serving_generation_config(model, fmt):
+def serving_generation_config(model, fmt, max_new_tokens: int | None = None):
     from transformers import GenerationConfig
 
     bos = getattr(model.config, "bos_token_id", None)
     if isinstance(bos, list):
         bos = bos[0] if bos else None
     return GenerationConfig(bos_token_id=bos if bos is not None else BEGIN_OF_TEXT_ID,
-                            eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id, do_sample=False)
+                            eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id, do_sample=False,
+                            **({"max_new_tokens": int(max_new_tokens)} if max_new_tokens else {}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -323,7 +323,8 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     full_state = trainable_state(model) if distributed == "fsdp" else None
     if dist_info.is_main:
         save_outputs(output, model, tokenizer, params, data_hash,
-                     {"train_records": len(train_ex), "val_records": len(val_ex), "best_step": result.best_step},
+                     {"train_records": len(train_ex), "val_records": len(val_ex), "best_step": result.best_step,
+                      "steps": result.steps, "length_rule": length.describe()},
                      state_dict=full_state)
         if metrics_path is not None:
             write_json(metrics_path, metrics)

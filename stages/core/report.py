@@ -21,6 +21,7 @@ HEADLINE = [
     ("Exact match", "exact_match", True),
     ("Fact recall", "fact_recall", True),
     ("No end token (rate)", "no_end_token_rate", False),
+    ("Degenerate: loops, cut mid-sentence (rate)", "degenerate_rate", False),
 ]
 OTHER = [
     ("Length ratio (1 = reference length)", "length_ratio", None),
@@ -39,6 +40,10 @@ def _fmt(value, digits: int = 3) -> str:
             return str(value)
         return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:.3e}"
     return str(value)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _signed(value, digits: int = 3) -> str:
@@ -168,9 +173,20 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
     lines = ["# Evaluation report", ""]
     verdict = "PASSED" if gate.get("passed") else "FAILED"
     lines.append(f"**Quality gate: {verdict}**" + ("" if gate.get("passed") else " — " + "; ".join(gate.get("reasons", []))))
+    if not gate.get("passed") and gate.get("likely_causes"):
+        lines += ["", "Likely causes, from this run's own figures, and what to change:", ""]
+        lines += [f"- {cause}" for cause in gate["likely_causes"]]
+    elif not gate.get("passed"):
+        lines += ["", "None of the usual causes (few steps, truncated answers, loops, a small test split, a "
+                      "diverged learning rate) shows in this run's figures; read the worst answers below."]
     lines += ["", f"Test records: {metrics.get('n_test')} ({metrics.get('n_with_facts')} with key facts); "
                   f"validation records: {metrics.get('n_val')}. Greedy decoding, up to "
                   f"{metrics.get('speed', {}).get('batch_size')} prompts per batch.", ""]
+    budget = metrics.get("answer_budget")
+    if budget:
+        hit = budget.get("hit_rate") or {}
+        lines += [f"Answers: up to {budget['max_new_tokens']} new tokens ({budget['rule']}); "
+                  f"{_pct(hit.get('base'))} of base and {_pct(hit.get('tuned'))} of tuned answers hit that limit.", ""]
     lines += ["## Headline", "", "| metric | base | tuned | tuned - base |", "|---|---:|---:|---:|"]
     for label, key, _ in HEADLINE + OTHER:
         if key == "judge_score" and key not in tuned:
@@ -222,6 +238,19 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
             lines.append(f"| {name} | {g['n']} | {_fmt(b['rouge_l'])} | {_fmt(t['rouge_l'])} | {_fmt(t['bleu4'])} | "
                          f"{_fmt(t['bertscore_f1'])} | {_fmt(t['semantic_similarity'])} | {_fmt(b['fact_recall'])} | "
                          f"{_fmt(t['fact_recall'])} | {_fmt(t['exact_match'])} | {_fmt(t['no_end_token_rate'])} |")
+        lines.append("")
+
+    degenerate = [row for row in predictions if (row.get("tuned") or {}).get("degenerate_reason")]
+    lines += ["## Degenerate answers", ""]
+    if not degenerate:
+        lines += ["No tuned answer loops or stops mid-sentence (a sentence said twice, 8 words said three times, "
+                  "or no end token and no closing punctuation).", ""]
+    else:
+        shown = degenerate[:max(worst_n, 1)]
+        lines += [f"{len(degenerate)} of {len(predictions)} tuned answers; the first {len(shown)}:", "",
+                  "| test record | why | tuned answer |", "|---|---|---|"]
+        lines += [f"| `{row['id']}` | {_cell(row['tuned']['degenerate_reason'], 120)} | {_cell(row['tuned']['answer'])} |"
+                  for row in shown]
         lines.append("")
 
     if worst_n:

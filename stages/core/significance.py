@@ -45,6 +45,7 @@ TESTED = {
     "fact_recall": ("fact_recall", 1),
     "length_ratio": ("length_ratio", 0),
     "no_end_token": ("no_end_token_rate", -1),
+    "degenerate": ("degenerate_rate", -1),
 }
 HEADLINE_TO_RECORD = {headline: record for record, (headline, _) in TESTED.items()}
 
