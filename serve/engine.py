@@ -148,6 +148,9 @@ class DecoderDown(Exception):
 class Batcher:
     """One decoding thread that batches the jobs queued while it was busy."""
 
+    # The packaged model's repetition guard (serving.json, from params decoding): generate_batch keywords.
+    guard: dict = {}
+
     def __init__(self, model, max_batch: int, window_ms: float, fmt, max_pending: int = 64,
                  timeout_s: float = 60.0, stall_s: float = 300.0, retry_after_s: float = 1.0):
         self.model = model
@@ -259,7 +262,8 @@ class Batcher:
 
     def _decode(self, jobs: list[Job], temperature: float) -> None:
         longest = max(job.max_new_tokens for job in jobs)
-        generations = generate_batch(self.model, [job.prompt for job in jobs], longest, self.fmt, temperature)
+        generations = generate_batch(self.model, [job.prompt for job in jobs], longest, self.fmt, temperature,
+                                     **self.guard)
         self.batches += 1
         self.rows += len(jobs)
         for job, generation in zip(jobs, generations):
@@ -541,6 +545,15 @@ class Engine:
         common = dict(max_pending=limits["max_pending"], timeout_s=config["request_timeout_s"],
                       stall_s=config["stall_s"], retry_after_s=limits["retry_after_s"])
         self.engine_kind = batching.get("engine", "continuous")
+        # The decoding the model was evaluated with (package wrote it from params decoding).
+        guard = dict(self.metadata.get("repetition_guard") or {})
+        self.notes: list[str] = []
+        if guard and self.engine_kind == "continuous":
+            # transformers' continuous batching applies neither repetition_penalty nor no_repeat_ngram_size
+            # (they are not among its per-request logits processors): serve as evaluated, on the static engine.
+            self.notes.append(f"serve.batching.engine continuous cannot apply the model's repetition guard {guard}; "
+                              "using the static engine, which decodes as the evaluate stage did")
+            self.engine_kind = "static"
         if self.engine_kind == "continuous":
             # Room for the longest request the limits allow (chat template overhead included).
             longest = (int(config["max_system_tokens"]) + int(config["max_instruction_tokens"]) + 64
@@ -553,6 +566,7 @@ class Engine:
                                              cuda_graphs=batching.get("cuda_graphs", "auto"), **common)
         elif self.engine_kind == "static":
             self.batcher = Batcher(self.model, batching["max_batch"], batching["window_ms"], self.chat, **common)
+            self.batcher.guard = guard
         else:
             raise ValueError(f"serve config: batching.engine must be 'continuous' or 'static', got {self.engine_kind!r}")
         # Warm-up: the first forward pass allocates and picks kernels; keep that off the first request.

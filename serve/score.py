@@ -126,7 +126,10 @@ def init() -> None:
           f"batching max {engine.batcher.max_batch} window {engine.batcher.window_s * 1000:g} ms, "
           f"cache {'on' if engine.cache else 'off'}, pii filter {config['pii_filter']}, "
           f"log {config['log_path'] or 'off'}, data collection {'on' if request_log.collector_active else 'off'}, "
-          f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
+          f"loaded in {time.perf_counter() - started:.1f} s; default max_new_tokens "
+          f"{engine.limits.max_new_tokens_default}", flush=True)
+    for note in engine.notes:
+        print(f"[score] note: {note}", flush=True)
 
 
 def _request_id(headers) -> str:

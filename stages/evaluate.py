@@ -269,6 +269,9 @@ def evaluate(params: Params, test: list[dict], val: list[dict], adapter_dir: str
     metrics["answer_budget"] = {"max_new_tokens": budget.max_new_tokens, "rule": budget.rule,
                                 "hit_rate": {"base": metrics["base"]["no_end_token_rate"],
                                              "tuned": metrics["tuned"]["no_end_token_rate"]}}
+    # What the answers were generated with, max_new_tokens resolved: package writes it into the model's
+    # generation_config.json and serving.json, so the endpoint decodes as evaluated.
+    metrics["decoding"] = params.decoding.model_dump(mode="json")
     # the encoder's name, not its path: a path differs between machines and would show in every diff
     metrics["encoder"] = {"name": params.evaluate.encoder, "bertscore_layer": semantic.layer}
     if ref is not None:

@@ -3,7 +3,7 @@
     python -m stages.evaluate_base --data data/processed --output reports/eval_base
 
 The base model's evaluation depends only on the base model (params `model`, and `cpu` threads), the
-test and validation splits, and the generation and scoring settings (evaluate.max_new_tokens,
+test and validation splits, and the generation and scoring settings (decoding,
 evaluate.batch_size, evaluate.encoder, evaluate.bertscore_layer), never on training. As its own
 DVC stage with exactly those dependencies, a change of a train param or of the LoRA rank reruns
 train and evaluate but not this: `dvc repro` skips it, and CI pulls its output from the DVC cache.
@@ -134,15 +134,17 @@ class ModelRun:
         return self.new_tokens / self.generation_s if self.generation_s > 0 else 0.0
 
 
-def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int,
+def generate_answers(model, tokenizer, records: list[dict], decoding, batch_size: int,
                      desc: str = "answers"):
-    """Greedy answers in the input order; prompts are batched by length to keep padding small. A
+    """Greedy answers in the input order, with `decoding`'s settings (DecodingParams, max_new_tokens
+    resolved to a number); prompts are batched by length to keep padding small. A
     progress bar counts answers, with the generated tokens per second as its running value, and the
     decoding step of the batch in progress (so a long batch still reports)."""
     from .core.chat import chat_format
     from .core.generate import generate_batch
 
     fmt = chat_format(tokenizer)
+    max_new_tokens = int(decoding.max_new_tokens)
     prompts = [fmt.prompt_ids(r.get("system", ""), r["instruction"]) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers, finished = [""] * len(prompts), [False] * len(prompts)
@@ -155,7 +157,7 @@ def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int,
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             for i, gen in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, fmt,
-                                                    on_step=on_step)):
+                                                    on_step=on_step, **decoding.guard())):
                 answers[i] = tokenizer.decode(gen.token_ids, skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False).strip()
                 finished[i] = gen.finished
@@ -186,7 +188,7 @@ def validation_loss(model, tokenizer, records: list[dict], batch_size: int, devi
 
 def run_model(model, tokenizer, test, val, params: Params, device, name: str = "model") -> ModelRun:
     model.eval()
-    answers, finished, tokens, seconds = generate_answers(model, tokenizer, test, params.evaluate.max_new_tokens,
+    answers, finished, tokens, seconds = generate_answers(model, tokenizer, test, params.decoding,
                                                           params.evaluate.batch_size, desc=f"{name} answers")
     loss = validation_loss(model, tokenizer, val, params.evaluate.batch_size, device)
     return ModelRun(answers, finished, tokens, seconds, loss)
@@ -218,21 +220,21 @@ def score_answers(answers: list[str], references: list[str], finished: list[bool
 
 
 def with_answer_budget(params: Params, tokenizer, test: list[dict]):
-    """(params with evaluate.max_new_tokens a number, the AnswerBudget): "auto" resolved from the test
+    """(params with decoding.max_new_tokens a number, the AnswerBudget): "auto" resolved from the test
     references' token lengths. Base and tuned answers get the same budget (the same tokenizer)."""
     from .core.generate import answer_budget, reference_tokens
 
-    e = params.evaluate
-    lengths = reference_tokens(tokenizer, [r["output"] for r in test]) if e.max_new_tokens == "auto" else []
-    budget = answer_budget(e.max_new_tokens, e.max_new_tokens_cap, lengths)
-    return params.model_copy(update={"evaluate": e.model_copy(update={"max_new_tokens": budget.max_new_tokens})}), budget
+    d = params.decoding
+    lengths = reference_tokens(tokenizer, [r["output"] for r in test]) if d.max_new_tokens == "auto" else []
+    budget = answer_budget(d.max_new_tokens, d.max_new_tokens_cap, lengths)
+    return params.model_copy(update={"decoding": d.model_copy(update={"max_new_tokens": budget.max_new_tokens})}), budget
 
 
 def base_settings(params: Params) -> dict:
     """Everything besides the splits that the base results depend on (the stage's params in dvc.yaml)."""
     e = params.evaluate
     return {"model": params.model.model_dump(mode="json"), "cpu_threads": params.cpu.threads,
-            "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "encoder": e.encoder,
+            "decoding": params.decoding.model_dump(mode="json"), "batch_size": e.batch_size, "encoder": e.encoder,
             "bertscore_layer": e.bertscore_layer}
 
 
@@ -281,15 +283,17 @@ def _differences(meta: dict, params: Params, test: list[dict], val: list[dict]) 
             found.append(f"the {name.replace('_set', '')} split ({path}: {now['n']} records, hash {now['hash'][:12]}; "
                          f"the results: {made.get('n')} records, hash {str(made.get('hash'))[:12]})")
     made, now = meta.get("settings") or {}, base_settings(params)
-    names = {"model": "model", "cpu_threads": "cpu.threads", "max_new_tokens": "evaluate.max_new_tokens",
+    names = {"model": "model", "cpu_threads": "cpu.threads", "decoding": "decoding",
              "batch_size": "evaluate.batch_size", "encoder": "evaluate.encoder",
              "bertscore_layer": "evaluate.bertscore_layer"}
     for key, label in names.items():
         if made.get(key) != now[key]:
-            if key == "model":
+            if key in ("model", "decoding"):
                 keys = sorted(k for k in set(now[key]) | set(made.get(key) or {})
                               if (made.get(key) or {}).get(k) != now[key].get(k))
-                found.append("params " + ", ".join(f"model.{k}" for k in keys))
+                found.append("params " + ", ".join(f"{key}.{k} ({now[key].get(k)!r} now, "
+                                                   f"{(made.get(key) or {}).get(k)!r} in the results)"
+                                                   if key == "decoding" else f"model.{k}" for k in keys))
             else:
                 found.append(f"params {label} ({now[key]!r} now, {made.get(key)!r} in the results)")
     return found
@@ -330,7 +334,7 @@ def load_base(base_dir: str | Path, params: Params, test: list[dict], val: list[
 
 def evaluate_base(params: Params, test: list[dict], val: list[dict], log=print) -> tuple[ModelRun, dict, Params]:
     """The base run, its timings (for logs/perf, not for the outputs) and the params it ran with
-    (evaluate.max_new_tokens resolved)."""
+    (decoding.max_new_tokens resolved)."""
     from .core import metrics as M
     from .core.determinism import fix_cpu_threads
     from .core.modeling import load_tokenizer, resolve_device, resolve_dtype

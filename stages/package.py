@@ -35,7 +35,7 @@ from .core.determinism import fix_cpu_threads
 from .core.generate import generate_batch
 from .core.io import atomic_dir, read_json, read_jsonl, write_json, write_text_atomic
 from .core.modeling import EMBEDDED, count_parameters, load_tuned_model, resolve_device
-from .core.params import ConfigError, CpuParams, ModelParams, PackageParams, load_params
+from .core.params import ConfigError, CpuParams, DecodingParams, ModelParams, PackageParams, load_params
 from .core.perf import write_perf
 from .core.progress import progress, quiet_library_bars
 
@@ -109,7 +109,7 @@ def save_dtype(choice: str, model: ModelParams) -> torch.dtype:
 @torch.inference_mode()
 def answer_and_logits(model, prompts: list[list[int]], max_new_tokens: int, fmt,
                       reference: list[list[int]] | None = None,
-                      desc: str = "merge check") -> tuple[list[list[int]], list[torch.Tensor]]:
+                      desc: str = "merge check", guard: dict | None = None) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy answers, and the logits at the positions that chose each token of `reference`
     (the model's own answers when None), on the CPU in fp32. A progress bar counts steps: each
     decoding step of the batch, then each prompt's teacher-forced pass."""
@@ -121,7 +121,7 @@ def answer_and_logits(model, prompts: list[list[int]], max_new_tokens: int, fmt,
             done[0] = step
 
         answers = [g.token_ids for g in generate_batch(model, prompts, max_new_tokens, fmt, temperature=0.0,
-                                                       on_step=on_step)]
+                                                       on_step=on_step, **(guard or {}))]
         bar.update(max_new_tokens - done[0], phase="teacher-forced logits")  # every row stopped early
         follow = reference if reference is not None else answers
         device = next(model.parameters()).device
@@ -238,7 +238,8 @@ def render_card(card: dict) -> str:
 
 def package(adapter_dir: str | Path, output: str | Path, package_params: PackageParams = PackageParams(),
             data_dir: str | Path | None = None, eval_metrics: str | Path | None = None,
-            train_metrics: str | Path | None = None, device: str = "auto") -> dict:
+            train_metrics: str | Path | None = None, device: str = "auto",
+            decoding: DecodingParams = DecodingParams()) -> dict:
     """Merge, check, save to `output` (atomically). Returns the card; raises MergeCheckError."""
     started = time.perf_counter()
     adapter_dir, output = Path(adapter_dir), Path(output)
@@ -256,13 +257,13 @@ def package(adapter_dir: str | Path, output: str | Path, package_params: Package
     fix_cpu_threads(CpuParams.model_validate(manifest["params"].get("cpu", {})).threads, torch_device)
     try:
         return _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_metrics,
-                        manifest, method, model_params, dtype, torch_device, started)
+                        manifest, method, model_params, dtype, torch_device, started, decoding)
     finally:
         torch.set_num_threads(threads)
 
 
 def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_metrics,
-             manifest, method, model_params, dtype, torch_device, started) -> dict:
+             manifest, method, model_params, dtype, torch_device, started, decoding) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -276,6 +277,7 @@ def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_
     pairs, source = check_prompts(data_dir, package_params.check_prompts)
     prompts = [fmt.prompt_ids(system, instruction) for system, instruction in pairs]
     max_new = package_params.check_max_new_tokens
+    guard = decoding.guard()  # the merge check decodes as evaluate and the endpoint do
 
     # 1. The merge itself, in fp32: adapter model vs merged model. Rounding cannot hide a wrong merge
     #    here (scale, target module), so the tolerance is tight. For QLoRA the base is *not* quantized
@@ -283,10 +285,11 @@ def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_
     tuned = load_tuned_model(model_params, adapter_dir, method, dtype=torch.float32, device=torch_device,
                              tokenizer=tokenizer)
     tuned.eval()
-    ref_answers, ref_logits = answer_and_logits(tuned, prompts, max_new, fmt, desc="merge check 1/3: adapter model")
+    ref_answers, ref_logits = answer_and_logits(tuned, prompts, max_new, fmt, desc="merge check 1/3: adapter model",
+                                                guard=guard)
     merged = tuned.merge_and_unload() if method != "full" else tuned
     answers, logits = answer_and_logits(merged, prompts, max_new, fmt, ref_answers,
-                                        desc="merge check 2/3: merged model")
+                                        desc="merge check 2/3: merged model", guard=guard)
     merge = compare(ref_answers, ref_logits, answers, logits, package_params.logits_tolerance)
     log(f"merge check (fp32): {merge['greedy_identical']}/{merge['prompts']} greedy answers identical, relative "
         f"logit diff {merge['relative_logit_diff']:.3g} (tolerance {merge['logits_tolerance']:g})")
@@ -297,12 +300,12 @@ def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_
     merged = merged.to(dtype)
     merged.config.pad_token_id = fmt.pad_id
     merged.config.eos_token_id = list(fmt.stop_ids)
-    # The answer length the model was evaluated with (evaluate.max_new_tokens, resolved): the
-    # endpoint's default (serve.max_new_tokens_default: auto) and generation_config's, so a model
-    # evaluated at 300 tokens is not served at 64.
+    # The answer length the model was evaluated with (decoding.max_new_tokens, resolved by evaluate):
+    # the endpoint's default (serve.max_new_tokens_default: auto) and generation_config's, so a model
+    # evaluated at 300 tokens is not served at 64. The repetition guard goes with it.
     evaluated_budget = ((read_metrics(Path(eval_metrics) if eval_metrics else None) or {})
                         .get("answer_budget") or {}).get("max_new_tokens")
-    generation_config = serving_generation_config(merged, fmt, evaluated_budget)
+    generation_config = serving_generation_config(merged, fmt, evaluated_budget, guard)
     merged.generation_config = generation_config
     parameters = count_parameters(merged)[1]
 
@@ -318,7 +321,8 @@ def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype).to(torch_device)
         reloaded.eval()
         answers, logits = answer_and_logits(reloaded, prompts, max_new, fmt, ref_answers,
-                                            desc=f"merge check 3/3: saved {str(dtype).removeprefix('torch.')} model")
+                                            desc=f"merge check 3/3: saved {str(dtype).removeprefix('torch.')} model",
+                                            guard=guard)
         del reloaded
         tolerance = package_params.logits_tolerance if dtype == torch.float32 else package_params.saved_logits_tolerance
         saved = compare(ref_answers, ref_logits, answers, logits, tolerance,
@@ -335,7 +339,7 @@ def _package(adapter_dir, output, package_params, data_dir, eval_metrics, train_
 
         serving = {"default_system": training_system_prompt(data_dir), "chat_format": fmt.describe(),
                    "stop_token_ids": list(fmt.stop_ids), "pad_token_id": fmt.pad_id,
-                   "max_new_tokens": evaluated_budget}
+                   "max_new_tokens": evaluated_budget, "repetition_guard": guard}
         write_json(tmp / "serving.json", serving)
         # Every byte of the card is a function of the stage's inputs (no clock, no git state), so
         # the same adapter and data package to the same models/merged hash on every machine.
@@ -371,7 +375,7 @@ def _problems(check: dict, setting: str) -> list[str]:
     return problems
 
 
-def serving_generation_config(model, fmt, max_new_tokens: int | None = None):
+def serving_generation_config(model, fmt, max_new_tokens: int | None = None, guard: dict | None = None):
     from transformers import GenerationConfig
 
     bos = getattr(model.config, "bos_token_id", None)
@@ -379,7 +383,7 @@ def serving_generation_config(model, fmt, max_new_tokens: int | None = None):
         bos = bos[0] if bos else None
     return GenerationConfig(bos_token_id=bos if bos is not None else BEGIN_OF_TEXT_ID,
                             eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id, do_sample=False,
-                            **({"max_new_tokens": int(max_new_tokens)} if max_new_tokens else {}))
+                            **({"max_new_tokens": int(max_new_tokens)} if max_new_tokens else {}), **(guard or {}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         quiet_library_bars()
         card = package(args.adapter, args.output, params.package, data_dir=args.data,
-                       eval_metrics=args.eval_metrics, train_metrics=args.train_metrics)
+                       eval_metrics=args.eval_metrics, train_metrics=args.train_metrics, decoding=params.decoding)
         write_json(args.metrics, {"merge_check": card["merge_check"], "parameters": card["model"]["parameters"],
                                   "dtype": card["model"]["dtype"]})
         write_perf(STAGE, {"seconds": card["seconds"]})

@@ -42,13 +42,14 @@ def write_data(folder: Path) -> Path:
     return folder
 
 
-def write_params(root_params: Path, path: Path, **evaluate) -> Path:
+def write_params(root_params: Path, path: Path, decoding: dict | None = None, **evaluate) -> Path:
     raw = yaml.safe_load(root_params.read_text(encoding="utf-8"))
     raw["model"] = TINY_MODEL
     raw["train"]["method"] = "lora"
     raw["train"]["lora"].update({"r": 4, "alpha": 8, "modules_to_save": []})
-    raw["evaluate"].update({"max_new_tokens": 6, "batch_size": 2, "worst_answers": 2})
+    raw["evaluate"].update({"batch_size": 2, "worst_answers": 2})
     raw["evaluate"].update(evaluate)
+    raw["decoding"].update({"max_new_tokens": 6, **(decoding or {})})
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
 

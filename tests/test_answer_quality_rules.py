@@ -52,7 +52,7 @@ def test_auto_budget_follows_the_references():
     assert budget.rule == ("auto: p95 of 100 test references is 104 tokens (longest 109); x1.25 rounded up to 8 "
                            "= 136; using 136")
     assert answer_budget("auto", 100, lengths).max_new_tokens == 100
-    assert "capped by evaluate.max_new_tokens_cap" in answer_budget("auto", 100, lengths).rule
+    assert "capped by decoding.max_new_tokens_cap" in answer_budget("auto", 100, lengths).rule
     assert answer_budget("auto", 512, [3, 4, 5]).max_new_tokens == 32  # the floor
     assert answer_budget(64, 512, lengths).max_new_tokens == 64
 

@@ -155,7 +155,7 @@ def test_gate_and_speed(stage_run):
     assert any(c.startswith("truncated answers: ") and "(6)" in c for c in causes), causes
     head = (report / "report.md").read_text().split("## Headline")[0]
     assert "Likely causes, from this run's own figures, and what to change:" in head
-    assert "Answers: up to 6 new tokens (evaluate.max_new_tokens 6)" in head
+    assert "Answers: up to 6 new tokens (decoding.max_new_tokens 6)" in head
     s = json.loads((report.parent.parent.parent / "perf" / "evaluate.json").read_text())
     assert s["base_generated_tokens"] > 0 and s["tuned_tokens_per_s"] > 0 and s["total_s"] > 0
     assert s["generation_s"] <= s["models_s"] <= s["total_s"]
@@ -202,7 +202,7 @@ def test_dvc_yaml_registers_the_stage_and_plots():
 
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stage = dvc["stages"]["evaluate"]
-    assert stage["params"] == ["cpu", "model", "train.method", "evaluate"]
+    assert stage["params"] == ["cpu", "model", "train.method", "evaluate", "decoding"]
     assert {"data/processed/test.jsonl", "data/processed/val.jsonl", "models/adapter", "reports/eval_base",
             "stages/evaluate.py", "stages/evaluate_base.py", "stages/core/metrics.py", "stages/core/report.py",
             "stages/core/gate.py"} <= set(stage["deps"])
@@ -383,7 +383,7 @@ def test_evaluate_base_writes_answers_scores_and_what_they_were_made_from(inputs
     assert meta["test_set"] == {"n": len(TEST_RECORDS), "hash": content_hash(test)}
     assert meta["val_set"] == {"n": 3, "hash": content_hash(val)}
     assert meta["settings"] == base_settings(load_params(params))
-    assert meta["settings"]["max_new_tokens"] == 6 and "train" not in json.dumps(meta["settings"])
+    assert meta["settings"]["decoding"]["max_new_tokens"] == 6 and "train" not in json.dumps(meta["settings"])
     assert meta["val_loss"] > 0 and meta["generated_tokens"] > 0
     assert not {"seconds", "total_s", "tokens_per_s"} & set(meta)       # timings: logs/perf/evaluate_base.json
     assert json.loads((work / "perf" / "evaluate_base.json").read_text())["base_tokens_per_s"] > 0
@@ -450,10 +450,10 @@ def test_stale_base_results_are_refused_with_the_command(inputs, tmp_path, capsy
     assert "val split" not in err and "dvc repro evaluate_base" in err and "Traceback" not in err
     assert not metrics.exists() and not report.exists()
 
-    changed = write_params(ROOT / "params.yaml", tmp_path / "params.yaml", max_new_tokens=7)
+    changed = write_params(ROOT / "params.yaml", tmp_path / "params.yaml", decoding={"max_new_tokens": 7})
     rc, metrics, _ = _run(tmp_path, data, changed, adapter, "stale2")
     err = capsys.readouterr().err
-    assert rc == 1 and "params evaluate.max_new_tokens (7 now, 6 in the results)" in err
+    assert rc == 1 and "params decoding.max_new_tokens (7 now, 6 in the results)" in err
     assert "test split" not in err and "dvc repro evaluate_base" in err and not metrics.exists()
 
 
@@ -499,8 +499,7 @@ def test_dvc_yaml_base_stage_depends_on_the_base_model_only():
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     base = stages["evaluate_base"]
-    assert base["params"] == ["cpu", "model", "evaluate.max_new_tokens", "evaluate.max_new_tokens_cap",
-                              "evaluate.batch_size", "evaluate.encoder",
+    assert base["params"] == ["cpu", "model", "decoding", "evaluate.batch_size", "evaluate.encoder",
                               "evaluate.bertscore_layer"]
     assert not [p for p in base["params"] if p == "train" or p.startswith("train.") or p == "evaluate"]
     produced_by_train = {out if isinstance(out, str) else next(iter(out)) for out in stages["train"]["outs"]}
@@ -560,5 +559,6 @@ def test_dvc_reruns_the_base_evaluation_for_base_inputs_only(tmp_path):
     assert changed(lambda p: p["train"]["lora"].update(r=p["train"]["lora"]["r"] * 2)) == {"train"}
     assert changed(lambda p: p["train"].update(method="full")) == {"train", "evaluate"}
     assert changed(lambda p: p["evaluate"]["gate"].update(max_regression=0.5)) == {"evaluate"}
-    assert changed(lambda p: p["evaluate"].update(max_new_tokens=7)) == {"evaluate_base", "evaluate"}
+    assert changed(lambda p: p["decoding"].update(max_new_tokens=7)) == {"evaluate_base", "evaluate", "package"}
+    assert changed(lambda p: p["decoding"].update(no_repeat_ngram_size=4)) == {"evaluate_base", "evaluate", "package"}
     assert "evaluate_base" in changed(lambda p: p["model"].update(max_seq_length=p["model"]["max_seq_length"] + 1))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from stages.core.chat import CHAT_TEMPLATE, PAD_ID, STOP_IDS
-from stages.core.params import PackageParams, Params
+from stages.core.params import DecodingParams, PackageParams, Params
 
 SYSTEM = "You are a helpful corporate assistant."
 OTHER_SYSTEM = "You are Contoso's help desk."
@@ -78,7 +78,7 @@ def workdir(tmp_path_factory):
     data = make_data(root / "data")
     (root / "eval.json").write_text(json.dumps({
         "base": {"rougeL": 0.05, "bleu4": 0.01}, "tuned": {"rougeL": 0.61, "bleu4": 0.32},
-        "gate": {"passed": True, "reasons": []}}), encoding="utf-8")
+        "gate": {"passed": True, "reasons": []}, "answer_budget": {"max_new_tokens": 40}}), encoding="utf-8")
     (root / "train.json").write_text(json.dumps({"final_train_loss": 1.23, "steps": 40}), encoding="utf-8")
     (root / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  train:\n    cmd: python -m stages.train\n    deps:\n    - path: data/processed\n"
@@ -92,7 +92,7 @@ def test_package_merges_checks_and_writes_a_servable_model(workdir):
     root, adapter, data = workdir
     out = root / "merged"
     card = package(adapter, out, FAST, data_dir=data, eval_metrics=root / "eval.json",
-                   train_metrics=root / "train.json")
+                   train_metrics=root / "train.json", decoding=DecodingParams(no_repeat_ngram_size=3))
 
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", "serving.json", "model_card.md", "card.json"):
@@ -102,6 +102,10 @@ def test_package_merges_checks_and_writes_a_servable_model(workdir):
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [128009, 128001] == list(STOP_IDS)
     assert generation["pad_token_id"] == PAD_ID == 128004
+    # what evaluate measured is what is served: its answer length and the decoding section's guard
+    assert generation["max_new_tokens"] == 40 and generation["no_repeat_ngram_size"] == 3
+    serving = json.loads((out / "serving.json").read_text())
+    assert serving["max_new_tokens"] == 40 and serving["repetition_guard"] == {"no_repeat_ngram_size": 3}
 
     check = card["merge_check"]
     assert check["passed"] and check["source"].endswith("test.jsonl") and check["prompts"] == 3

@@ -55,7 +55,7 @@ def build_repo(dest: Path, root: Path, records: int, preset: str | None = None, 
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["train"]["epochs"] = 1
     params["train"]["min_steps"] = 0  # a pipeline smoke run: one pass over the slice, not a quality run
-    params["evaluate"]["max_new_tokens"] = max_new_tokens
+    params["decoding"]["max_new_tokens"] = max_new_tokens
     params["deploy"]["require_gate"] = False  # a one-epoch slice is not meant to pass the gate
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _sh(["git", "init", "-q"], dest, env)

@@ -548,3 +548,45 @@ def test_request_log_feeds_azure_ml_data_collection_when_enabled(tmp_path, monke
         mdc.teardown()
     monkeypatch.delenv("AZUREML_MDC_ENABLED")
     assert not RequestLog(None).collector_active
+
+
+def test_the_default_answer_length_and_repetition_guard_come_from_the_packaged_model(merged, tmp_path):
+    """serve.max_new_tokens_default auto: what the model was evaluated with (serving.json, written by
+    package from metrics/eval.json), within the limit; a repetition guard moves decoding to the static
+    engine, because transformers' continuous batching does not apply it, and says so."""
+    import shutil
+
+    from serve.engine import AUTO_FALLBACK_MAX_NEW_TOKENS, Engine
+
+    model = tmp_path / "merged"
+    shutil.copytree(merged, model)
+    serving = json.loads((model / "serving.json").read_text())
+    auto = serve_config(tmp_path / "log.jsonl", max_new_tokens_default="auto")
+
+    plain = Engine(model, auto)
+    try:
+        # no evaluated value: the fallback, within the limit
+        assert plain.limits.max_new_tokens_default == min(AUTO_FALLBACK_MAX_NEW_TOKENS, LIMITS["max_new_tokens_limit"]) == 32
+        assert plain.engine_kind == "continuous" and plain.notes == []
+    finally:
+        plain.batcher.close()
+
+    (model / "serving.json").write_text(json.dumps({**serving, "max_new_tokens": 24,
+                                                    "repetition_guard": {"no_repeat_ngram_size": 3}}))
+    guarded = Engine(model, auto)
+    try:
+        assert guarded.limits.max_new_tokens_default == 24
+        assert guarded.engine_kind == "static" and guarded.batcher.guard == {"no_repeat_ngram_size": 3}
+        assert "cannot apply the model's repetition guard" in guarded.notes[0]
+        from serve.validation import GenRequest
+
+        answer, = guarded.answer([GenRequest("What is the PM job code?", None, 12, 0.0)])
+        assert answer.completion_tokens <= 12
+    finally:
+        guarded.batcher.close()
+
+    fixed = Engine(model, serve_config(tmp_path / "log2.jsonl", max_new_tokens_default=7))
+    try:
+        assert fixed.limits.max_new_tokens_default == 7
+    finally:
+        fixed.batcher.close()

@@ -227,8 +227,8 @@ def likely_causes(metrics: dict, training: dict | None = None) -> list[str]:
     cut = max(_number(tuned.get("no_end_token_rate")) or 0.0, _number(base.get("no_end_token_rate")) or 0.0)
     if cut >= TRUNCATED_RATE:
         causes.append(f"truncated answers: {cut:.0%} of answers hit max_new_tokens ({budget}), so every score is "
-                      "computed on cut text; set evaluate.max_new_tokens to auto (the references' length) or raise "
-                      "evaluate.max_new_tokens_cap")
+                      "computed on cut text; set decoding.max_new_tokens to auto (the references' length) or raise "
+                      "decoding.max_new_tokens_cap")
     loops = _number(tuned.get("degenerate_rate"))
     if loops is not None and loops >= LOOP_RATE:
         causes.append(f"loops: {loops:.0%} of tuned answers repeat themselves or stop mid-sentence (the report's "

