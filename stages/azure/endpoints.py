@@ -231,7 +231,8 @@ class AzureWorld:
         rollout = self.params.azure.rollout
         for prompt in rollout.smoke_prompts:
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-                json.dump({"instruction": prompt, "max_new_tokens": rollout.smoke_max_new_tokens}, handle)
+                budget = rollout.smoke_max_new_tokens  # auto: the endpoint's default, as evaluated
+                json.dump({"instruction": prompt} | ({} if budget == "auto" else {"max_new_tokens": budget}), handle)
             try:
                 raw = self.client.online_endpoints.invoke(endpoint_name=self.name, deployment_name=color,
                                                           request_file=handle.name)

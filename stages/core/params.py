@@ -353,7 +353,9 @@ class RolloutParams(Section):
     max_error_rate: float = Field(0.01, ge=0, le=1, description="5xx / requests of the new colour per step")
     min_requests: int = Field(20, ge=0, description="requests a step must see before its error rate counts")
     smoke_prompts: list[str] = Field(["How do I submit an expense report?"], min_length=1)
-    smoke_max_new_tokens: int = Field(32, ge=1)
+    smoke_max_new_tokens: int | Literal["auto"] = Field(
+        "auto", description='"auto": the request leaves it out, so the endpoint answers with its default, what '
+        'the model was evaluated with (serving.json); a number fixes it')
     # The evaluation gate (metrics/eval.json gate.passed) must hold before any traffic moves.
     require_gate: bool = True
 
