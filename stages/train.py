@@ -324,7 +324,8 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     if dist_info.is_main:
         save_outputs(output, model, tokenizer, params, data_hash,
                      {"train_records": len(train_ex), "val_records": len(val_ex), "best_step": result.best_step,
-                      "steps": result.steps, "length_rule": length.describe()},
+                      "steps": result.steps, "early_stopped": result.early_stopped,
+                      "length_rule": length.describe()},
                      state_dict=full_state)
         if metrics_path is not None:
             write_json(metrics_path, metrics)

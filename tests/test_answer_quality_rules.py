@@ -66,7 +66,7 @@ def test_auto_budget_counts_tokens_with_the_end_token(tokenizer):
 
 def _metrics(**tuned):
     base = {"no_end_token_rate": 0.0, "degenerate_rate": 0.0, "val_loss": 2.0}
-    return {"n_test": 63, "base": base, "tuned": {**base, **tuned}, "answer_budget": {"max_new_tokens": 64},
+    return {"n_test": 63, "base": base, "tuned": {**base, **tuned}, "answer_budget": {"max_new_tokens": 64, "rule": "decoding.max_new_tokens 64"},
             "significance": {"detectable_difference": {"rouge_l": 0.05}}}
 
 
@@ -75,7 +75,10 @@ def test_likely_causes_name_what_applies_and_what_to_change():
     causes = likely_causes(_metrics(val_loss=2.5, no_end_token_rate=0.63, degenerate_rate=0.4),
                            {"steps": 7, "length_rule": "109 records, batch 16: 7 steps per epoch; training 1 epoch"})
     assert [c.split(":")[0] for c in causes] == ["few steps", "truncated answers", "loops", "a learning rate that diverged"]
-    assert "raise train.min_steps" in causes[0] and "63% of answers hit max_new_tokens (64)" in causes[1]
+    assert "raise train.min_steps" in causes[0] and "63% of tuned answers hit max_new_tokens (64)" in causes[1]
+    assert "set decoding.max_new_tokens to auto" in causes[1]
+    # an early stop is not "few steps"
+    assert not likely_causes(_metrics(val_loss=1.5), {"steps": 12, "early_stopped": True})
     small = likely_causes({**_metrics(val_loss=1.0), "n_test": 13,
                            "significance": {"detectable_difference": {"rouge_l": 0.21}}}, {"steps": 60})
     assert small == ["a small test split: 13 test records, and it can only detect ROUGE-L changes above about 0.210; "

@@ -184,7 +184,8 @@ def test_report_sections(stage_run):
                    "| Fact recall |", "## Per topic", "| job_codes | 2 |", "## Fact seen in training vs not",
                    "## Worst 2 tuned answers", "### 1. ", "### 2. ", "(expenses, it_access, job_codes) are anecdotes", "test record `", "## Is the difference real?",
                    "| rouge_l | ", "| reference | ", "| base |", "## Quality gate",
-                   "LLM judge: off", "![base vs tuned](plots/metrics.png)", "## Degenerate answers"):
+                   "LLM judge: off", "![base vs tuned](plots/metrics.png)", "## Degenerate answers",
+                   "Greedy decoding, no repetition guard (params decoding)."):
         assert needle in text, needle
     assert "### 0." not in text and "### 3." not in text
     assert "## Speed" not in text  # timings would change the cached report's hash on every run

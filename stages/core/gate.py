@@ -220,15 +220,21 @@ def likely_causes(metrics: dict, training: dict | None = None) -> list[str]:
     tuned, base = metrics.get("tuned") or {}, metrics.get("base") or {}
     training = training or {}
     steps = training.get("steps")
-    if isinstance(steps, int) and steps < FEW_STEPS:
+    # an early stop is the validation loss saying that more steps did not help: not "few steps"
+    if isinstance(steps, int) and steps < FEW_STEPS and not training.get("early_stopped"):
         causes.append(f"few steps: training ran {steps} optimizer steps ({training.get('length_rule', 'see metrics/train.json')}); "
                       f"raise train.min_steps (at least {FEW_STEPS}) or train.epochs")
-    budget = (metrics.get("answer_budget") or {}).get("max_new_tokens")
-    cut = max(_number(tuned.get("no_end_token_rate")) or 0.0, _number(base.get("no_end_token_rate")) or 0.0)
+    budget = metrics.get("answer_budget") or {}
+    cut = _number(tuned.get("no_end_token_rate")) or 0.0
     if cut >= TRUNCATED_RATE:
-        causes.append(f"truncated answers: {cut:.0%} of answers hit max_new_tokens ({budget}), so every score is "
-                      "computed on cut text; set decoding.max_new_tokens to auto (the references' length) or raise "
-                      "decoding.max_new_tokens_cap")
+        if str(budget.get("rule", "")).startswith("auto"):
+            change = ("it is auto, 1.25 x the references' p95 length: tuned answers that much longer than the "
+                      "references ramble or loop (see loops); if your answers vary a lot in length, raise "
+                      "decoding.max_new_tokens_cap or set decoding.max_new_tokens to a number")
+        else:
+            change = "set decoding.max_new_tokens to auto (from the references' length) or raise it"
+        causes.append(f"truncated answers: {cut:.0%} of tuned answers hit max_new_tokens "
+                      f"({budget.get('max_new_tokens')}), so their scores are computed on cut text; {change}")
     loops = _number(tuned.get("degenerate_rate"))
     if loops is not None and loops >= LOOP_RATE:
         causes.append(f"loops: {loops:.0%} of tuned answers repeat themselves or stop mid-sentence (the report's "

@@ -42,6 +42,15 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _guard_text(decoding: dict) -> str:
+    parts = []
+    if decoding.get("repetition_penalty", 1.0) != 1.0:
+        parts.append(f"repetition_penalty {decoding['repetition_penalty']:g}")
+    if decoding.get("no_repeat_ngram_size"):
+        parts.append(f"no_repeat_ngram_size {decoding['no_repeat_ngram_size']}")
+    return f", repetition guard {', '.join(parts)}" if parts else ", no repetition guard"
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
@@ -180,8 +189,8 @@ def render_report(metrics: dict, predictions: list[dict], worst_n: int, plots: d
         lines += ["", "None of the usual causes (few steps, truncated answers, loops, a small test split, a "
                       "diverged learning rate) shows in this run's figures; read the worst answers below."]
     lines += ["", f"Test records: {metrics.get('n_test')} ({metrics.get('n_with_facts')} with key facts); "
-                  f"validation records: {metrics.get('n_val')}. Greedy decoding, up to "
-                  f"{metrics.get('speed', {}).get('batch_size')} prompts per batch.", ""]
+                  f"validation records: {metrics.get('n_val')}. Greedy decoding"
+                  f"{_guard_text(metrics.get('decoding') or {})} (params decoding).", ""]
     budget = metrics.get("answer_budget")
     if budget:
         hit = budget.get("hit_rate") or {}
