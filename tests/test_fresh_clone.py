@@ -49,7 +49,7 @@ def test_no_top_level_plot_is_a_path_inside_a_cached_output():
 
 def _fresh_copy(dest: Path) -> Path:
     """The tracked files of this working tree, committed in a new repository with an empty DVC cache."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True,
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split("\0")
     for name in filter(None, files):
         source = ROOT / name

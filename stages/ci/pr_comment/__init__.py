@@ -2,7 +2,8 @@
 
     python -m stages.ci.pr_comment --base main --out comment.md
 
-Sections, in order: the quality-gate verdict; the tuned model's evaluation against the base branch's,
+Sections, in order: with --plan, what CI ran per stage (from the remote/run cache, on the runner,
+or not started here, and why: `python -m stages.ci.plan`); the quality-gate verdict; the tuned model's evaluation against the base branch's,
 paired over test records (metrics/eval.json and metrics/eval_records.json of both revisions, read from
 git): change, 95% interval, verdict and seed noise (metrics/noise_floor.json) per metric, and the
 smallest difference the test split can detect; a metric is a regression only when it dropped by more
@@ -46,3 +47,4 @@ from .metrics import (DIFF_TARGETS, EVAL_FILES, HEADLINE_EVAL, LOSS_TOLERANCE, L
                       LOWER_IS_BETTER_WORDS, NEUTRAL_PREFIXES, NEUTRAL_WORDS, MetricRow, classify,
                       compact_diff_table, is_headline, loss_noise, metric_direction, metric_rows, metrics_section)
 from .params import _gate_params, params_section
+from .plan import plan_section

@@ -17,6 +17,7 @@ from .evaluation import _eval_comparison, _noise_floor, apply_eval_flags, evalua
 from .gate import gate_section
 from .metrics import DIFF_TARGETS, metric_rows, metrics_section
 from .params import _gate_params, params_section
+from .plan import plan_section
 
 
 @dataclass
@@ -31,13 +32,14 @@ class Inputs:
     estimate_md: str
     notes: list[str] = field(default_factory=list)
     eval_md: str = ""
+    plan_md: str = ""   # "What CI ran" (stages.ci.plan); empty when the comment was built without a plan
 
 
 def build_comment(inp: Inputs) -> str:
     head = [MARKER, f"## 🦙 Pipeline report: `{inp.head_label}` vs `{inp.base_label}`"]
     if inp.notes:
         head += [""] + [f"> {_cell(n)}" for n in inp.notes]
-    parts = ["\n".join(head), inp.gate_md, inp.eval_md, inp.metrics_md, inp.params_md, inp.charts_md, inp.answers_md,
+    parts = ["\n".join(head), inp.plan_md, inp.gate_md, inp.eval_md, inp.metrics_md, inp.params_md, inp.charts_md, inp.answers_md,
              inp.estimate_md,
              "<sub>Built by <code>python -m stages.ci.pr_comment</code>; updated on every push.</sub>"]
     text = "\n\n".join(p for p in parts if p) + "\n"
@@ -134,8 +136,13 @@ def make_comment(args) -> tuple[str, list[Path]]:
         est, est_error = compute_estimate(cwd / args.params)
     estimate_md = estimate_section(est, est_error, training_paths(files))
 
+    plan_md = ""
+    if args.plan:
+        plan, plan_problem = _load_json(cwd / args.plan)
+        plan_md = plan_section(plan, plan_problem)
+
     comment = build_comment(Inputs(base_label, head_label, gate_md, metrics_md, params_md, charts_md,
-                                   answers_md, estimate_md, notes, eval_md))
+                                   answers_md, estimate_md, notes, eval_md, plan_md))
     return comment, pngs
 
 
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-answers", type=int, default=5)
     parser.add_argument("--head-label", default=None, help="label of this change (default: short HEAD sha)")
     parser.add_argument("--note", action="append", help="a line to show at the top (repeatable), e.g. what CI skipped")
+    parser.add_argument("--plan", default=None,
+                        help="JSON of python -m stages.ci.plan: adds the 'What CI ran' section")
     parser.add_argument("--no-dvc", action="store_true", help="skip the dvc diff calls")
     parser.add_argument("--no-estimate", action="store_true", help="skip the Azure time and cost estimate")
     args = parser.parse_args(argv)
