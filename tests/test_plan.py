@@ -107,8 +107,8 @@ def test_llama_preset_is_never_trained_on_the_runner_and_says_why(repo, tmp_path
            f"${est['azure']['cost_usd']:.2f})")
     cpu = f"the CPU estimate is {cp._minutes(est['cpu']['minutes'])} on this runner (budget 30 min)"
     train = stages["train"]
-    assert {"param model.base 'smollm2-135m' -> 'meta-llama/Llama-3.2-1B-Instruct'", "param train.lora.r 16 -> 32",
-            "param train.epochs 1 -> 4"} <= set(train["changes"])
+    assert {"param model.base 'smollm2-135m' → 'meta-llama/Llama-3.2-1B-Instruct'", "param train.lora.r 16 → 32",
+            "param train.epochs 1 → 4"} <= set(train["changes"])
     assert train["reason"].startswith("train changed (")
     assert train["reason"].endswith(f"; {gpu}: {cpu}; its weights are {weights}; "
                                     "and it needs preprocess, which is not started here")
@@ -158,7 +158,7 @@ def test_default_params_train_on_the_runner(repo, tmp_path):
         "package": "runner", "deploy": "runner"}
     assert plan["targets"] == ["train", "evaluate", "package", "deploy"]
     assert stages["preprocess"]["reason"] == "preprocess unchanged: its outputs come from the DVC remote"
-    assert "param train.lora.r 16 -> 8" in stages["train"]["changes"]
+    assert "param train.lora.r 16 → 8" in stages["train"]["changes"]
     cpu = plan["estimates"]["cpu"]
     assert cpu["minutes"] <= 30 and cpu["epochs"] == 1
     assert stages["train"]["reason"].endswith(
@@ -205,7 +205,7 @@ def test_missing_outputs_are_not_changes_but_params_commands_and_inputs_are():
     now = {"model": {"base": "b", "max_seq_length": 256}, "train": {"lora": {"r": 32, "alpha": 32}}}
     section = {"train": [{"changed deps": {"params.yaml": {"model": "modified", "train": "modified"}}}]}
     assert cp.changes(section, DVC_YAML, lock, now) == {
-        "train": ["param model.base 'a' -> 'b'", "param train.lora.r 16 -> 32"]}
+        "train": ["param model.base 'a' → 'b'", "param train.lora.r 16 → 32"]}
 
 
 def test_weights_here_never_downloads(tmp_path):

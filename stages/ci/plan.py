@@ -69,11 +69,11 @@ def stage_outputs(dvc_yaml: dict) -> dict[str, list[str]]:
 
 
 def _leaves(old, new, prefix: str) -> list[str]:
-    """The keys that differ between two values of a params section, as "key old -> new"."""
+    """The keys that differ between two values of a params section, as "key old → new"."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [leaf for key in sorted(set(old) | set(new), key=str)
                 for leaf in _leaves(old.get(key), new.get(key), f"{prefix}.{key}")]
-    return [] if old == new else [f"{prefix} {old!r} -> {new!r}"]
+    return [] if old == new else [f"{prefix} {old!r} → {new!r}"]
 
 
 def changes(status: dict, dvc_yaml: dict, lock: dict | None = None, params_now: dict | None = None) -> dict[str, list[str]]:
@@ -81,7 +81,7 @@ def changes(status: dict, dvc_yaml: dict, lock: dict | None = None, params_now: 
     or a committed (git-tracked) output. Outputs or upstream outputs that are only missing here ("deleted",
     "not in cache": a fresh checkout) are not changes; the remote has them. With dvc.lock and the current
     params.yaml, a whole section that changed ("param train modified") is named by its keys
-    ("param train.lora.r 16 -> 32")."""
+    ("param train.lora.r 16 → 32")."""
     produced = [p for paths in stage_outputs(dvc_yaml).values() for p in paths]
 
     def is_output(path: str) -> bool:
