@@ -22,7 +22,7 @@ from stages.ci import plan as cp
 from stages.ci import pr_comment as pc
 
 ROOT = Path(__file__).resolve().parents[1]
-# Runs stages.ci.plan with every socket connect refused: a download attempt fails the run loudly.
+# Runs a module (first argument) with every socket connect refused: a download attempt fails the run loudly.
 NO_NETWORK = """
 import os, runpy, socket, sys
 sys.path[:0] = [os.environ["PLAN_ROOT"]]  # this checkout's code, not the copy's
@@ -32,8 +32,8 @@ def refuse(self, *args, **kwargs):
 socket.socket.connect = refuse
 socket.socket.connect_ex = refuse
 socket.create_connection = lambda *a, **k: refuse(None, *a)
-sys.argv = ["stages.ci.plan", *sys.argv[1:]]
-runpy.run_module("stages.ci.plan", run_name="__main__")
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__")
 """
 
 
@@ -49,15 +49,28 @@ def _repo_copy(dest: Path) -> Path:
     return dest
 
 
-def _plan(repo: Path, tmp_path: Path, *args: str) -> tuple[dict, str]:
+def _env(tmp_path: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PLAN_ROOT=str(ROOT), HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1",
                HF_HOME=str(tmp_path / "hf"),   # an empty Hugging Face cache: nothing gated is here
                LLAMA_FT_MODEL_CACHE=os.environ.get("LLAMA_FT_MODEL_CACHE", str(ROOT / ".cache" / "models")))
     env.pop("HF_TOKEN", None)
+    return env
+
+
+def _offline(repo: Path, tmp_path: Path, module: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", NO_NETWORK, module, *args], cwd=repo, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "NETWORK CALL" not in log, log[-3000:]
+    return log
+
+
+def _plan(repo: Path, tmp_path: Path, *args: str) -> tuple[dict, str]:
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "-c", NO_NETWORK, "--json", str(out), "--md", str(tmp_path / "plan.md"),
-                           "--github-output", str(tmp_path / "gh_output"), *args],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", NO_NETWORK, "stages.ci.plan", "--json", str(out), "--md",
+                           str(tmp_path / "plan.md"), "--github-output", str(tmp_path / "gh_output"), *args],
+                          cwd=repo, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "NETWORK CALL" not in log, log[-3000:]
@@ -84,6 +97,9 @@ def test_llama_preset_is_never_trained_on_the_runner_and_says_why(repo, tmp_path
     try:
         _apply_preset(repo, "llama-3.2-1b")
         plan, log = _plan(repo, tmp_path, "--remote", "true")
+        # the pull-request job's comment, from that plan (no base branch in this copy: the diffs say so)
+        _offline(repo, tmp_path, "stages.ci.pr_comment", "--base", "main", "--out", str(tmp_path / "comment.md"),
+                 "--plots-dir", "", "--plan", str(tmp_path / "plan.json"))
     finally:
         (repo / "params.yaml").write_text(original)
     stages = _by_stage(plan)
@@ -119,6 +135,15 @@ def test_llama_preset_is_never_trained_on_the_runner_and_says_why(repo, tmp_path
     assert md.startswith("### What CI ran\nModel `meta-llama/Llama-3.2-1B-Instruct` (lora).")
     assert "| train | ⏸️ not started here | train changed (" in md and gpu in md
     assert "No stage ran here: `dvc repro` was not started." in md
+    # the complete comment: the plan first; no verdict or chart from the committed SmolLM2 metrics; the estimate
+    comment = (tmp_path / "comment.md").read_text()
+    assert comment.startswith(pc.MARKER + "\n") and md.strip() in comment
+    assert comment.index("### What CI ran") < comment.index("### Quality gate")
+    assert ("⚪ **Not evaluated**: evaluate was not started here (What CI ran says why); metrics/eval.json is the "
+            "committed one, not this configuration's") in comment
+    assert "✅ **Passed**" not in comment and "```mermaid" not in comment
+    assert f"| time | {cp._minutes(est['azure']['hours'] * 60)} |" in comment
+    assert f"| cost | ${est['azure']['cost_usd']:.2f} |" in comment
 
 
 def test_llama_preset_with_its_tokenizer_cached_preprocesses_but_still_does_not_train(repo, tmp_path):

@@ -64,14 +64,21 @@ def make_comment(args) -> tuple[str, list[Path]]:
     notes = list(args.note or [])
     regression_metrics, tolerance = _gate_params(cwd / args.params)
 
+    plan, plan_problem = _load_json(cwd / args.plan) if args.plan else (None, None)
+    not_started = set(plan.get("not_started") or []) if isinstance(plan, dict) else set()
     eval_metrics, eval_problem = _load_json(cwd / args.metrics)
+    if "evaluate" in not_started:
+        # The committed metrics/eval.json is the base branch's, measured for another configuration: no
+        # verdict, comparison or chart of this change may come from it.
+        eval_metrics, eval_problem = None, (f"evaluate was not started here (What CI ran says why); "
+                                            f"{args.metrics} is the committed one, not this configuration's")
     gate_md = gate_section(eval_metrics, eval_problem)
     comparison, eval_md = None, ""
     if base is not None:
         comparison, why = _eval_comparison(cwd, base, base_label, args.metrics, eval_metrics, regression_metrics,
                                            tolerance)
         eval_md = evaluation_section(comparison, eval_metrics, _noise_floor(cwd, base), base_label,
-                                     why or eval_problem)
+                                     eval_problem if "evaluate" in not_started else why or eval_problem)
 
     if base is None:
         missing = f"base revision '{args.base}' not found (fetch it: git fetch origin {args.base})"
@@ -97,7 +104,7 @@ def make_comment(args) -> tuple[str, list[Path]]:
         ok_p, out_p = dvc(["params", "diff", base, "--md"], cwd)
         params_md = params_section(out_p if ok_p else None, base_label, None if ok_p else out_p)
 
-    curves = read_curves(cwd / args.live)
+    curves = read_curves(cwd / args.live) if "train" not in not_started else {}
     pngs: list[Path] = []
     if args.plots_dir:
         try:
@@ -136,10 +143,7 @@ def make_comment(args) -> tuple[str, list[Path]]:
         est, est_error = compute_estimate(cwd / args.params)
     estimate_md = estimate_section(est, est_error, training_paths(files))
 
-    plan_md = ""
-    if args.plan:
-        plan, plan_problem = _load_json(cwd / args.plan)
-        plan_md = plan_section(plan, plan_problem)
+    plan_md = plan_section(plan, plan_problem) if args.plan else ""
 
     comment = build_comment(Inputs(base_label, head_label, gate_md, metrics_md, params_md, charts_md,
                                    answers_md, estimate_md, notes, eval_md, plan_md))
