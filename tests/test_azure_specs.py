@@ -169,20 +169,21 @@ def test_amlignore_keeps_caches_and_local_secrets_out():
 # ---------------------------------------------------------------- the launcher every job process runs
 
 def test_single_process_plan_is_pull_repro_push_collect():
-    plan = plan_for_rank(RankInfo(0, 0, 1), "package", "train", [], "/out")
-    assert [s.describe() for s in plan] == ["secrets", "run dvc pull --allow-missing", "run dvc repro package",
-                                           "run dvc push", "collect /out"]
+    plan = plan_for_rank(RankInfo(0, 0, 1), "package", "train", [], "/out", remote="azure")
+    assert [s.describe() for s in plan] == ["secrets", "run dvc pull -r azure --allow-missing", "run dvc repro package",
+                                           "run dvc push -r azure", "collect /out"]
 
 
 def test_multi_node_plans():
     upstream = ["preprocess"]
-    rank0 = plan_for_rank(RankInfo(0, 0, 4), "package", "train", upstream, "/out")
+    rank0 = plan_for_rank(RankInfo(0, 0, 4), "package", "train", upstream, "/out", remote="azure")
     assert [s.kind for s in rank0] == ["secrets", "run", "run", "decide", "signal_ready", "run", "run", "collect"]
     assert rank0[2] == Step("run", ("dvc", "repro", "preprocess")) and rank0[5] == Step("run", ("dvc", "repro", "--no-run-cache", "package"))
-    leader = plan_for_rank(RankInfo(2, 0, 4), "package", "train", upstream, "/out")
+    leader = plan_for_rank(RankInfo(2, 0, 4), "package", "train", upstream, "/out", remote="azure")
     assert [s.kind for s in leader] == ["secrets", "run", "run", "decide", "signal_ready", "worker_stage"]
-    follower = plan_for_rank(RankInfo(3, 1, 4), "package", "train", upstream, "/out")
+    follower = plan_for_rank(RankInfo(3, 1, 4), "package", "train", upstream, "/out", remote="azure")
     assert [s.kind for s in follower] == ["secrets", "wait_ready", "worker_stage"]
+    assert rank0[6] == Step("run", ("dvc", "push", "-r", "azure"))
     assert not any(s.args[:2] == ("dvc", "push") for s in leader + follower)   # only rank 0 writes
 
 
@@ -626,7 +627,7 @@ def test_two_processes_join_the_distributed_stage(tmp_path):
                     "metrics": [{"metrics/w.txt": {"cache": False}}]}}}))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    for args in (["init", "-q"], ["remote", "add", "-d", "store", str(tmp_path / "remote")]):
+    for args in (["init", "-q"], ["remote", "add", "-d", "azure", str(tmp_path / "remote")]):  # params' remote name
         subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, env=env)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -646,6 +647,37 @@ def test_two_processes_join_the_distributed_stage(tmp_path):
     assert "[rank 1] worker_stage train" in logs[1] and "dvc push" not in logs[1]
     assert any((tmp_path / "remote").rglob("*")), "rank 0 pushed nothing"
 
+
+
+def test_the_launcher_pulls_from_and_pushes_to_the_remote_params_names(tmp_path):
+    """A clone whose default DVC remote is another one: the job still pulls from and pushes to
+    azure.storage.dvc_remote_name (here renamed "team" in params.yaml), never to the default."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "prep": {"cmd": "mkdir -p prep && echo prepared > prep/data.txt", "outs": ["prep"]}}}))
+    params = (ROOT / "params.yaml").read_text()
+    assert "dvc_remote_name: azure" in params
+    (repo / "params.yaml").write_text(params.replace("dvc_remote_name: azure", "dvc_remote_name: team"))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    for args in (["init", "-q"], ["remote", "add", "-d", "elsewhere", str(tmp_path / "elsewhere")],
+                 ["remote", "add", "team", str(tmp_path / "team")]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, env=env)
+    launch = [sys.executable, "-m", "stages.azure.launch", "--target", "prep", "--results", str(tmp_path / "results")]
+    dry = subprocess.run(launch + ["--dry-run"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == ["secrets", "run dvc pull -r team --allow-missing", "run dvc repro prep",
+                                       "run dvc push -r team", f"collect {tmp_path / 'results'}"]
+    done = subprocess.run(launch, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert [p for p in (tmp_path / "team").rglob("*") if p.is_file()], "nothing pushed to the named remote"
+    assert not (tmp_path / "elsewhere").exists() or not any((tmp_path / "elsewhere").rglob("*")), \
+        "the job pushed to the default remote"
+    assert (tmp_path / "results" / "dvc.lock").is_file()
 
 # ---------------------------------------------------------------- submit/deploy paths on a fake MLClient
 

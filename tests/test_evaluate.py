@@ -218,7 +218,7 @@ def test_dvc_yaml_registers_the_stage_and_plots():
         sources |= set(spec["y"]) if spec else {plot}
         templates |= {spec["template"]} if spec else set()
     assert {"reports/eval/plots/headline.json", "reports/eval/plots/by_category.json",
-            "reports/eval/plots/metrics.png", "dvclive/train/plots/metrics/train/loss.tsv",
+            "dvclive/train/plots/metrics/train/loss.tsv",
             "dvclive/train/plots/metrics/val/loss.tsv"} <= sources
     for name in templates:  # the custom templates exist and are valid JSON with DVC's data anchor
         assert '"<DVC_METRIC_DATA>"' in (ROOT / ".dvc" / "plots" / f"{name}.json").read_text()

@@ -162,7 +162,15 @@ def test_ci_workflow():
         assert setup["with"]["cache"] == "pip"
     assert any(s.get("run", "").strip() == "make test" for s in steps(wf, "test"))
     text = run_text(wf)
-    assert "dvc repro --pull --allow-missing" in text and re.search(r"^\s*dvc repro$", text, re.M)
+    # stages.ci.plan decides what runs here; dvc repro gets only the stages it allows (issue 21 item 2)
+    plan = next(s for s in steps(wf, "pipeline") if s.get("id") == "plan")
+    assert "python -m stages.ci.plan --remote" in plan["run"] and '--github-output "$GITHUB_OUTPUT"' in plan["run"]
+    repro = next(s for s in steps(wf, "pipeline") if s.get("id") == "repro")
+    assert repro["env"]["TARGETS"] == "${{ steps.plan.outputs.targets }}" and repro["if"] == "steps.plan.outcome == 'success'"
+    assert 'dvc repro --pull --allow-missing "${targets[@]}"' in repro["run"]
+    assert re.search(r'^\s*dvc repro "\$\{targets\[@\]\}"$', repro["run"], re.M)
+    assert not re.search(r"^\s*dvc repro( --pull --allow-missing)?$", text, re.M), "a dvc repro of every stage"
+    assert "--plan build/pr-comment/plan.json" in text and "python -m stages.dry_run" in text
     assert "vars.DVC_REMOTE_ENABLED" in wf["jobs"]["pipeline"]["env"]["REMOTE_CONFIGURED"]
     assert "python -m stages.ci.pr_comment --base" in text
     assert "python -m stages.ci.github_comment" in text

@@ -9,7 +9,8 @@ The job: code = this repository (minus .amlignore), the pinned environment of
 stages/azure/environments/train (built from requirements.txt + requirements.lock), compute
 azure.compute.cluster_name, `distribution: pytorch` with azure.training_job.processes_per_node per
 node on instance_count nodes, a time limit and a job tier. Every process runs
-`python -m stages.azure.launch`: rank 0 runs `dvc pull`, `dvc repro <repro_target>`, `dvc push` and
+`python -m stages.azure.launch`: rank 0 runs `dvc pull -r R`, `dvc repro <repro_target>`, `dvc push -r R`
+(R = azure.storage.dvc_remote_name) and
 puts dvc.lock plus the metrics and plots into the `results` output. `submit` streams the logs,
 downloads `results` and copies those files into the working tree (commit them), and exits non-zero
 if the job did not complete. The Hugging Face token comes from the workspace Key Vault inside the job.

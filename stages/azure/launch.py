@@ -1,12 +1,15 @@
 """What every process of the Azure ML training job runs (`distribution: pytorch` starts one per
 GPU on every node, with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT set).
 
-Rank 0 drives DVC: `dvc pull`, `dvc repro <target>`, `dvc push`, then copies dvc.lock and the
+Rank 0 drives DVC: `dvc pull -r R`, `dvc repro <target>`, `dvc push -r R`, then copies dvc.lock and the
 git-tracked metrics/plots into the job's `results` output. The distributed stage (train) must see
 every rank, so the other ranks prepare the same inputs (pull + the upstream stages, which are
 deterministic), decide from `dvc status` whether that stage will run at all, and if so run its
 `cmd` as workers (they join rank 0's process group; only rank 0 writes outputs). Local ranks > 0
 wait for their node's first process to prepare the shared working folder.
+
+R is params.yaml's azure.storage.dvc_remote_name, always named: a clone whose .dvc/config has another
+default remote (or none) still pulls from and pushes to the team's remote, never elsewhere.
 
 The plan is computed by `plan_for_rank` (a plain function, tested); `main` executes it.
 
@@ -94,12 +97,13 @@ def upstream_stages(dvc_yaml: dict, stage: str) -> list[str]:
 
 
 def plan_for_rank(info: RankInfo, target: str, distributed_stage: str, upstream: list[str],
-                  results: str) -> list[Step]:
-    """The steps one process runs. world_size 1: pull, repro, push, collect."""
-    pull = Step("run", ("dvc", "pull", "--allow-missing"))
+                  results: str, *, remote: str) -> list[Step]:
+    """The steps one process runs. world_size 1: pull, repro, push, collect. `remote` is the DVC remote
+    every pull and push names (azure.storage.dvc_remote_name), whatever .dvc/config's default is."""
+    pull = Step("run", ("dvc", "pull", "-r", remote, "--allow-missing"))
+    push = Step("run", ("dvc", "push", "-r", remote))
     if info.world_size <= 1:
-        return [Step("secrets"), pull, Step("run", ("dvc", "repro", target)), Step("run", ("dvc", "push")),
-                Step("collect", (results,))]
+        return [Step("secrets"), pull, Step("run", ("dvc", "repro", target)), push, Step("collect", (results,))]
     prepare = [Step("secrets")]
     if info.local_rank == 0:
         prepare += [pull] + [Step("run", ("dvc", "repro", name)) for name in upstream]
@@ -108,8 +112,7 @@ def plan_for_rank(info: RankInfo, target: str, distributed_stage: str, upstream:
         prepare += [Step("wait_ready")]
     if info.rank == 0:
         # --no-run-cache: the workers were told the distributed stage runs, so it must really run
-        return prepare + [Step("run", ("dvc", "repro", "--no-run-cache", target)), Step("run", ("dvc", "push")),
-                          Step("collect", (results,))]
+        return prepare + [Step("run", ("dvc", "repro", "--no-run-cache", target)), push, Step("collect", (results,))]
     return prepare + [Step("worker_stage", (distributed_stage,))]
 
 
@@ -224,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distributed-stage", default="train", help="the stage every rank joins")
     parser.add_argument("--results", required=True, help="the job's results output folder")
     parser.add_argument("--dry-run", action="store_true", help="print this rank's plan and stop")
+    parser.add_argument("--params", default="params.yaml", help="names the DVC remote (azure.storage.dvc_remote_name)")
     args = parser.parse_args(argv)
     dvc_yaml = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))
     info = RankInfo.from_env()
     upstream = upstream_stages(dvc_yaml, args.distributed_stage) if info.world_size > 1 else []
-    steps = plan_for_rank(info, args.target, args.distributed_stage, upstream, args.results)
+    from stages.core.params import load_params
+
+    remote = load_params(args.params).azure.storage.dvc_remote_name
+    steps = plan_for_rank(info, args.target, args.distributed_stage, upstream, args.results, remote=remote)
     if args.dry_run:
         for step in steps:
             print(step.describe())

