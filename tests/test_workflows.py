@@ -439,7 +439,7 @@ def test_training_job_submit_dry_run_needs_no_credentials(tmp_path):
 def test_gate_entry_point_on_crafted_metrics(tmp_path):
     """deploy.yml's gate: exit 0 when the thresholds hold, 1 with reasons when they do not."""
     good = {"base": {"rouge_l": 0.1, "fact_recall": 0.1, "no_end_token_rate": 0.5},
-            "tuned": {"rouge_l": 0.8, "fact_recall": 0.9, "no_end_token_rate": 0.0, "bleu4": 0.5}}
+            "tuned": {"rouge_l": 0.8, "fact_recall": 0.9, "no_end_token_rate": 0.0, "degenerate_rate": 0.0, "bleu4": 0.5}}
     path = tmp_path / "eval.json"
     path.write_text(json.dumps(good))
     proc = py("stages.evaluate", "gate", "--metrics", str(path), "--reference", "")

@@ -295,12 +295,7 @@ def estimate_training(params: Params, *, train_file: str | Path | None = None, t
         mfu = params.estimate.assumed_mfu.get(train.method, DEFAULT_ASSUMED_MFU[train.method])
         tokens_per_s = mfu * GPUS[gpu]["bf16_tflops"] * 1e12 / flops_per_token(config, train.method, counts, mean_len)
         basis = f"assumed MFU {mfu:.0%} of {gpu} bf16 peak (estimate.assumed_mfu)"
-    length = None
-    if records:  # the train stage's rule (stages/core/schedule.py): small data trains more epochs
-        per_step = train.batch_size * train.gradient_accumulation_steps
-        if train.tokens_per_step > 0:
-            per_step = max(1, min(records, int(train.tokens_per_step // mean_len)))
-        length = training_length(records, per_step, train.epochs, train.min_steps, gpus)
+    length = planned_length(train, records, mean_len, gpus)
     epochs = length.epochs if length else train.epochs
     efficiency = 1.0 if gpus == 1 else 0.9
     total_tps = tokens_per_s * gpus * efficiency
@@ -344,6 +339,17 @@ def training_tokens(params: Params, train_file: str | Path | None = None) -> tup
     return int(round(tokens * scale)), int(round(records * scale))
 
 
+def planned_length(train, records: int | None, mean_len: int, world_size: int = 1):
+    """The train stage's training length (stages/core/schedule.py: small data trains more epochs) for
+    `records` records of mean_len tokens; None when the records were not counted."""
+    if not records:
+        return None
+    per_step = train.batch_size * train.gradient_accumulation_steps
+    if train.tokens_per_step > 0:  # stages.core.training.records_per_step, at the mean length
+        per_step = max(1, min(records, int(train.tokens_per_step // max(1, mean_len))))
+    return training_length(records, per_step, train.epochs, train.min_steps, world_size)
+
+
 def estimate_cpu_training(params: Params, *, tokens_per_epoch: int, records_per_epoch: int | None = None,
                           flops_per_s: float = CPU_TRAIN_FLOPS) -> dict:
     """Time of the configured training run on a CPU such as a pull-request runner's (2 threads): the model's
@@ -356,10 +362,12 @@ def estimate_cpu_training(params: Params, *, tokens_per_epoch: int, records_per_
     mean_len = (min(params.model.max_seq_length, 128) if not records_per_epoch
                 else max(1, tokens_per_epoch // max(1, records_per_epoch)))
     tokens_per_s = flops_per_s / flops_per_token(config, train.method, counts, mean_len)
-    train_seconds = tokens_per_epoch * train.epochs / tokens_per_s
-    val_seconds = train.evals_per_epoch * train.epochs * tokens_per_epoch * 0.2 / 3 / tokens_per_s
+    length = planned_length(train, records_per_epoch, mean_len)
+    epochs = length.epochs if length else train.epochs
+    train_seconds = tokens_per_epoch * epochs / tokens_per_s
+    val_seconds = train.evals_per_epoch * epochs * tokens_per_epoch * 0.2 / 3 / tokens_per_s
     seconds = train_seconds + val_seconds + params.estimate.startup_seconds
-    return {"tokens_per_epoch": tokens_per_epoch, "epochs": train.epochs, "parameters": counts["total"],
+    return {"tokens_per_epoch": tokens_per_epoch, "epochs": epochs, "parameters": counts["total"],
             "expected_tokens_per_s": round(tokens_per_s, 1), "minutes": round(seconds / 60, 1),
             "throughput_basis": CPU_TRAIN_BASIS}
 

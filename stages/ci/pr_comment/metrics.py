@@ -12,8 +12,8 @@ from .common import _cell, _fmt, _num, _table_rows
 # Headline metrics: these evaluation metrics of the tuned and base model, plus every top-level
 # number of the other metrics files (training loss, preprocessing counts).
 HEADLINE_EVAL = ("rouge_l", "bleu4", "bertscore_f1", "semantic_similarity", "exact_match", "fact_recall",
-                 "no_end_token_rate", "val_loss", "val_perplexity", "judge_score")
-LOWER_IS_BETTER_WORDS = ("loss", "perplexity", "no_end_token_rate", "error", "missing", "rejected",
+                 "no_end_token_rate", "degenerate_rate", "val_loss", "val_perplexity", "judge_score")
+LOWER_IS_BETTER_WORDS = ("loss", "perplexity", "no_end_token_rate", "degenerate_rate", "error", "missing", "rejected",
                          "dropped", "latency", "diff")
 # Counters of records the data lost: more is worse, whatever the leaf is called (removed.too_long).
 LOWER_IS_BETTER_PREFIXES = ("removed.", "rejected.", "dropped.")
