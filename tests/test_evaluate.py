@@ -563,3 +563,45 @@ def test_dvc_reruns_the_base_evaluation_for_base_inputs_only(tmp_path):
     assert changed(lambda p: p["decoding"].update(max_new_tokens=7)) == {"evaluate_base", "evaluate", "package"}
     assert changed(lambda p: p["decoding"].update(no_repeat_ngram_size=4)) == {"evaluate_base", "evaluate", "package"}
     assert "evaluate_base" in changed(lambda p: p["model"].update(max_seq_length=p["model"]["max_seq_length"] + 1))
+
+
+def test_auto_answer_length_from_a_crafted_split_reaches_the_card_and_the_endpoint(inputs, tmp_path, monkeypatch):
+    """decoding.max_new_tokens auto on 20 references of 7..102 tokens: p95 (nearest rank) 97 tokens,
+    x 1.25 rounded up to 8 = 128. Base and tuned answers get it, eval.json and the report state it, and
+    package and the endpoint take it from there (issue 20: a model evaluated at 128 is served at 128)."""
+    from serve.engine import Engine
+    from stages.core import perf
+    from stages.core.params import ServeParams, load_params
+    from stages.evaluate_base import main as base_main
+    from stages.package import package
+
+    work, _, _, adapter = inputs
+    monkeypatch.setattr(perf, "PERF_DIR", tmp_path / "perf")
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"system": "You are a helpful corporate assistant.", "instruction": f"Policy question {k}?",
+             "output": " ".join(["policy"] * k) + ".", "category": "policy"} for k in range(5, 105, 5)]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    params = write_params(ROOT / "params.yaml", tmp_path / "params.yaml", decoding={"max_new_tokens": "auto"})
+    assert base_main(["--data", str(data), "--output", str(tmp_path / "eval_base"), "--params", str(params)]) == 0
+    assert json.loads((tmp_path / "eval_base" / "base.json").read_text())["settings"]["decoding"]["max_new_tokens"] == 128
+    rc, metrics_path, report = _run(tmp_path, data, params, adapter, "auto", base=tmp_path / "eval_base")
+    assert rc == 0
+    m = json.loads(metrics_path.read_text())
+    assert m["answer_budget"]["max_new_tokens"] == 128 and m["decoding"]["max_new_tokens"] == 128
+    assert m["answer_budget"]["rule"] == ("auto: p95 of 20 test references is 97 tokens (longest 102); "
+                                          "x1.25 rounded up to 8 = 128; using 128")
+    assert "Answers: up to 128 new tokens (auto: p95 of 20 test references" in (report / "report.md").read_text()
+
+    merged = tmp_path / "merged"
+    package(adapter, merged, load_params(params).package, data_dir=data, eval_metrics=metrics_path)
+    assert json.loads((merged / "serving.json").read_text())["max_new_tokens"] == 128
+    assert json.loads((merged / "generation_config.json").read_text())["max_new_tokens"] == 128
+    config = ServeParams(max_new_tokens_default="auto", max_new_tokens_limit=256, torch_threads=1,
+                         log_path="").model_dump()
+    engine = Engine(merged, config)
+    try:
+        assert engine.limits.max_new_tokens_default == 128
+    finally:
+        engine.batcher.close()
