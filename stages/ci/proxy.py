@@ -25,9 +25,11 @@ Every key that did not apply is listed with its reason, and the comment shows th
 
 `prepare` checks out both revisions as git worktrees under the build folder and writes each one's proxy
 params.yaml; `run` reproduces `evaluate` in each, base first (`dvc repro --pull --allow-missing evaluate`
-with the DVC remote, so an unchanged side comes from the run cache; plain `dvc repro evaluate` without
-one), both sharing this checkout's DVC cache. Nothing here downloads a model: the proxy's weights ship
-in a package. Nothing trains in the plan or prepare steps.
+with the DVC remote, which also pulls the remote's run cache; plain `dvc repro evaluate` without one),
+both sharing this checkout's DVC cache. Only stages that DVC keeps a run cache for come from it: DVC 3.67
+keeps none for a stage with a `cache: false` entry under `outs:` (dvc/stage/__init__.py, `no_cache_outs`),
+which today's dvc.yaml gives preprocess, train and evaluate; evaluate_base has one. Nothing here downloads
+a model: the proxy's weights ship in a package. Nothing trains in the plan or prepare steps.
 """
 
 from __future__ import annotations
@@ -238,7 +240,7 @@ def _dvc_cache_dir(repo: Path) -> Path | None:
 
 
 def repro_command(pull: bool, target: str = TARGET) -> list[str]:
-    """What each side runs: with the DVC remote, unchanged stages come from it (and the run cache)."""
+    """What each side runs: with the DVC remote, --pull also fetches its run cache."""
     return [sys.executable, "-m", "dvc", "repro", *(["--pull", "--allow-missing"] if pull else []), target]
 
 
