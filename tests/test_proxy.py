@@ -199,8 +199,8 @@ def test_the_comment_flags_a_proxy_regression_under_a_proxy_heading(production_p
     assert comment.index("### What CI ran") < comment.index("### Proxy verdict") < comment.index("### Params vs")
     assert md in comment
     assert "| train | ⏸️ not started here | train changed (" in comment and "needs an H100" in comment
-    assert ("Train is not started here, so the same change ran through the CPU default on the base branch and on "
-            "this PR: the proxy verdict below.") in comment
+    assert ("The model's training or evaluation is not started here, so the same change ran through the CPU "
+            "default on the base branch and on this PR: the proxy verdict below.") in comment
     # the proxy worktrees are not part of this checkout's pipeline: the params diff is the PR's own
     params_md = comment[comment.index("### Params vs"):].split("\n### ")[0]
     assert "train.lora.r" in params_md and "build/proxy" not in params_md
@@ -244,3 +244,17 @@ def test_ci_runs_the_proxy_behind_the_plan_and_passes_it_to_the_comment():
     assert "--proxy build/proxy" in report["run"] and "${proxy[@]}" in report["run"]
     order = [s.get("id") for s in wf["jobs"]["pipeline"]["steps"]]
     assert order.index("plan") < order.index("repro") < order.index("proxy")
+
+
+def test_the_plan_asks_for_the_proxy_when_evaluate_cannot_run_here(tmp_path):
+    """On the Llama configuration, a PR that changes only the gate: train comes from the remote, evaluate
+    (which loads the 1B model) is not started, and the proxy shows the change instead."""
+    from stages.ci import plan as cp
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(LLAMA))
+    status = {"evaluate": [{"changed deps": {"params.yaml": {"evaluate.gate.max_regression": "modified"}}}]}
+    plan = cp.make_plan(params, status=status, remote=True, cwd=ROOT)
+    decisions = {e["stage"]: e["decision"] for e in plan["stages"]}
+    assert decisions["train"] == "cache" and decisions["evaluate"] == "not_started"
+    assert plan["proxy"] is True
