@@ -107,7 +107,8 @@ def test_llama_preset_is_never_trained_on_the_runner_and_says_why(repo, tmp_path
     assert {name: e["decision"] for name, e in stages.items()} == {
         "preprocess": "not_started", "train": "not_started", "evaluate_base": "not_started",
         "evaluate": "not_started", "package": "not_started", "deploy": "not_started"}
-    assert plan["targets"] == [] and (tmp_path / "gh_output").read_text() == "targets=\n"
+    assert plan["targets"] == [] and (tmp_path / "gh_output").read_text() == "targets=\nproxy=true\n"
+    assert plan["proxy"] is True  # train is not started here: the proxy verdict runs instead
     # preprocess changed (model.tokenizer) and cannot run offline: the gated tokenizer is not here
     assert stages["preprocess"]["changes"] == ["param model.tokenizer modified"]
     weights = ("a hub download (gated for Llama), not in this runner's Hugging Face cache, and a pull-request "
@@ -164,7 +165,7 @@ def test_llama_preset_with_its_tokenizer_cached_preprocesses_but_still_does_not_
     assert stages["preprocess"]["reason"] == "preprocess changed (param model.tokenizer modified); cheap on a CPU"
     assert stages["train"]["decision"] == "not_started" and "needs an H100" in stages["train"]["reason"]
     assert "and it needs preprocess" not in stages["train"]["reason"]
-    assert plan["targets"] == ["preprocess"] and (tmp_path / "gh_output").read_text() == "targets=preprocess\n"
+    assert plan["targets"] == ["preprocess"] and (tmp_path / "gh_output").read_text() == "targets=preprocess\nproxy=true\n"
 
 
 def test_default_params_train_on_the_runner(repo, tmp_path):
@@ -190,8 +191,10 @@ def test_default_params_train_on_the_runner(repo, tmp_path):
         f"; smollm2-135m trains on this runner's CPU (estimate {cp._minutes(cpu['minutes'])}, budget 30 min)")
     assert stages["evaluate"]["reason"] == ("evaluate's inputs change (train runs first); smollm2-135m runs on "
                                             "this runner's CPU")
-    assert (tmp_path / "gh_output").read_text().endswith("targets=train evaluate package deploy\n"
-                                                         "targets=preprocess train evaluate_base evaluate package deploy\n")
+    assert (tmp_path / "gh_output").read_text().endswith("targets=train evaluate package deploy\nproxy=false\n"
+                                                         "targets=preprocess train evaluate_base evaluate package deploy\n"
+                                                         "proxy=false\n")
+    assert plan["proxy"] is False and no_remote["proxy"] is False
     # a fork or no remote: unchanged stages have to run here too, and can
     lone = _by_stage(no_remote)
     assert no_remote["targets"] == ["preprocess", "train", "evaluate_base", "evaluate", "package", "deploy"]

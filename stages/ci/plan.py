@@ -18,7 +18,8 @@ The dry run and the cost estimate are checks, not stages: they always run on the
 training of a large model: the dry run builds a large one on the meta device).
 
 The JSON holds the decisions, the reasons and `targets`: the stages to give `dvc repro` (every
-"runner" stage; their upstream stages are "runner" or "cache"). Nothing here downloads anything or
+"runner" stage; their upstream stages are "runner" or "cache"), and `proxy`: true when train or evaluate is
+not started here, so the job runs the change through the CPU default instead (stages/ci/proxy.py). Nothing here downloads anything or
 trains: a hub model's size comes from estimate.KNOWN_ARCHITECTURES, its tokens are counted with the
 Llama 3.2 tokenizer that ships as a package (stages.core.estimate.counting_tokenizer).
 """
@@ -45,6 +46,8 @@ TRAIN_BUDGET_MINUTES = 30.0
 # Stages that load the base model (weights, not only its tokenizer) and whose cost grows with it.
 MODEL_STAGES = ("train", "evaluate_base", "evaluate", "package", "deploy")
 CHECKS = ("dry run", "cost estimate")
+# A change that one of these stages would show, when it is not started here, gets the proxy verdict.
+PROXY_WHEN = ("train", "evaluate")
 
 
 def dvc_status(cwd: str | Path = ".") -> dict:
@@ -281,6 +284,9 @@ def make_plan(params_path: str | Path = "params.yaml", status: dict | None = Non
             "stages": [decisions[n] for n in names], "checks": checks,
             "targets": [n for n in names if decisions[n]["decision"] == RUNNER],
             "not_started": [n for n in names if decisions[n]["decision"] == NOT_STARTED],
+            # The proxy verdict (stages.ci.proxy): when this model's training or evaluation is not started
+            # here, the same change runs through the CPU default on both revisions instead.
+            "proxy": any(decisions[n]["decision"] == NOT_STARTED for n in PROXY_WHEN if n in decisions),
             **({"estimates": {k: model[k] for k in ("cpu", "azure", "weights") if k in model}} if model else {})}
 
 
@@ -308,9 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.github_output:
         with open(args.github_output, "a", encoding="utf-8") as handle:
             handle.write(f"targets={' '.join(plan['targets'])}\n")
+            handle.write(f"proxy={'true' if plan['proxy'] else 'false'}\n")
     for entry in plan["stages"]:
         print(f"{entry['stage']}: {DECISIONS[entry['decision']]}: {entry['reason']}")
     print(f"dvc repro targets: {' '.join(plan['targets']) or '(none)'}")
+    if plan["proxy"]:
+        print("train or evaluate is not started here: the proxy verdict runs (python -m stages.ci.proxy)")
     return 0
 
 

@@ -25,7 +25,8 @@ what is missing, never a traceback, so the comment is posted even when a stage f
 The first line is a hidden marker by which `stages.ci.github_comment` finds and updates the comment.
 
 One module per section (gate, evaluation, metrics, params, charts, answers, estimate, plan: the
-"What CI ran" section from `python -m stages.ci.plan`), common (git, DVC, formatting) and comment
+"What CI ran" section from `python -m stages.ci.plan`; proxy: with --proxy, the same change run through the
+CPU default on both revisions by `python -m stages.ci.proxy`), common (git, DVC, formatting) and comment
 (the order, the size limit, the command line). The names below are re-exported so that callers and
 tests import them from `stages.ci.pr_comment` as before.
 """
@@ -40,11 +41,12 @@ from .common import (MARKER, MAX_COMMENT_CHARS, _cell, _fmt, _json_text, _load_j
                      _table_rows, changed_files, dvc, git_show, read_at_rev, read_from_dvc_cache, resolve_base)
 from .estimate import TRAIN_PATHS, compute_estimate, estimate_section, training_paths
 from .evaluation import (NOISE_PATH, PREPROCESS_PATH, RECORDS_PATH, VERDICT_FLAGS, _eval_comparison, _noise,
-                         _noise_floor, _params_model, apply_eval_flags, compare_eval, detectable_line, eval_flag,
-                         evaluation_section, noise_applies)
+                         _noise_floor, _params_model, apply_eval_flags, compare_eval, comparison_table, detectable_line,
+                         eval_flag, evaluation_section, noise_applies, verdict_lines)
 from .gate import gate_section
 from .metrics import (DIFF_TARGETS, EVAL_FILES, HEADLINE_EVAL, LOSS_TOLERANCE, LOSS_WORDS, LOWER_IS_BETTER_PREFIXES,
                       LOWER_IS_BETTER_WORDS, NEUTRAL_PREFIXES, NEUTRAL_WORDS, MetricRow, classify,
                       compact_diff_table, is_headline, loss_noise, metric_direction, metric_rows, metrics_section)
 from .params import _gate_params, params_section
 from .plan import plan_section
+from .proxy import build_proxy_section, proxy_comparison, proxy_gate, proxy_section, read_proxy

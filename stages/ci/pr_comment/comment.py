@@ -18,6 +18,7 @@ from .gate import gate_section
 from .metrics import DIFF_TARGETS, metric_rows, metrics_section
 from .params import _gate_params, params_section
 from .plan import plan_section
+from .proxy import build_proxy_section
 
 
 @dataclass
@@ -33,13 +34,14 @@ class Inputs:
     notes: list[str] = field(default_factory=list)
     eval_md: str = ""
     plan_md: str = ""   # "What CI ran" (stages.ci.plan); empty when the comment was built without a plan
+    proxy_md: str = ""  # the proxy verdict (stages.ci.proxy); empty when no proxy ran
 
 
 def build_comment(inp: Inputs) -> str:
     head = [MARKER, f"## 🦙 Pipeline report: `{inp.head_label}` vs `{inp.base_label}`"]
     if inp.notes:
         head += [""] + [f"> {_cell(n)}" for n in inp.notes]
-    parts = ["\n".join(head), inp.plan_md, inp.gate_md, inp.eval_md, inp.metrics_md, inp.params_md, inp.charts_md, inp.answers_md,
+    parts = ["\n".join(head), inp.plan_md, inp.gate_md, inp.eval_md, inp.proxy_md, inp.metrics_md, inp.params_md, inp.charts_md, inp.answers_md,
              inp.estimate_md,
              "<sub>Built by <code>python -m stages.ci.pr_comment</code>; updated on every push.</sub>"]
     text = "\n\n".join(p for p in parts if p) + "\n"
@@ -144,9 +146,10 @@ def make_comment(args) -> tuple[str, list[Path]]:
     estimate_md = estimate_section(est, est_error, training_paths(files))
 
     plan_md = plan_section(plan, plan_problem) if args.plan else ""
+    proxy_md = build_proxy_section(cwd / args.proxy, base_label) if args.proxy else ""
 
     comment = build_comment(Inputs(base_label, head_label, gate_md, metrics_md, params_md, charts_md,
-                                   answers_md, estimate_md, notes, eval_md, plan_md))
+                                   answers_md, estimate_md, notes, eval_md, plan_md, proxy_md))
     return comment, pngs
 
 
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", action="append", help="a line to show at the top (repeatable), e.g. what CI skipped")
     parser.add_argument("--plan", default=None,
                         help="JSON of python -m stages.ci.plan: adds the 'What CI ran' section")
+    parser.add_argument("--proxy", default=None, metavar="DIR",
+                        help="build folder of python -m stages.ci.proxy (proxy.json, base/, head/): adds the proxy verdict")
     parser.add_argument("--no-dvc", action="store_true", help="skip the dvc diff calls")
     parser.add_argument("--no-estimate", action="store_true", help="skip the Azure time and cost estimate")
     args = parser.parse_args(argv)

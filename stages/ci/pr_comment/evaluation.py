@@ -66,32 +66,44 @@ def evaluation_section(comparison: dict | None, new: dict | None, noise: dict | 
     lines = [f"### Evaluation vs `{base_label}` (tuned model, paired over the test records)"]
     if comparison is None:
         lines.append(f"_No comparison: {_cell(problem or 'metrics/eval.json is missing on one side')}._")
-    elif not comparison["comparable"]:
-        lines += [f"⚠️ **Not comparable:** {_cell(comparison['not_comparable'])}. The evaluation metrics of "
-                  f"`{base_label}` and this PR measure different test records, so no difference below is a "
-                  "regression or an improvement.", ""]
     else:
-        regs = comparison["regressions"]
-        lines.append(f"**{len(regs)} regression(s):** " + ", ".join(f"`{m}`" for m in regs) if regs else
-                     f"No regression: no gated metric dropped by more than {comparison['tolerance']:g} with a "
-                     "significant paired test.")
-        if comparison.get("note"):
-            lines.append(f"_{_cell(comparison['note'])}._")
-        lines.append("")
+        lines += verdict_lines(comparison, base_label)
     if comparison is not None:
-        tests = comparison.get("significance") or {}
-        lines += [f"| metric | {base_label} | this PR | change | 95% CI | verdict | seed noise |",
-                  "|---|---|---|---|---|---|---|"]
-        now = (new or {}).get("tuned") or {}
-        for metric, d in comparison["delta"].items():
-            test = tests.get(metric)
-            ci = test.get("ci") if test else None
-            ci_text = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
-            flag, _ = eval_flag(metric, comparison, comparison["tolerance"])
-            lines.append(f"| `{metric}` | {_fmt(comparison['tuned'].get(metric))} | {_fmt(now.get(metric))} | "
-                         f"{d:+.4f} | {ci_text} | {flag} | {_noise(noise, metric)} |")
+        lines += comparison_table(comparison, new, noise, base_label)
     lines += ["", detectable_line(new, noise)]
     return "\n".join(line for line in lines if line is not None)
+
+
+def verdict_lines(comparison: dict, base_label: str, head_label: str = "this PR") -> list[str]:
+    """The headline above the table: not comparable, or the regressions (or none)."""
+    if not comparison["comparable"]:
+        return [f"⚠️ **Not comparable:** {_cell(comparison['not_comparable'])}. The evaluation metrics of "
+                f"`{base_label}` and {head_label} measure different test records, so no difference below is a "
+                "regression or an improvement.", ""]
+    regs = comparison["regressions"]
+    lines = [f"**{len(regs)} regression(s):** " + ", ".join(f"`{m}`" for m in regs) if regs else
+             f"No regression: no gated metric dropped by more than {comparison['tolerance']:g} with a "
+             "significant paired test."]
+    if comparison.get("note"):
+        lines.append(f"_{_cell(comparison['note'])}._")
+    return lines + [""]
+
+
+def comparison_table(comparison: dict, new: dict | None, noise: dict | None, base_label: str,
+                     head_label: str = "this PR") -> list[str]:
+    """One row per metric: both sides, change, 95% paired interval, verdict, seed noise."""
+    tests = comparison.get("significance") or {}
+    lines = [f"| metric | {base_label} | {head_label} | change | 95% CI | verdict | seed noise |",
+             "|---|---|---|---|---|---|---|"]
+    now = (new or {}).get("tuned") or {}
+    for metric, d in comparison["delta"].items():
+        test = tests.get(metric)
+        ci = test.get("ci") if test else None
+        ci_text = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
+        flag, _ = eval_flag(metric, comparison, comparison["tolerance"])
+        lines.append(f"| `{metric}` | {_fmt(comparison['tuned'].get(metric))} | {_fmt(now.get(metric))} | "
+                     f"{d:+.4f} | {ci_text} | {flag} | {_noise(noise, metric)} |")
+    return lines
 
 
 def detectable_line(new: dict | None, noise: dict | None) -> str:

@@ -36,4 +36,7 @@ def plan_section(plan: dict | None, problem: str | None = None) -> str:
     if plan.get("not_started"):
         lines.append("Metrics and answers of the stages not started here are the base branch's or missing below; "
                      "nothing in this comment comes from a model this job could not train.")
+    if plan.get("proxy"):
+        lines.append("The model's training or evaluation is not started here, so the same change ran through the "
+                     "CPU default on the base branch and on this PR: the proxy verdict below.")
     return "\n".join(lines)
