@@ -224,21 +224,76 @@ def apply_results(downloaded: Path, params_dvc_yaml: dict, repo_root: Path) -> l
     return copy_tracked_results(params_dvc_yaml, base, repo_root)
 
 
-def submit(params: Params, out: Path, results_dir: Path, wait: bool = True, apply: bool = True,
-           repo_root: Path = az.REPO_ROOT) -> int:
-    import yaml
-    from azure.ai.ml import load_job
+# Azure ML job statuses, grouped as a pull-request comment reports them (stages.ci.pr_train).
+QUEUED_STATUSES = ("NotStarted", "Starting", "Provisioning", "Preparing", "Queued")
+RUNNING_STATUSES = ("Running", "Finalizing")
+FAILED_STATUSES = ("Failed", "Canceled", "CancelRequested", "NotResponding")
 
-    workspace = az.workspace_from_env()          # fails first, naming a missing variable
-    client = az.ml_client(workspace)
+
+def status_phase(status: str | None) -> str:
+    """queued | running | completed | failed | unknown, from an Azure ML job status."""
+    if status == "Completed":
+        return "completed"
+    if status in QUEUED_STATUSES:
+        return "queued"
+    if status in RUNNING_STATUSES:
+        return "running"
+    if status in FAILED_STATUSES:
+        return "failed"
+    return "unknown"
+
+
+def submit_job(client, params: Params, out: Path, repo_root: Path = az.REPO_ROOT, git_commit: str | None = None):
+    """Register the training environment and submit the job for the code in `repo_root` (at
+    `git_commit`, default its HEAD); returns the submitted job (name, studio_url). The one submission
+    path: `submit` below (train.yml) and stages.ci.pr_train (a pull request's /train) both call it."""
+    from azure.ai.ml import load_environment, load_job
+
     key_vault_url = workspace_key_vault_url(client)
-    specs = write_training_specs(params, out, repo_root, key_vault_url=key_vault_url)
-    from azure.ai.ml import load_environment
-
+    specs = write_training_specs(params, out, repo_root, git_commit=git_commit, key_vault_url=key_vault_url)
     environment = client.environments.create_or_update(load_environment(specs["environment"]))
     job = load_job(specs["job"])
     job.environment = f"{environment.name}:{environment.version}"   # the named, registered build
-    job = client.jobs.create_or_update(job)
+    return client.jobs.create_or_update(job)
+
+
+def job_status(client, name: str) -> str:
+    return str(client.jobs.get(name).status)
+
+
+def failure_reason(client, name: str) -> str:
+    """The error Azure ML records for a failed job (run details), or a line saying there is none."""
+    try:
+        details = client.jobs._runs_operations.get_run_details(name)   # what jobs.stream prints on failure
+        error = details.error.as_dict() if getattr(details, "error", None) is not None else None
+    except Exception:  # noqa: BLE001 - a missing detail must not hide the status
+        error = None
+    inner = (error or {}).get("error") if isinstance(error, dict) else None
+    if isinstance(inner, dict) and inner.get("message"):
+        code = f"{inner['code']}: " if inner.get("code") else ""
+        return f"{code}{str(inner['message']).splitlines()[0]}"
+    return "Azure ML recorded no error detail; see the job's logs in the studio"
+
+
+def download_results(client, name: str, results_dir: Path, repo_root: Path = az.REPO_ROOT,
+                     apply: bool = True) -> list[str]:
+    """Download the job's `results` output to results_dir/<name> and (apply) copy dvc.lock and the
+    git-tracked metrics/plots into repo_root; the paths copied."""
+    import yaml
+
+    results_dir = Path(results_dir) / name
+    client.jobs.download(name, download_path=str(results_dir), output_name=RESULTS_OUTPUT)
+    if not apply:
+        return []
+    dvc_yaml = yaml.safe_load((Path(repo_root) / "dvc.yaml").read_text(encoding="utf-8"))
+    return apply_results(results_dir, dvc_yaml, Path(repo_root))
+
+
+def submit(params: Params, out: Path, results_dir: Path, wait: bool = True, apply: bool = True,
+           repo_root: Path = az.REPO_ROOT) -> int:
+    workspace = az.workspace_from_env()          # fails first, naming a missing variable
+    client = az.ml_client(workspace)
+    job = submit_job(client, params, out, repo_root)
     print(f"submitted {job.name}: {job.studio_url}", flush=True)
     if not wait:
         return 0
@@ -246,15 +301,12 @@ def submit(params: Params, out: Path, results_dir: Path, wait: bool = True, appl
         client.jobs.stream(job.name)
     except Exception as exc:  # stream raises when the job fails; the status below decides
         print(f"job {job.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-    status = client.jobs.get(job.name).status
+    status = job_status(client, job.name)
     if status != "Completed":
         print(f"job {job.name} ended {status}", file=sys.stderr)
         return az.EXIT_FAILED
-    results_dir = Path(results_dir) / job.name
-    client.jobs.download(job.name, download_path=str(results_dir), output_name=RESULTS_OUTPUT)
+    applied = download_results(client, job.name, results_dir, repo_root, apply)
     if apply:
-        dvc_yaml = yaml.safe_load((repo_root / "dvc.yaml").read_text(encoding="utf-8"))
-        applied = apply_results(results_dir, dvc_yaml, repo_root)
         print(f"updated from the job: {', '.join(applied)} (commit them)")
     return 0
 

@@ -68,12 +68,27 @@ def gate_line(metrics_path: Path) -> str | None:
     return "Quality gate: **passed**." if gate["passed"] else f"Quality gate: **failed** ({reasons})."
 
 
+def commit_steps(files: list[str], message: str) -> list[list[str]]:
+    """Stage exactly the result files and commit them (the results PR and stages.ci.pr_train's bot commit)."""
+    return [["git", "add", "--", *files],
+            ["git", "commit", "-m", message]]
+
+
 def plan(files: list[str], branch: str, base: str, title: str, body_file: str) -> list[list[str]]:
     return [["git", "checkout", "-B", branch],
-            ["git", "add", "--", *files],
-            ["git", "commit", "-m", title],
+            *commit_steps(files, title),
             ["git", "push", "--force", "origin", f"HEAD:refs/heads/{branch}"],
             ["gh", "pr", "create", "--base", base, "--head", branch, "--title", title, "--body-file", body_file]]
+
+
+def run_steps(steps: list[list[str]], cwd: str | Path, dry_run: bool = False, prefix: str = "[results_pr] ") -> None:
+    """Run each command in order (or print it, dry_run); the first failure raises ResultsError."""
+    for step in steps:
+        print(prefix + ("would run: " if dry_run else "") + " ".join(step))
+        if not dry_run:
+            proc = subprocess.run(step, cwd=cwd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ResultsError(f"{' '.join(step[:3])} failed: {(proc.stderr or proc.stdout).strip()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,13 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         body_path.parent.mkdir(parents=True, exist_ok=True)
         body_path.write_text(pr_body(files, args.source_sha, args.run_url, gate_line(Path(args.repo) / args.metrics)),
                              encoding="utf-8")
-        steps = plan(files, branch, args.base, title, str(body_path))
-        for step in steps:
-            print("[results_pr] " + ("would run: " if args.dry_run else "") + " ".join(step))
-            if not args.dry_run:
-                proc = subprocess.run(step, cwd=args.repo, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise ResultsError(f"{' '.join(step[:3])} failed: {(proc.stderr or proc.stdout).strip()}")
+        run_steps(plan(files, branch, args.base, title, str(body_path)), args.repo, args.dry_run)
         return 0
     except ResultsError as exc:
         print(f"[results_pr] {exc}", file=sys.stderr)
