@@ -11,6 +11,7 @@ comparison; forks and Dependabot refused; a push after the run marks the results
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -228,6 +229,8 @@ def test_train_request_submits_reports_progress_commits_results_and_compares(pro
     assert f"Real results: `meta-llama/Llama-3.2-1B-Instruct` trained on Azure ML for `{head[:12]}`" in body
     assert "Evaluation vs `origin/main`" in body and "`fact_recall`" in body and "❌ regression" in body
     assert "stale:" not in body
+    if os.environ.get("PR_TRAIN_COMMENT"):   # to read the comment: PR_TRAIN_COMMENT=/tmp/c.md pytest ...
+        Path(os.environ["PR_TRAIN_COMMENT"]).write_text(body)
     assert len([c for c in github.comments[7] if pt.MARKER in c["body"]]) == 1   # one comment, updated in place
 
     # a push to the PR after the run: the results are for the trained commit, and the comment says so
@@ -339,3 +342,20 @@ def test_the_state_survives_the_comment_round_trip():
     body = pt.render(state, "e" * 40, "eval\n-->")
     assert body.count("-->") >= 2 and pt.parse_body(body)[0] == state
     assert body.splitlines()[0] == pt.MARKER
+
+
+def test_the_train_job_reads_the_request_from_the_comment_and_refuses_a_replaced_one(tmp_path):
+    """pr-train.yml's train job runs after the authorize job: no state file, the state is the comment's."""
+    github = FakeGitHub({7: _pull("a" * 40)}, {"maint": "write"})
+    pt.record_request(github, pt.authorize("issue_comment", _comment_event(), github))
+    state = pt.load_state(tmp_path / "absent.json", github, 7, "a" * 40)
+    assert state["phase"] == "accepted" and state["head_sha"] == "a" * 40 and state["head_ref"] == "pr"
+    with pytest.raises(pt.PRTrainError, match="a newer request replaced this one"):
+        pt.load_state(tmp_path / "absent.json", github, 7, "b" * 40)
+    with pytest.raises(pt.PRTrainError, match="run authorize first"):
+        pt.load_state(tmp_path / "absent.json", FakeGitHub({7: _pull("a" * 40)}), 7, "a" * 40)
+    # the command line: an error is one line and exit 1, and nothing is submitted
+    client = FakeMLClient(["Queued"], tmp_path)
+    rc = pt.main(["submit", "--state", str(tmp_path / "absent.json"), "--repo-dir", str(tmp_path),
+                  "--pr", "7", "--head-sha", "b" * 40], github=github, ml_client=client)
+    assert rc == 1 and client.jobs.submitted is None

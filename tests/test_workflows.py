@@ -22,7 +22,7 @@ from stages.ci import github_comment, infra_report, pr_comment, results_pr
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / ".github" / "workflows"
-NAMES = ("ci", "train", "deploy", "infra")
+NAMES = ("ci", "train", "deploy", "infra", "pr-train")
 
 
 def load(name: str) -> dict:
@@ -66,7 +66,7 @@ def py(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 120
 # lint
 
 
-def test_all_four_workflows_exist():
+def test_all_workflows_exist():
     assert {p.stem for p in WORKFLOWS.glob("*.yml")} >= set(NAMES)
 
 
@@ -199,6 +199,56 @@ def test_train_workflow_triggers_on_the_pr_comment_paths():
         assert submit["env"][var] == f"${{{{ vars.{var} }}}}"
 
 
+def test_pr_train_workflow_is_least_privilege_and_never_runs_the_pr_code():
+    """Issue 21 item 4: /train or the train label; only the PR-training job may write to the PR branch."""
+    wf = load("pr-train")
+    assert wf["on"] == {"issue_comment": {"types": ["created"]},
+                        "pull_request_target": {"types": ["labeled", "synchronize"]}}
+    jobs = wf["jobs"]
+    assert set(jobs) == {"authorize", "train", "mark-stale"}
+    assert "'/train'" in jobs["authorize"]["if"] and "github.event.label.name == 'train'" in jobs["authorize"]["if"]
+    assert "github.event.issue.pull_request" in jobs["authorize"]["if"]
+    assert jobs["authorize"]["permissions"] == {"contents": "read", "pull-requests": "write"}
+    assert jobs["mark-stale"]["permissions"] == {"contents": "read", "pull-requests": "write"}
+    assert "synchronize" in jobs["mark-stale"]["if"]
+    train = jobs["train"]
+    assert train["needs"] == "authorize" and train["if"] == "needs.authorize.outputs.decision == 'allowed'"
+    assert train["permissions"] == {"contents": "write", "pull-requests": "write", "id-token": "write"}
+    assert train["concurrency"]["cancel-in-progress"] is False and "outputs.pr" in train["concurrency"]["group"]
+    # contents: write exists only where something is pushed: train.yml's results branch, deploy.yml's tag, and
+    # this job's bot commit on the PR branch; nowhere else
+    writers = {(name, job_name) for name in NAMES for job_name, job in load(name)["jobs"].items()
+               if (job.get("permissions") or {}).get("contents") == "write"}
+    assert writers == {("train", "train"), ("deploy", "rollout"), ("pr-train", "train")}
+    # the base branch's tooling runs; the PR head is only data in pr-head/, checked out after authorize
+    checkouts = [s for s in train["steps"] if str(s.get("uses", "")).startswith("actions/checkout@")]
+    assert "ref" not in checkouts[0].get("with", {}) and checkouts[1]["with"]["path"] == "pr-head"
+    assert checkouts[1]["with"]["ref"] == "${{ needs.authorize.outputs.head_sha }}"
+    for job in jobs.values():
+        for step in job["steps"]:
+            if str(step.get("uses", "")).startswith("actions/checkout@") and step is not checkouts[1]:
+                assert "ref" not in step.get("with", {}) and "path" not in step.get("with", {})
+            script = step.get("run", "")
+            assert "cd pr-head" not in script and "pr-head/" not in script and "make -C pr-head" not in script
+    text = run_text(wf)
+    for command in ("authorize", "submit", "status", "finish", "mark-stale"):
+        assert f"-m stages.ci.pr_train {command}" in text
+    submit = next(s for s in train["steps"] if "pr_train submit" in s.get("run", ""))
+    from stages.azure.config import WORKSPACE_ENV
+
+    for var in WORKSPACE_ENV:
+        assert submit["env"][var] == f"${{{{ vars.{var} }}}}"
+    # authorize and mark-stale import the standard library only (no make setup in those jobs)
+    proc = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                           "import stages.ci.pr_train; "
+                           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                           "('yaml', 'pydantic', 'torch', 'azure', 'transformers', 'dvc')))", str(ROOT)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    for job in ("authorize", "mark-stale"):
+        assert "make setup" not in run_text({"jobs": {job: jobs[job]}})
+
+
 def test_deploy_workflow_is_gated_and_reviewed():
     wf = load("deploy")
     assert wf["on"]["push"]["paths"] == ["dvc.lock"] and "workflow_dispatch" in wf["on"]
@@ -245,6 +295,7 @@ def test_environments_used_are_federated_by_the_bicep():
     assert "train" in federated["prod"] and "prod" in federated["prod"]
     assert load("train")["jobs"]["train"]["environment"] == "train"
     assert load("deploy")["jobs"]["rollout"]["environment"] == "prod"
+    assert load("pr-train")["jobs"]["train"]["environment"] == "train"   # PR training: train.yml's credential
     matrix = load("infra")["jobs"]["deploy"]["strategy"]["matrix"]["env"]
     assert '["dev", "prod"]' in matrix
     for env in ("dev", "prod"):
@@ -258,6 +309,7 @@ def test_every_python_entry_point_the_workflows_call_exists():
     for name in NAMES:
         modules |= set(re.findall(r"python -m ([\w.]+)", (WORKFLOWS / f"{name}.yml").read_text()))
     assert {"stages.ci.pr_comment", "stages.ci.github_comment", "stages.ci.infra_report", "stages.ci.results_pr",
+            "stages.ci.pr_train",
             "stages.azure.jobs", "stages.evaluate", "stages.azure.endpoints"} <= modules
     missing = [m for m in sorted(modules) if importlib.util.find_spec(m) is None]
     assert not missing, f"workflows call modules that do not exist: {missing}"
@@ -481,7 +533,7 @@ def test_every_action_is_pinned_by_full_commit_sha_with_its_tag_in_a_comment():
 
 
 def _pushes(step: dict) -> bool:
-    return bool(re.search(r"\bgit\b.*\bpush\b|stages\.ci\.results_pr", step.get("run", ""), re.S))
+    return bool(re.search(r"\bgit\b.*\bpush\b|stages\.ci\.results_pr|stages\.ci\.pr_train finish", step.get("run", ""), re.S))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,7 +4,8 @@ metrics/ to the PR branch, and shows the real paired comparison against the base
 
     python -m stages.ci.pr_train authorize --event "$GITHUB_EVENT_PATH" --event-name "$GITHUB_EVENT_NAME" \
         --state build/pr-train/state.json --github-output "$GITHUB_OUTPUT"
-    python -m stages.ci.pr_train submit   --state build/pr-train/state.json --repo-dir pr-head
+    python -m stages.ci.pr_train submit   --state build/pr-train/state.json --repo-dir pr-head \
+        [--pr N --head-sha SHA]     # no state file (another job): the state from the PR's comment
     python -m stages.ci.pr_train status   --state build/pr-train/state.json [--follow --interval 60]
     python -m stages.ci.pr_train finish   --state build/pr-train/state.json --repo-dir pr-head [--base main]
     python -m stages.ci.pr_train mark-stale --event "$GITHUB_EVENT_PATH"
@@ -445,10 +446,18 @@ def mark_stale(github, pr: int, head_sha: str) -> str:
 
 # ---------------------------------------------------------------- command line
 
-def _load_state(path: Path) -> dict:
+def load_state(path: Path, github=None, pr: int | None = None, head_sha: str | None = None) -> dict:
+    """The state file of an earlier step of this job; else (another job: --pr) the state in the PR's comment,
+    which must be the request for --head-sha (a later request would have replaced it)."""
     data, problem = _load_json(Path(path))
+    if data is None and github is not None and pr is not None:
+        data, _ = existing(github, pr)
+        problem = f"no {MARKER} comment with a state on #{pr}"
     if data is None:
         raise PRTrainError(f"no state: {problem} (run authorize first)")
+    if head_sha and data.get("head_sha") != head_sha:
+        raise PRTrainError(f"the comment's run is for {str(data.get('head_sha'))[:12]}, not {head_sha[:12]}: "
+                           "a newer request replaced this one")
     return data
 
 
@@ -474,8 +483,11 @@ def main(argv: list[str] | None = None, github=None, ml_client=None) -> int:
     a.add_argument("--event-name", required=True, help="$GITHUB_EVENT_NAME")
     a.add_argument("--state", type=Path, required=True)
     a.add_argument("--github-output", default=None)
+    a.add_argument("--no-comment", action="store_true", help="decide only (e.g. for the job summary)")
     s = sub.add_parser("submit", help="estimate, then submit the H100 job for the PR's head")
     s.add_argument("--state", type=Path, required=True)
+    s.add_argument("--pr", type=int, default=None, help="without a state file: read the state from this PR's comment")
+    s.add_argument("--head-sha", default=None, help="the head the request was for (checked against the state)")
     s.add_argument("--repo-dir", type=Path, required=True, help="checkout of the PR's head commit")
     s.add_argument("--out", type=Path, default=Path("build/pr-train/azure/train-job.yml"))
     t = sub.add_parser("status", help="poll the job and update the comment")
@@ -499,12 +511,12 @@ def main(argv: list[str] | None = None, github=None, ml_client=None) -> int:
             github = github or github_from_env(args.repo)
             decision = authorize(args.event_name, event, github)
             print(f"[pr_train] {decision['decision']}: {decision['reason']}")
-            if decision["decision"] != "ignored":
+            if decision["decision"] != "ignored" and not args.no_comment:
                 state = record_request(github, decision)
                 if decision["decision"] == "allowed":
                     _save_state(args.state, state)
             _github_output(args.github_output, decision=decision["decision"], pr=decision.get("pr", ""),
-                           head_sha=decision.get("head_sha", ""), head_ref=decision.get("head_ref", ""))
+                           head_sha=decision.get("head_sha", ""), base_ref=decision.get("base_ref", ""))
             return 0
         if args.command == "mark-stale":
             event = json.loads(args.event.read_text(encoding="utf-8"))
@@ -512,8 +524,8 @@ def main(argv: list[str] | None = None, github=None, ml_client=None) -> int:
             outcome = mark_stale(github or github_from_env(args.repo), int(pull["number"]), pull["head"]["sha"])
             print(f"[pr_train] #{pull['number']} at {pull['head']['sha'][:12]}: {outcome}")
             return 0
-        state = _load_state(args.state)
-        github = github or github_from_env(args.repo or state.get("repo"))
+        github = github or github_from_env(args.repo)
+        state = load_state(args.state, github, getattr(args, "pr", None), getattr(args, "head_sha", None))
         if ml_client is None:
             from stages.azure import config as az
 
@@ -549,7 +561,23 @@ def main(argv: list[str] | None = None, github=None, ml_client=None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    from stages.azure.config import run_cli
+def cli(argv: list[str] | None = None) -> int:
+    """main() with stages.azure.config.run_cli's error handling (a configuration error: one line, exit 2;
+    an Azure error: one line, exit 1), without importing it: authorize and mark-stale need only the
+    standard library, so their workflow jobs skip `make setup`."""
+    try:
+        return main(argv)
+    except Exception as exc:  # noqa: BLE001 - report, never dump, what run_cli reports
+        top = type(exc).__module__.split(".")[0]
+        if type(exc).__name__ == "ConfigError":
+            print(f"[pr_train] configuration error: {exc}", file=sys.stderr)
+            return 2
+        if top in {"azure", "msrest", "requests", "urllib3"}:
+            print(f"[pr_train] Azure error ({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}",
+                  file=sys.stderr)
+            return 1
+        raise
 
-    sys.exit(run_cli(main, "pr_train"))
+
+if __name__ == "__main__":
+    sys.exit(cli())
