@@ -145,6 +145,9 @@ def project(tmp_path_factory):
     (job / "metrics/eval.json").write_text(json.dumps(metrics, indent=2))
     (job / "metrics/eval_records.json").write_text(json.dumps(records))
     (job / "metrics/train.json").write_text(json.dumps({"eval_loss": 1.23, "model": "meta-llama/Llama-3.2-1B-Instruct"}))
+    plots = job / "dvclive/train/plots/metrics/train"
+    plots.mkdir(parents=True)
+    (plots / "loss.tsv").write_text("step\tloss\n0\t2.5\n1\t1.2\n")
     (job / "dvc.lock").write_text((src / "dvc.lock").read_text() + "# trained on Azure ML (crafted)\n")
     return {"work": work, "src": src, "remote": remote, "job": job}
 
@@ -220,8 +223,9 @@ def test_train_request_submits_reports_progress_commits_results_and_compares(pro
     remote = project["remote"]
     tip = _git(remote, "rev-parse", "refs/heads/pr")
     assert tip != head and _git(remote, "rev-parse", f"{tip}^") == head   # a bot commit on top of the trained head
-    assert sorted(_git(remote, "diff", "--name-only", head, tip).splitlines()) == [
-        "dvc.lock", "metrics/eval.json", "metrics/eval_records.json", "metrics/train.json"]
+    assert sorted(_git(remote, "diff", "--name-only", head, tip).splitlines()) == [   # the results PR's paths only
+        "dvc.lock", "dvclive/train/plots/metrics/train/loss.tsv", "metrics/eval.json", "metrics/eval_records.json",
+        "metrics/train.json"]
     assert "github-actions[bot]" in _git(remote, "log", "-1", "--format=%an", tip)
     assert f"Training results for {head[:12]}" in _git(remote, "log", "-1", "--format=%s", tip)
     body = github.body()
@@ -359,3 +363,21 @@ def test_the_train_job_reads_the_request_from_the_comment_and_refuses_a_replaced
     rc = pt.main(["submit", "--state", str(tmp_path / "absent.json"), "--repo-dir", str(tmp_path),
                   "--pr", "7", "--head-sha", "b" * 40], github=github, ml_client=client)
     assert rc == 1 and client.jobs.submitted is None
+
+
+def test_a_second_request_while_a_run_is_in_progress_is_refused_and_does_not_replace_it():
+    github = FakeGitHub({7: _pull("a" * 40)}, {"maint": "write"})
+    first = pt.record_request(github, pt.authorize("issue_comment", _comment_event(), github))
+    pt.record_request(github, pt.authorize("issue_comment", _comment_event(), github))   # before the job exists
+    assert pt.load_state(Path("absent.json"), github, 7, "a" * 40)["phase"] == "accepted"   # the first still stands
+    first.update(job="job-1", phase="running")
+    pt.write_comment(github, first)
+    second = pt.authorize("issue_comment", _comment_event(), github)
+    assert second["decision"] == "refused" and "a run is in progress for `aaaaaaaaaaaa`" in second["reason"]
+    pt.record_request(github, second)
+    state, _ = pt.parse_body(github.body())
+    assert state["job"] == "job-1" and state["phase"] == "running" and "was refused" in github.body()
+    # a run that has not reported for longer than the train job can live is dead: a new request may start
+    state["history"][-1][1] = "2020-01-01 00:00 UTC"
+    pt.write_comment(github, state)
+    assert pt.authorize("issue_comment", _comment_event(), github)["decision"] == "allowed"

@@ -49,7 +49,10 @@ LABEL = "train"
 WRITE_PERMISSIONS = ("admin", "maintain", "write")
 WRITE_ASSOCIATIONS = ("OWNER", "MEMBER", "COLLABORATOR")
 DEPENDABOT = "dependabot[bot]"
-RESULT_PATHS = ("dvc.lock", "metrics")   # what the bot commit records (the issue: dvc.lock and metrics/)
+# What the bot commit records: the results PR's paths. dvc.lock and metrics/, and dvclive/ too: the train
+# stage's plots are a git-tracked output whose hash is in dvc.lock, so leaving them out would make the merged
+# dvc.lock disagree with its own outputs and train.yml would train again.
+RESULT_PATHS = results_pr.DEFAULT_PATHS
 PHASE_LINES = {"accepted": "⏳ accepted: estimating and submitting", "queued": "⏳ queued on Azure ML",
                "running": "🏃 running on Azure ML", "completed": "✅ the job completed: fetching its results",
                "done": "✅ done", "failed": "❌ failed", "refused": "⛔ refused", "unknown": "❔ unknown status"}
@@ -133,7 +136,7 @@ def authorize(event_name: str, event: dict, github) -> dict:
         return refuse(f"this pull request comes from a fork ({head_repo}). Training would run its code with this "
                       f"repository's Azure identity and push with a token that can write; forks never train here. "
                       f"A maintainer can push the branch to {base_repo} and ask again there.")
-    if DEPENDABOT in (requester, result["author"], event.get("sender", {}).get("login")):
+    if DEPENDABOT in (requester, result["author"], (event.get("sender") or {}).get("login")):
         return refuse("Dependabot pull requests never train on Azure: they get no Azure identity and no write "
                       "token. Merge it, or copy the change to a branch of a maintainer, and train there.")
     if pull.get("state", "open") != "open":
@@ -150,7 +153,27 @@ def authorize(event_name: str, event: dict, github) -> dict:
         return refuse(f"@{requester} has no write access to this repository ({source}). Training on Azure costs "
                       f"money: a maintainer (write access) asks for it with a `{COMMAND}` comment or the "
                       f"`{LABEL}` label.")
+    running = in_progress(existing(github, request["pr"])[0])
+    if running:
+        return refuse(f"a run is in progress for `{str(running.get('head_sha'))[:12]}` (job `{running.get('job') or '?'}`, "
+                      f"{running.get('phase')}). Ask again when it has finished: two runs never write one comment.")
     return {**result, "decision": "allowed", "reason": f"@{requester} has write access ({source})"}
+
+
+ACTIVE_PHASES = ("accepted", "queued", "running", "completed")
+STALE_RUN_HOURS = 7.0   # longer than the train job's 6 h limit: a run not updated since then is dead
+
+
+def in_progress(state: dict | None, now: datetime | None = None) -> dict | None:
+    """The state when its run is still going (updated within STALE_RUN_HOURS), else None."""
+    if not state or state.get("phase") not in ACTIVE_PHASES or not state.get("history"):
+        return None
+    try:
+        last = datetime.strptime(state["history"][-1][1], "%Y-%m-%d %H:%M UTC").replace(tzinfo=timezone.utc)
+    except (ValueError, TypeError, IndexError):
+        return None
+    age = ((now or datetime.now(timezone.utc)) - last).total_seconds() / 3600
+    return state if age < STALE_RUN_HOURS else None
 
 
 # ---------------------------------------------------------------- the comment
@@ -272,7 +295,7 @@ def record_request(github, decision: dict) -> dict:
         write_comment(github, state)
         return state
     old, evaluation = existing(github, decision["pr"])
-    if old and old.get("job"):
+    if old and (old.get("job") or in_progress(old)):
         old.setdefault("notes", []).append(f"{_now()}: a {decision['trigger']} by @{decision['requester']} "
                                            f"was refused: {decision['reason']}")
         write_comment(github, old, evaluation)
@@ -411,15 +434,15 @@ def finish(client, github, state: dict, repo_dir: Path, results_dir: Path, base:
     state["results_files"] = files
     pr_head = (github.pull(state["pr"]).get("head") or {}).get("sha")
     if not applied:
-        state["not_committed"] = "the job's results output held no dvc.lock or metrics"
+        state["not_committed"] = "the job's results output held no dvc.lock, metrics or plots"
     elif pr_head != state["head_sha"]:
         state["not_committed"] = (f"the PR moved to `{(pr_head or '?')[:12]}` while the job ran: a dvc.lock from "
                                   f"`{state['head_sha'][:12]}` is not committed on top of other code")
     elif not files:
-        state["not_committed"] = "dvc.lock and metrics/ are already what the job produced"
+        state["not_committed"] = f"{', '.join(RESULT_PATHS)} are already what the job produced"
     else:
-        message = (f"Training results for {state['head_sha'][:12]} (Azure ML job {state['job']}): dvc.lock, "
-                   f"metrics/\n\nRequested by @{state['requester']} ({state['trigger']}) on #{state['pr']}.")
+        message = (f"Training results for {state['head_sha'][:12]} (Azure ML job {state['job']}): "
+                   f"{', '.join(RESULT_PATHS)}\n\nRequested by @{state['requester']} ({state['trigger']}) on #{state['pr']}.")
         steps = results_pr.commit_steps(files, message)
         if push:   # never --force: a branch that moved meanwhile rejects the push
             steps.append(["git", "push", "origin", f"HEAD:refs/heads/{state['head_ref']}"])
@@ -455,6 +478,8 @@ def load_state(path: Path, github=None, pr: int | None = None, head_sha: str | N
         problem = f"no {MARKER} comment with a state on #{pr}"
     if data is None:
         raise PRTrainError(f"no state: {problem} (run authorize first)")
+    if data.get("phase") == "refused":
+        raise PRTrainError(f"the request on #{data.get('pr')} was refused: {data.get('reason')}")
     if head_sha and data.get("head_sha") != head_sha:
         raise PRTrainError(f"the comment's run is for {str(data.get('head_sha'))[:12]}, not {head_sha[:12]}: "
                            "a newer request replaced this one")
