@@ -339,6 +339,11 @@ class FakeGitHub(BaseHTTPRequestHandler):
         self.requests.append(("GET", self.path))
         if self.headers.get("Authorization") != "Bearer t0ken":
             return self._reply(401, {"message": "Bad credentials"})
+        if "/pulls/" in self.path:       # stages.ci.pr_train.RestGitHub.pull
+            number = int(self.path.rsplit("/", 1)[1])
+            return self._reply(200, {"number": number, "head": {"sha": "a" * 40, "ref": "pr"}})
+        if "/collaborators/" in self.path:   # stages.ci.pr_train.RestGitHub.permission
+            return self._reply(200, {"permission": "write" if "/maint/" in self.path else "read"})
         page = int(re.search(r"[?&]page=(\d+)", self.path).group(1))
         self._reply(200, self.comments[(page - 1) * 100: page * 100])
 
@@ -387,6 +392,22 @@ def test_github_comment_creates_once_then_updates(fake_github, tmp_path):
     assert len(marked) == 1 and "second version" in marked[0]["body"]
     assert [m for m, _ in FakeGitHub.requests].count("POST") == 1
     assert ("PATCH", "/repos/o/r/issues/comments/1150") in FakeGitHub.requests
+
+
+def test_pr_train_rest_client_on_the_loopback_api(fake_github):
+    """The REST paths stages.ci.pr_train calls (its tests use an in-memory fake with the same methods)."""
+    from stages.ci import pr_train
+
+    client = pr_train.RestGitHub("o/r", "t0ken", fake_github)
+    assert client.pull(7)["head"]["sha"] == "a" * 40
+    assert client.permission("maint") == "write" and client.permission("randy") == "read"
+    assert client.find_comment(7) is None
+    client.upsert_comment(7, f"{pr_train.MARKER}\nfirst\n")
+    client.upsert_comment(7, f"{pr_train.MARKER}\nsecond\n")
+    assert "second" in client.find_comment(7)["body"]
+    assert [m for m, _ in FakeGitHub.requests].count("POST") == 1
+    assert ("GET", "/repos/o/r/pulls/7") in FakeGitHub.requests
+    assert ("GET", "/repos/o/r/collaborators/maint/permission") in FakeGitHub.requests
 
 
 def test_github_comment_errors_are_one_line(fake_github, tmp_path):
