@@ -89,6 +89,9 @@ class FakeJobs:
                                       "status": "NotStarted"})()
 
     def get(self, name):
+        if self.statuses[0] == "error":   # a transient failure of the status call
+            self.statuses.pop(0)
+            raise ConnectionResetError("connection reset by peer")
         status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
         return type("J", (), {"status": status})()
 
@@ -282,7 +285,7 @@ def test_a_push_during_the_run_is_not_mixed_with_its_results(project, tmp_path):
 def test_a_failed_job_says_why_and_the_status_command_fails(project, tmp_path):
     checkout, head = _checkout(project, tmp_path / "pr-head")
     github = FakeGitHub({7: _pull(head)}, {"maint": "admin"})
-    client = FakeMLClient(["Queued", "Failed"], project["job"])
+    client = FakeMLClient(["Queued", "error", "error", "Failed"], project["job"])
     state = pt.record_request(github, pt.authorize("pull_request_target", _label_event(_pull(head)), github))
     assert state["trigger"] == "`train` label"
     pt.submit(client, github, state, checkout, tmp_path / "azure/job.yml", estimate=lambda repo: (None, "no data"))

@@ -378,10 +378,21 @@ def poll(client, github, state: dict) -> str:
 
 
 def follow(client, github, state: dict, interval_s: float = 60.0, timeout_s: float = 6 * 3600,
-           sleep=time.sleep, clock=time.monotonic) -> str:
-    deadline = clock() + timeout_s
+           sleep=time.sleep, clock=time.monotonic, max_errors: int = 5) -> str:
+    """poll until the job completes or fails; a failed look (a transient Azure or GitHub error) is retried,
+    and only max_errors in a row end the step (the job itself is not touched)."""
+    deadline, errors = clock() + timeout_s, 0
     while True:
-        phase = poll(client, github, state)
+        try:
+            phase = poll(client, github, state)
+            errors = 0
+        except Exception as exc:  # noqa: BLE001 - retried; the last one is raised
+            errors += 1
+            print(f"[pr_train] poll failed ({errors}/{max_errors}): {type(exc).__name__}: {exc}", file=sys.stderr)
+            if errors >= max_errors:
+                raise
+            sleep(interval_s)
+            continue
         if phase in ("completed", "failed"):
             return phase
         if clock() > deadline:
