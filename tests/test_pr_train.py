@@ -368,11 +368,11 @@ def test_the_train_job_reads_the_request_from_the_comment_and_refuses_a_replaced
     assert rc == 1 and client.jobs.submitted is None
 
 
-def test_a_second_request_while_a_run_is_in_progress_is_refused_and_does_not_replace_it():
+def test_a_second_request_while_a_run_is_in_progress_is_refused_and_does_not_replace_it(tmp_path):
     github = FakeGitHub({7: _pull("a" * 40)}, {"maint": "write"})
     first = pt.record_request(github, pt.authorize("issue_comment", _comment_event(), github))
     pt.record_request(github, pt.authorize("issue_comment", _comment_event(), github))   # before the job exists
-    assert pt.load_state(Path("absent.json"), github, 7, "a" * 40)["phase"] == "accepted"   # the first still stands
+    assert pt.load_state(tmp_path / "absent.json", github, 7, "a" * 40)["phase"] == "accepted"   # the first still stands
     first.update(job="job-1", phase="running")
     pt.write_comment(github, first)
     second = pt.authorize("issue_comment", _comment_event(), github)
