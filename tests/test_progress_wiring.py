@@ -115,13 +115,14 @@ def test_gguf_conversion_shows_its_steps_once(tmp_path, monkeypatch, plain_lines
 def test_evaluation_shows_answers_and_scoring(tmp_path, plain_lines, capsys):
     from stages.core.chat import chat_format
     from stages.core.modeling import load_base_model, load_tokenizer
-    from stages.core.params import ModelParams
+    from stages.core.params import DecodingParams, ModelParams
     from stages.evaluate_base import generate_answers, score_answers
 
     tokenizer = load_tokenizer("embedded")
     model = load_base_model(ModelParams.model_validate(TINY_MODEL), tokenizer=tokenizer).eval()
     records = [{"system": SYSTEM, "instruction": q, "output": a} for q, a, *_ in TEST_RECORDS]
-    answers, finished, tokens, _ = generate_answers(model, tokenizer, records, 3, 2, desc="base answers")
+    answers, finished, tokens, _ = generate_answers(model, tokenizer, records, DecodingParams(max_new_tokens=3), 2,
+                                                    desc="base answers")
     assert chat_format(tokenizer) and len(answers) == len(records) and tokens > 0
     rows = score_answers(answers, [r["output"] for r in records], finished, None, desc="scoring base answers")
     assert len(rows) == len(records)
@@ -137,7 +138,7 @@ def test_a_long_batch_still_reports_its_decoding_step(monkeypatch, plain_lines, 
     """Lines come from within a batch (the generation hook), not only when it ends."""
     from stages.core import progress
     from stages.core.modeling import load_base_model, load_tokenizer
-    from stages.core.params import ModelParams
+    from stages.core.params import DecodingParams, ModelParams
     from stages.evaluate_base import generate_answers
 
     monkeypatch.setenv(progress.INTERVAL_ENV, "0")          # every update may print
@@ -146,7 +147,7 @@ def test_a_long_batch_still_reports_its_decoding_step(monkeypatch, plain_lines, 
                                                                                    "init_std": 0.1}}),
                             tokenizer=tokenizer).eval()
     records = [{"system": SYSTEM, "instruction": q, "output": a} for q, a, *_ in TEST_RECORDS[:2]]
-    generate_answers(model, tokenizer, records, 4, 2, desc="one batch")
+    generate_answers(model, tokenizer, records, DecodingParams(max_new_tokens=4), 2, desc="one batch")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[one batch]")]
     assert any(line.startswith("[one batch] 0/2 answer (0%)") and "decoding token 1/4 of a batch of 2" in line
                for line in lines), lines

@@ -662,7 +662,7 @@ LEGACY_CHECKPOINT_FILE = "checkpoint.pt"
 # change to any of them starts training afresh instead of resuming a checkpoint of the old code.
 # tests/test_training_core.py keeps this in step with what stages/train.py imports.
 TRAINING_CODE = ("train.py", "core/training.py", "core/modeling.py", "core/chat.py", "core/params.py",
-                 "core/determinism.py", "core/progress.py")
+                 "core/determinism.py", "core/progress.py", "core/schedule.py")
 # The libraries whose versions change the numbers (a checkpoint of another version starts afresh).
 TRAINING_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
                       "liger-kernel", "unsloth", "bitsandbytes")
