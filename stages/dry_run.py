@@ -91,9 +91,9 @@ def check_data(run: DryRun, params, data_dir: Path):
 
 def check_tokenizer(run: DryRun, params, rows):
     from .core.chat import IGNORE_INDEX, chat_format, messages
-    from .core.modeling import check_model_fits, load_tokenizer
+    from .core.modeling import check_model_fits, load_model_tokenizer
 
-    tokenizer = load_tokenizer(params.model.tokenizer)
+    tokenizer = load_model_tokenizer(params.model)
     check_model_fits(params.model, tokenizer)
     fmt = chat_format(tokenizer)
     sample = (rows.get("train") or [{"system": "You are helpful.", "instruction": "What is PM?",

@@ -367,8 +367,10 @@ def stage_main(argv: list[str]) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--reference", default=None,
                         help="metrics file to compare with: PATH or REV:PATH (default: evaluate.reference)")
+    parser.add_argument("--base-model", default="", help=cli.BASE_MODEL_HELP)
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    cli.use_base_model(args.base_model, params.model)
     quiet_library_bars()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if all_local(params):  # nothing to download: never let a library try the hub

@@ -337,12 +337,12 @@ def evaluate_base(params: Params, test: list[dict], val: list[dict], log=print) 
     (decoding.max_new_tokens resolved)."""
     from .core import metrics as M
     from .core.determinism import fix_cpu_threads
-    from .core.modeling import load_tokenizer, resolve_device, resolve_dtype
+    from .core.modeling import load_model_tokenizer, resolve_device, resolve_dtype
 
     started = time.perf_counter()
     # The tokenizer the train stage saves into models/adapter/tokenizer is this one (load_tokenizer
     # with the chat format prepared), so base prompts are the tokens the evaluate stage would build.
-    tokenizer = load_tokenizer(params.model.tokenizer)
+    tokenizer = load_model_tokenizer(params.model)
     params, budget = with_answer_budget(params, tokenizer, test)
     log(f"[{STAGE}] max_new_tokens {budget.max_new_tokens}: {budget.rule}")
     device = resolve_device("auto")
@@ -366,8 +366,10 @@ def stage_main(argv: list[str]) -> int:
     parser.add_argument("--data", default="data/processed", help="folder with test.jsonl and val.jsonl")
     parser.add_argument("--output", default="reports/eval_base", help="folder for base.json and answers.jsonl")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base-model", default="", help=cli.BASE_MODEL_HELP)
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    cli.use_base_model(args.base_model, params.model)
     quiet_library_bars()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if all_local(params):  # nothing to download: never let a library try the hub
@@ -387,8 +389,16 @@ def stage_main(argv: list[str]) -> int:
 
 
 def all_local(params: Params) -> bool:
-    names = (params.model.base, params.model.tokenizer, params.evaluate.encoder)
-    return all(name == "embedded" or Path(name).exists() for name in names)
+    """Nothing evaluation loads is a hub id still to resolve: the embedded or a packaged model, a local
+    folder, or the base stage's folder (use_base_folder)."""
+    from .core.modeling import EMBEDDED, PACKAGED, FolderSource, base_source
+
+    def local(name: str) -> bool:
+        return name == EMBEDDED or name in PACKAGED or Path(name).exists()
+
+    base_here = isinstance(base_source(params.model), FolderSource) or local(params.model.base)
+    tokenizer_here = local(params.model.tokenizer) or (params.model.tokenizer == params.model.base and base_here)
+    return base_here and tokenizer_here and local(params.evaluate.encoder)
 
 
 if __name__ == "__main__":

@@ -239,14 +239,16 @@ def render_card(card: dict) -> str:
 def package(adapter_dir: str | Path, output: str | Path, package_params: PackageParams = PackageParams(),
             data_dir: str | Path | None = None, eval_metrics: str | Path | None = None,
             train_metrics: str | Path | None = None, device: str = "auto",
-            decoding: DecodingParams = DecodingParams()) -> dict:
-    """Merge, check, save to `output` (atomically). Returns the card; raises MergeCheckError."""
+            decoding: DecodingParams = DecodingParams(), base_model: str | Path | None = None) -> dict:
+    """Merge, check, save to `output` (atomically). Returns the card; raises MergeCheckError.
+    `base_model`: the base stage's folder to read the adapter's base model from."""
     started = time.perf_counter()
     adapter_dir, output = Path(adapter_dir), Path(output)
     data_dir = Path(data_dir) if data_dir else None
     manifest = read_manifest(adapter_dir)
     method = manifest["method"]
     model_params = ModelParams.model_validate(manifest["params"].get("model", {}))
+    cli.use_base_model(base_model, model_params)  # the base the adapter was trained on, from models/base
     dtype = save_dtype(package_params.dtype, model_params)
     torch_device = resolve_device(device)
     if dtype != torch.float32 and torch_device.type == "cpu":
@@ -395,13 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-metrics", default="metrics/eval.json")
     parser.add_argument("--train-metrics", default="metrics/train.json")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base-model", default="", help=cli.BASE_MODEL_HELP)
     args = parser.parse_args(argv)
 
     def work():
         params = load_params(args.params)
         quiet_library_bars()
         card = package(args.adapter, args.output, params.package, data_dir=args.data,
-                       eval_metrics=args.eval_metrics, train_metrics=args.train_metrics, decoding=params.decoding)
+                       eval_metrics=args.eval_metrics, train_metrics=args.train_metrics, decoding=params.decoding,
+                       base_model=args.base_model)
         write_json(args.metrics, {"merge_check": card["merge_check"], "parameters": card["model"]["parameters"],
                                   "dtype": card["model"]["dtype"]})
         write_perf(STAGE, {"seconds": card["seconds"]})

@@ -212,14 +212,16 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="data/processed", type=Path)
     parser.add_argument("--stats", default="metrics/preprocess.json", type=Path)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base-model", default="", help=cli.BASE_MODEL_HELP)
     args = parser.parse_args(argv)
 
     def run() -> int:
         params = load_params(args.params)
+        cli.use_base_model(args.base_model, params.model)  # model.tokenizer from it when it is the base's own
         files = read_inputs(args.input)
-        from .core.modeling import load_tokenizer
+        from .core.modeling import load_model_tokenizer
 
-        result = preprocess(files, params.preprocess, params.model, load_tokenizer(params.model.tokenizer))
+        result = preprocess(files, params.preprocess, params.model, load_model_tokenizer(params.model))
         with io.atomic_dir(args.output) as out:
             for name, rows in result.splits.items():
                 (out / f"{name}.jsonl").write_text(io.jsonl_text(rows), encoding="utf-8")

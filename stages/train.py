@@ -30,8 +30,8 @@ from .core import cli
 from .core.chat import chat_format
 from .core.determinism import computed_on, fix_cpu_threads, pin_cpu_isa
 from .core.io import atomic_dir, write_json
-from .core.modeling import (EMBEDDED, check_model_fits, check_modules_to_save, count_parameters, load_base_model, load_tokenizer,
-                            lora_config, model_source, resolve_device, resolve_dtype)
+from .core.modeling import (EmbeddedSource, base_source, check_model_fits, check_modules_to_save, count_parameters,
+                            load_base_model, load_model_tokenizer, lora_config, resolve_device, resolve_dtype)
 from .core.params import ConfigError, Params, load_params
 from .core.perf import write_perf
 from .core.records import DataError, Problem, content_hash, jsonl_lines
@@ -106,8 +106,9 @@ def quantization_config(train):
 def _model_path(params: Params, dtype) -> str:
     """A folder or hub id for loaders that need one (unsloth, 4-bit): the seeded embedded model is
     saved to a temporary folder, a packaged model is its converted folder."""
-    if params.model.base != EMBEDDED:
-        return model_source(params.model.base).model_path()
+    source = base_source(params.model)
+    if not isinstance(source, EmbeddedSource):
+        return source.model_path()
     directory = tempfile.mkdtemp(prefix="embedded-llama-")
     load_base_model(params.model, dtype=dtype, device="cpu").save_pretrained(directory)
     return directory
@@ -139,6 +140,9 @@ def build_model_hf(params: Params, device, dtype, tokenizer=None):
         return model
     from peft import get_peft_model
 
+    # LoRA's initialisation draws from this seed alone, whatever loading the base model drew (building the
+    # embedded model draws from its own seed; loading a folder draws nothing).
+    torch.manual_seed(train.seed)
     model = get_peft_model(model, lora_config(train))
     check_modules_to_save(model, train.lora.modules_to_save)
     return model
@@ -189,7 +193,7 @@ def save_outputs(output: Path, model, tokenizer, params: Params, data_hash: str,
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_json(tmp / "manifest.json", {
             "method": params.train.method, "params": params.model_dump(mode="json"), "data_hash": data_hash,
-            "base_model": model_source(params.model.base).provenance(), "chat_format": fmt.describe(),
+            "base_model": base_source(params.model).provenance(), "chat_format": fmt.describe(),
             "versions": versions(), "cpu_kernels": pin_cpu_isa(), **extra,
         })
 
@@ -242,7 +246,7 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         raise DataError(f"{data_dir / 'train.jsonl'} has no records: the preprocess stage kept none for "
                         "training (its counts: metrics/preprocess.json)")
     data_hash = content_hash([{k: r[k] for k in SPLIT_FIELDS} for r in train_rows + val_rows])
-    tokenizer = load_tokenizer(params.model.tokenizer)
+    tokenizer = load_model_tokenizer(params.model)
     check_model_fits(params.model, tokenizer)
     train_ex = encode_rows(tokenizer, train_rows, train.completion_only_loss, params.model.max_seq_length,
                            str(data_dir / "train.jsonl"))
@@ -352,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="metrics/train.json")
     parser.add_argument("--live", default="dvclive/train", help="dvclive folder ('' = no curves)")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base-model", default="", help=cli.BASE_MODEL_HELP)
     args = parser.parse_args(argv)
 
     def body() -> int:
         params = load_params(args.params)
+        cli.use_base_model(args.base_model, params.model)
         run_training(params, Path(args.data), Path(args.output),
                      Path(args.checkpoints) if args.checkpoints else None,
                      Path(args.metrics) if args.metrics else None, args.live or None)

@@ -6,7 +6,11 @@ For params.yaml and `dvc status` (which stages changed against dvc.lock), every 
 one decision, with its reason:
 - "cache": from the remote/run cache. Nothing it depends on changed, so `dvc repro --pull
   --allow-missing` takes its outputs from the DVC remote and never runs it.
-- "runner": runs on the runner. preprocess always can when its tokenizer is on this machine. The model
+- "runner": runs on the runner. base can when the model needs no download (embedded, packaged, a local
+  folder) or is in this machine's Hugging Face cache at the pinned revision; a gated hub model's first
+  fetch needs a token, which a pull-request runner never has, so a maintainer runs it once and pushes it
+  (docs/azure.md, "The base model"); from then on it comes from the remote like any unchanged stage.
+  preprocess always can when its tokenizer is here (the base folder's, or model.tokenizer's own). The model
   stages (train, evaluate_base, evaluate, package, deploy) can when the model's weights are here
   (embedded, a packaged model, a local folder or the Hugging Face cache: a pull-request runner has no
   token for gated weights) and the project's own CPU estimate (stages/core/estimate.py,
@@ -45,6 +49,8 @@ DECISIONS = {CACHE: "from the remote/run cache", RUNNER: "runs on the runner", N
 TRAIN_BUDGET_MINUTES = 30.0
 # Stages that load the base model (weights, not only its tokenizer) and whose cost grows with it.
 MODEL_STAGES = ("train", "evaluate_base", "evaluate", "package", "deploy")
+# The stage that fetches or builds the base model (stages/base.py).
+BASE_STAGE = "base"
 CHECKS = ("dry run", "cost estimate")
 # A change that one of these stages would show, when it is not started here, gets the proxy verdict.
 PROXY_WHEN = ("train", "evaluate")
@@ -108,8 +114,8 @@ def changes(status: dict, dvc_yaml: dict, lock: dict | None = None, params_now: 
                             new = params_now
                             for part in key.split("."):
                                 new = new.get(part) if isinstance(new, dict) else None
-                            leaves = _leaves(old, new, key) if value == "modified" and isinstance(old, dict) \
-                                and isinstance(new, dict) else []
+                            leaves = _leaves(old, new, key) if value == "modified" and old is not None \
+                                and new is not None else []
                             why += [f"param {leaf}" for leaf in leaves] or [f"param {key} {value}"]
                     elif kind == "changed deps" and (state in ("modified", "new")
                                                      or (state == "deleted" and not is_output(path))):
@@ -127,7 +133,7 @@ def _upstream(dvc_yaml: dict) -> dict[str, list[str]]:
     return {name: upstream_stages(dvc_yaml, name) for name in (dvc_yaml.get("stages") or {})}
 
 
-def weights_here(name: str, filename: str = "config.json") -> tuple[bool, str]:
+def weights_here(name: str, filename: str = "config.json", revision: str = "") -> tuple[bool, str]:
     """Whether a model (or its tokenizer) loads on this machine without a download, and what it is."""
     from stages.core.modeling import EMBEDDED, PACKAGED
     from stages.core.params import ConfigError
@@ -145,7 +151,7 @@ def weights_here(name: str, filename: str = "config.json") -> tuple[bool, str]:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, filename)  # reads the local cache only
+        cached = try_to_load_from_cache(name, filename, revision=revision or None)  # the local cache only
     except Exception:  # noqa: BLE001 - an id the hub would reject is not here either
         cached = None
     if isinstance(cached, str):
@@ -169,6 +175,28 @@ def short_name(base: str) -> str:
     return name[: len(key)] if name.lower().startswith(key) else name
 
 
+def base_verdict(params) -> tuple[bool, str]:
+    """Whether the base stage can run on this runner (fetch or build model.base), and why."""
+    from stages.core.modeling import EMBEDDED, PACKAGED
+
+    base, revision = params.model.base, params.model.revision
+    if base == EMBEDDED:
+        return True, "builds the seeded embedded model (seconds)"
+    if base in PACKAGED:
+        here, what = weights_here(base)
+        return here, (f"converts the GGUF that {what.removeprefix('ships in ')} ships (once per machine)"
+                      if here else what)
+    if Path(base).is_dir():
+        return True, "copies a local folder"
+    if not revision:
+        return False, "model.revision is empty: pin the hub commit to fetch (params.yaml, model.revision)"
+    here, what = weights_here(base, revision=revision)
+    if here:
+        return True, f"{base} at {revision[:12]} is {what}"
+    return False, (f"fetching {base} at {revision[:12]} is {what}: a maintainer runs `HF_TOKEN=... dvc repro base "
+                   "&& dvc push base` once, and every run after that pulls it (docs/azure.md, \"The base model\")")
+
+
 def model_verdict(params, budget_minutes: float) -> dict:
     """Whether this configuration's model trains (and so evaluates and packages) on the runner's CPU, by
     the project's own estimates; the reason either way. Never raises: an estimate that fails says so."""
@@ -187,10 +215,9 @@ def model_verdict(params, budget_minutes: float) -> dict:
         select_backend(train.backend, train.allow_backend_fallback, False, package_available("unsloth"))
     except ConfigError as exc:
         blockers.append(f"needs a GPU ({exc})")
-    here, what = weights_here(base)
-    verdict["weights"] = {"here": here, "source": what}
-    if not here:
-        blockers.append(f"its weights are {what}")
+    # The weights themselves are the base stage's output (models/base): its own decision says whether
+    # they are here; a stage downstream of a base that is not started waits for it.
+    verdict["weights"] = dict(zip(("here", "source"), base_verdict(params)))
     try:
         tokens, records = training_tokens(params)
         cpu = estimate_cpu_training(params, tokens_per_epoch=tokens, records_per_epoch=records)
@@ -234,7 +261,11 @@ def make_plan(params_path: str | Path = "params.yaml", status: dict | None = Non
     upstream = _upstream(dvc_yaml)
     names = list(dvc_yaml.get("stages") or {})
     model = None
-    tokenizer_here, tokenizer_what = weights_here(params.model.tokenizer, "tokenizer_config.json")
+    # The base model's own tokenizer comes from models/base (base is upstream of preprocess); another
+    # tokenizer has to be on this machine.
+    own_tokenizer = params.model.tokenizer == params.model.base
+    tokenizer_here, tokenizer_what = (True, "") if own_tokenizer else \
+        weights_here(params.model.tokenizer, "tokenizer_config.json")
     decisions: dict[str, dict] = {}
     for name in names:
         direct = changed.get(name, [])
@@ -260,6 +291,9 @@ def make_plan(params_path: str | Path = "params.yaml", status: dict | None = Non
                              + "; ".join(model["blockers"] + ([f"and it {waits}"] if waits else [])))
             elif blocked:
                 entry.update(decision=NOT_STARTED, reason=f"{prefix}; {waits}")
+            elif name == BASE_STAGE:
+                here, why = base_verdict(params)
+                entry.update(decision=RUNNER if here else NOT_STARTED, reason=f"{prefix}; {why}")
             elif name not in MODEL_STAGES:
                 if tokenizer_here:
                     entry.update(decision=RUNNER, reason=f"{prefix}; cheap on a CPU")

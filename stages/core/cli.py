@@ -45,3 +45,15 @@ def io_error_line(exc: OSError) -> str:
     where = f" at {exc.filename}" if exc.filename else ""
     advice = IO_ADVICE.get(exc.errno)
     return f"{what}{f' ({code})' if code else ''}{where}" + (f"; {advice}" if advice else "")
+
+
+BASE_MODEL_HELP = ("the base stage's model folder (models/base in dvc.yaml): model.base is read from it, after "
+                   "checking it was built for params.yaml's model.base/revision; '' = resolve model.base here")
+
+
+def use_base_model(folder: str | None, model_params) -> None:
+    """--base-model: read model.base (and its own tokenizer) from the base stage's folder."""
+    if folder:
+        from .modeling import use_base_folder
+
+        use_base_folder(folder, model_params)

