@@ -173,5 +173,9 @@ def test_the_other_model_runs_the_whole_graph_and_answers_through_azmlinfsrv(oth
     assert ev["tuned"]["val_loss"] < ev["base"]["val_loss"]
     deploy = json.loads((dest / "metrics/deploy.json").read_text())
     assert deploy["passed"] is True
-    answers = [r["response"] for r in deploy["smoke"]["requests"]]
-    assert all(isinstance(a, str) and a.strip() for a in answers)
+    requests = deploy["smoke"]["requests"]
+    assert requests and all(r["status"] == 200 and isinstance(r["response"], str) for r in requests)
+    # the endpoint's counts agree with its text: no tokens is an empty answer
+    assert all(r["response"] == "" for r in requests if r["completion_tokens"] == 0), requests
+    if preset == "smollm2-135m":  # a pretrained model answers; the random-weight smoke model, 5 steps on a
+        assert all(r["response"].strip() for r in requests)  # slice, may end at once (an empty answer)
