@@ -186,11 +186,15 @@ def validation_loss(model, tokenizer, records: list[dict], batch_size: int, devi
                                pad_id=fmt.pad_id, shared_prefix=True))
 
 
-def run_model(model, tokenizer, test, val, params: Params, device, name: str = "model") -> ModelRun:
+def run_model(model, tokenizer, test, val, params: Params, device, name: str = "model",
+              known_val_loss: float | None = None) -> ModelRun:
+    """Answers for the test split and the validation loss (`known_val_loss` when the caller already has
+    it for exactly this model and split: the train stage measured it)."""
     model.eval()
     answers, finished, tokens, seconds = generate_answers(model, tokenizer, test, params.decoding,
                                                           params.evaluate.batch_size, desc=f"{name} answers")
-    loss = validation_loss(model, tokenizer, val, params.evaluate.batch_size, device)
+    loss = known_val_loss if known_val_loss is not None else validation_loss(
+        model, tokenizer, val, params.evaluate.batch_size, device)
     return ModelRun(answers, finished, tokens, seconds, loss)
 
 

@@ -329,7 +329,8 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         save_outputs(output, model, tokenizer, params, data_hash,
                      {"train_records": len(train_ex), "val_records": len(val_ex), "best_step": result.best_step,
                       "steps": result.steps, "early_stopped": result.early_stopped,
-                      "length_rule": length.describe()},
+                      "length_rule": length.describe(),
+                      "validation": validation_record(result, val_rows, dtype, train.method)},
                      state_dict=full_state)
         if metrics_path is not None:
             write_json(metrics_path, metrics)
@@ -342,6 +343,18 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
         dist.barrier()
         dist.destroy_process_group()
     return {**metrics, "perf": perf}
+
+
+def validation_record(result, val_rows: list[dict], dtype: torch.dtype, method: str) -> dict | None:
+    """The saved weights' validation loss, with what it was measured on. The weights saved are the best
+    evaluation's (fit restores them), so best_val_loss is their loss: the evaluate stage reuses it
+    instead of computing it again when its own model, split and dtype are these
+    (stages.evaluate.reusable_val_loss)."""
+    if result.best_val_loss is None or not val_rows or result.final_val_loss is None:
+        return None  # no val split: best_val_loss is a training loss then
+    return {"loss": result.best_val_loss, "step": result.best_step, "records": len(val_rows),
+            "split_hash": content_hash(val_rows), "dtype": str(dtype).removeprefix("torch."), "method": method,
+            "definition": "mean completion-token cross-entropy, completion-only labels"}
 
 
 def _r(value):

@@ -114,3 +114,33 @@ def test_the_embedded_folder_is_the_model_built_in_memory_and_a_stale_folder_is_
         m.use_base_folder(tmp_path / "base", smol)
     with pytest.raises(ConfigError, match="not a base stage output"):
         m.use_base_folder(tmp_path, params)
+
+
+def test_gguf_read_once_memoises_within_the_block_and_restores_after():
+    import gguf
+
+    originals = gguf.GGUFReader, gguf.get_tensor_name_map
+    path = m.model_source("smollm2-135m").gguf_path()
+    with m._gguf_read_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is first
+        arch = next(iter(gguf.MODEL_ARCH_NAMES))
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == originals
+
+
+def test_smollm2_conversion_with_one_gguf_read_is_byte_identical_to_transformers_own(tmp_path, monkeypatch):
+    """The memoised conversion (one GGUF parse instead of three) writes the same files, byte for byte,
+    as transformers' unpatched path."""
+    import contextlib
+
+    source = m.model_source("smollm2-135m")
+    fast, plain = tmp_path / "fast", tmp_path / "plain"
+    fast.mkdir(), plain.mkdir()
+    source._convert(source.gguf_path(), fast)
+    monkeypatch.setattr(m, "_gguf_read_once", contextlib.nullcontext)
+    source._convert(source.gguf_path(), plain)
+    names = sorted(f.name for f in fast.iterdir())
+    assert names == sorted(f.name for f in plain.iterdir()) and "model.safetensors" in names
+    for name in names:
+        assert (fast / name).read_bytes() == (plain / name).read_bytes(), name

@@ -25,6 +25,8 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -224,10 +226,12 @@ class PackagedGGUFSource(ModelSource):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            step("tokenizer", advance=False)
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            step("dequantise weights")
-            quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            with _gguf_read_once():
+                step("tokenizer", advance=False)
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                step("dequantise weights")
+                quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                 dtype=torch.float32)
         except ImportError as exc:
             raise ConfigError(f"model.base '{self.name}': converting the GGUF needs the gguf package ({exc})") from None
         finally:
@@ -262,6 +266,37 @@ class PackagedGGUFSource(ModelSource):
         info = self.provenance_static()
         info["sha256"] = self._cached_digest(cache_dir(), self.gguf_path()) or self.sha256()
         return info
+
+
+@contextmanager
+def _gguf_read_once():
+    """transformers (5.24) parses the GGUF three times for one conversion (tokenizer, config, weights;
+    ~4 s each for SmolLM2's 49k-token vocabulary) and rebuilds gguf's tensor-name map once per module
+    (397 times, ~5 s). Within this block both are memoised: the reader is a read-only memory map and
+    the map a pure function of its arguments, so the converted files are byte-identical
+    (tests/test_models.py) in about half the time. Restored on exit; a gguf without these names is
+    left alone."""
+    import gguf
+
+    names = ("GGUFReader", "get_tensor_name_map")
+    if not all(hasattr(gguf, name) for name in names):
+        yield
+        return
+    originals = {name: getattr(gguf, name) for name in names}
+    readers: dict[str, object] = {}
+
+    def reader(path, mode="r"):
+        key = f"{os.fspath(path)}\0{mode}"
+        if key not in readers:
+            readers[key] = originals["GGUFReader"](path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, lru_cache(maxsize=None)(originals["get_tensor_name_map"])
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(gguf, name, value)
 
 
 class PretrainedSource(ModelSource):
@@ -536,8 +571,10 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def load_tuned_model(params: ModelParams, adapter_dir: str | Path, method: str, dtype=torch.float32, device="cpu",
-                     tokenizer=None):
-    """The base model with the trained adapter (LoRA/QLoRA) or the fully fine-tuned weights."""
+                     tokenizer=None, merge: bool = False):
+    """The base model with the trained adapter (LoRA/QLoRA) or the fully fine-tuned weights; with
+    merge, the adapter merged into the base weights (peft merge_and_unload: a plain model, faster to
+    run, for inference only)."""
     adapter_dir = Path(adapter_dir)
     if method == "full":
         from transformers import AutoModelForCausalLM
@@ -546,6 +583,7 @@ def load_tuned_model(params: ModelParams, adapter_dir: str | Path, method: str, 
     from peft import PeftModel
 
     base = load_base_model(params, dtype=dtype, device=device, tokenizer=tokenizer)
-    return PeftModel.from_pretrained(base, adapter_dir / "adapter").to(device)
+    model = PeftModel.from_pretrained(base, adapter_dir / "adapter").to(device)
+    return model.merge_and_unload() if merge else model
 
 
