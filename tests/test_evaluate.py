@@ -605,3 +605,74 @@ def test_auto_answer_length_from_a_crafted_split_reaches_the_card_and_the_endpoi
         assert engine.limits.max_new_tokens_default == 128
     finally:
         engine.batcher.close()
+
+
+def _with_validation(adapter: Path, out: Path, **validation) -> Path:
+    import shutil
+
+    shutil.copytree(adapter, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["validation"] = validation
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_the_tuned_val_loss_is_train_s_only_when_train_measured_the_same_thing(inputs, stage_run, tmp_path):
+    """A manifest whose validation record matches this split, method and dtype gives its loss (a crafted
+    value here, so a recomputation would show); any mismatch computes it, as without a record."""
+    from stages.core import perf
+    from stages.core.records import content_hash
+    from stages.evaluate_base import read_split
+
+    work, data, params, adapter = inputs
+    computed = stage_run[0]["tuned"]["val_loss"]
+    same = {"loss": 1.234567, "step": 7, "records": 3, "split_hash": content_hash(read_split(data / "val.jsonl")),
+            "dtype": "float32", "method": "lora"}
+    reused = _with_validation(adapter, tmp_path / "reused", **same)
+    other = _with_validation(adapter, tmp_path / "other", **{**same, "split_hash": "0" * 64})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perf, "PERF_DIR", tmp_path / "perf")
+        rc_reused, reused_metrics, _ = _run(tmp_path, data, params, reused, "reused", base=work / "eval_base")
+        rc_other, other_metrics, _ = _run(tmp_path, data, params, other, "other", base=work / "eval_base")
+    assert rc_reused == rc_other == 0
+    assert computed != 1.234567 and json.loads(reused_metrics.read_text())["tuned"]["val_loss"] == 1.234567
+    assert json.loads(other_metrics.read_text())["tuned"]["val_loss"] == computed
+
+
+def test_reusable_val_loss_names_what_differs():
+    import torch
+
+    from stages.core.records import content_hash
+    from stages.evaluate import reusable_val_loss
+
+    val = [{"system": "s", "instruction": "q", "output": "a"}]
+    record = {"loss": 0.5, "step": 3, "split_hash": content_hash(val), "dtype": "float32", "method": "lora"}
+    assert reusable_val_loss({"validation": record}, "lora", val, torch.float32)[0] == 0.5
+    loss, why = reusable_val_loss({"validation": record}, "lora", val, torch.bfloat16)
+    assert loss is None and "dtype 'float32' vs 'bfloat16'" in why
+    loss, why = reusable_val_loss({"validation": {**record, "method": "qlora"}}, "qlora", val, torch.float32)
+    assert loss is None and "4-bit" in why
+    loss, why = reusable_val_loss({"validation": record}, "lora", val + val, torch.float32)
+    assert loss is None and "split_hash" in why
+    assert reusable_val_loss({}, "lora", val, torch.float32) == (None, "computed here (the train stage recorded none)")
+
+
+def test_the_merged_fp32_model_gives_the_adapter_model_s_answers(inputs):
+    """evaluate generates with the adapter merged (fp32): the same greedy answers as the unmerged
+    PeftModel, and not the base model's (the fixture's adapter changes them)."""
+    from stages.core.modeling import load_base_model, load_tokenizer, load_tuned_model
+    from stages.core.params import load_params
+    from stages.evaluate_base import generate_answers, read_split
+
+    work, data, params_path, adapter = inputs
+    params = load_params(params_path)
+    tokenizer = load_tokenizer(str(adapter / "tokenizer"))
+    test = read_split(data / "test.jsonl")
+
+    def answers(model):
+        return generate_answers(model.eval(), tokenizer, test, params.decoding, 4)[:2]
+
+    merged = load_tuned_model(params.model, adapter, "lora", tokenizer=tokenizer, merge=True)
+    assert not hasattr(merged, "peft_config")
+    unmerged = load_tuned_model(params.model, adapter, "lora", tokenizer=tokenizer)
+    assert answers(merged) == answers(unmerged) != answers(load_base_model(params.model, tokenizer=tokenizer))

@@ -413,3 +413,26 @@ def test_small_data_trains_min_steps_and_says_so(tmp_path, data_dir, capsys):
     assert (metrics["epochs_planned"], metrics["steps"]) == (4, 12)
     assert ("12 records, batch 4: 3 steps per epoch; training 4 epochs (min_steps 10; train.epochs is 1)"
             in capsys.readouterr().out)
+
+
+def test_the_manifest_records_the_saved_weights_validation_loss_as_evaluate_computes_it(first, data_dir):
+    """The evaluate stage reuses manifest['validation'] instead of computing the tuned validation loss:
+    it must be the saved (best) weights' loss, by evaluate's own definition and code."""
+    import torch
+
+    from stages.core.modeling import load_tokenizer, load_tuned_model
+    from stages.evaluate import reusable_val_loss
+    from stages.evaluate_base import read_split, validation_loss
+
+    tmp, metrics = first
+    manifest = json.loads((tmp / "adapter/manifest.json").read_text())
+    record = manifest["validation"]
+    assert (record["step"], record["records"], record["dtype"], record["method"]) == \
+        (metrics["best_step"], 4, "float32", "lora")
+    assert round(record["loss"], 6) == metrics["best_val_loss"]
+    params = validate_params(merged(TINY, {}))
+    tokenizer = load_tokenizer(str(tmp / "adapter/tokenizer"))
+    val = read_split(data_dir / "val.jsonl")
+    model = load_tuned_model(params.model, tmp / "adapter", "lora", tokenizer=tokenizer).eval()
+    assert validation_loss(model, tokenizer, val, 16, torch.device("cpu")) == pytest.approx(record["loss"], abs=1e-5)
+    assert reusable_val_loss(manifest, "lora", val, torch.float32)[0] == record["loss"]
