@@ -64,7 +64,7 @@ def test_merge_check_shows_each_pass(tmp_path, plain_lines, capsys):
     _assert_plain(err, "merge check")
     total = FAST.check_max_new_tokens + FAST.check_prompts                 # decoding steps + teacher-forced passes
     for name in ("merge check 1/3: adapter model", "merge check 2/3: merged model",
-                 "merge check 3/3: saved float32 model"):
+                 "merge check 3/3: saved model (float32)"):
         finals = [line for line in err.splitlines() if line.startswith(f"[{name}] ") and ", done" in line]
         assert len(finals) == 1 and finals[0].startswith(f"[{name}] {total}/{total} step (100%)"), (name, err)
         assert "step/s" in finals[0] or "s/step" in finals[0]
