@@ -274,7 +274,7 @@ def _gguf_read_once():
     ~4 s each for SmolLM2's 49k-token vocabulary) and rebuilds gguf's tensor-name map once per module
     (397 times, ~5 s). Within this block both are memoised: the reader is a read-only memory map and
     the map a pure function of its arguments, so the converted files are byte-identical
-    (tests/test_models.py) in about half the time. Restored on exit; a gguf without these names is
+    (tests/test_base_stage.py) in about half the time. Restored on exit; a gguf without these names is
     left alone."""
     import gguf
 
