@@ -208,10 +208,15 @@ def test_dvc_yaml_registers_the_stage_and_plots():
             "stages/evaluate.py", "stages/evaluate_base.py", "stages/core/metrics.py", "stages/core/report.py",
             "stages/core/gate.py"} <= set(stage["deps"])
     assert "--base reports/eval_base" in stage["cmd"]
-    assert stage["outs"] == ["reports/eval", {"metrics/eval.json": {"cache": False}},
-                             {"metrics/eval_records.json": {"cache": False}}]
+    # everything cached (the stage keeps its run cache); publish_eval copies the detail to git
+    assert stage["outs"] == ["reports/eval"]
     assert stage["metrics"] == [{"metrics/eval_summary.json": {"cache": False}}]
-    assert "--records metrics/eval_records.json --summary metrics/eval_summary.json" in stage["cmd"]
+    assert ("--metrics reports/eval/eval.json --records reports/eval/eval_records.json "
+            "--summary metrics/eval_summary.json") in stage["cmd"]
+    published = dvc["stages"]["publish_eval"]
+    assert published["outs"] == [{"metrics/eval.json": {"cache": False}}, {"metrics/eval_records.json": {"cache": False}}]
+    assert published["cmd"].endswith("reports/eval/eval.json=metrics/eval.json "
+                                     "reports/eval/eval_records.json=metrics/eval_records.json")
     sources, templates = set(), set()
     for plot in dvc["plots"]:
         spec = next(iter(plot.values())) if isinstance(plot, dict) else None

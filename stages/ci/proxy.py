@@ -24,12 +24,16 @@ Which params each side gets (`proxy_params`):
 Every key that did not apply is listed with its reason, and the comment shows that list.
 
 `prepare` checks out both revisions as git worktrees under the build folder and writes each one's proxy
-params.yaml; `run` reproduces `evaluate` in each, base first (`dvc repro --pull --allow-missing evaluate`
-with the DVC remote, which also pulls the remote's run cache; plain `dvc repro evaluate` without one),
-both sharing this checkout's DVC cache. Only stages that DVC keeps a run cache for come from it: DVC 3.67
-keeps none for a stage with a `cache: false` entry under `outs:` (dvc/stage/__init__.py, `no_cache_outs`),
-which today's dvc.yaml gives preprocess, train and evaluate; evaluate_base has one. Nothing here downloads
-a model: the proxy's weights ship in a package. Nothing trains in the plan or prepare steps.
+params.yaml; `run` reproduces the evaluation in each, base first (`dvc repro --pull --allow-missing
+publish_eval` with the DVC remote, which also pulls the remote's run cache; plain `dvc repro publish_eval`
+without one), both sharing this checkout's DVC cache. A stage whose inputs either side has already run
+(this job's other side, an earlier job whose DVC cache ci.yml restored, the remote's run cache) is
+restored from DVC's run cache instead of run: base, train, evaluate_base and evaluate keep one (their
+outputs are all cached; dvc.yaml says why preprocess, package and deploy do not), so the base side of a
+second pull request against the same base commit trains nothing, and a head side that changes only
+evaluation settings does not train either. proxy.json lists, per side, the stages that ran and the
+stages restored. Nothing here downloads a model: the proxy's weights ship in a package. Nothing trains
+in the plan or prepare steps.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ PROXY_PRESET = "smollm2-135m"
 MODEL_PREFIX = "model."
 BUILD = Path("build/proxy")
 SIDES = ("base", "head")
-TARGET = "evaluate"
+TARGET = "publish_eval"  # evaluate, then its metrics/eval.json and eval_records.json in git's place
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +249,8 @@ def repro_command(pull: bool, target: str = TARGET) -> list[str]:
 
 
 def run(build: Path = BUILD, pull: bool = False, timeout_minutes: float = 25.0) -> dict:
-    """`dvc repro evaluate` in each worktree, base first; outcome and wall time per side, into proxy.json."""
+    """`dvc repro publish_eval` in each worktree, base first; outcome, wall time, the stages run and the
+    stages restored from the run cache per side, into proxy.json."""
     build = Path(build)
     info = json.loads((build / "proxy.json").read_text(encoding="utf-8"))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -272,7 +277,7 @@ def run(build: Path = BUILD, pull: bool = False, timeout_minutes: float = 25.0) 
         if not ok:
             print(log[-3000:], file=sys.stderr)
         runs[side] = {"ok": ok, "seconds": seconds, "command": " ".join(["dvc", *cmd[3:]]),
-                      "ran": _ran_stages(log)}
+                      "ran": _ran_stages(log), "restored": _restored_stages(log)}
     info["runs"] = runs
     write_json(build / "proxy.json", info)
     return info
@@ -281,6 +286,12 @@ def run(build: Path = BUILD, pull: bool = False, timeout_minutes: float = 25.0) 
 def _ran_stages(log: str) -> list[str]:
     """The stages dvc repro actually ran (not the ones it skipped or restored from the run cache)."""
     return [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")]
+
+
+def _restored_stages(log: str) -> list[str]:
+    """The stages dvc repro restored from the run cache instead of running them."""
+    return [line.split("'")[1] for line in log.splitlines()
+            if line.startswith("Stage '") and "is cached - skipping run" in line]
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -299,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p_prep.add_argument("--base-rev", required=True)
     p_prep.add_argument("--head-rev", default="HEAD")
     p_prep.add_argument("--build", default=str(BUILD))
-    p_run = sub.add_parser("run", help="dvc repro evaluate in both worktrees")
+    p_run = sub.add_parser("run", help="dvc repro publish_eval in both worktrees")
     p_run.add_argument("--build", default=str(BUILD))
     p_run.add_argument("--pull", action="store_true", help="dvc repro --pull --allow-missing (the DVC remote)")
     p_run.add_argument("--timeout-minutes", type=float, default=25.0, help="per side")

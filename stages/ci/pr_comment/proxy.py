@@ -33,7 +33,7 @@ def read_proxy(build: Path) -> tuple[dict | None, dict, str | None]:
         return info, files, "the proxy runs did not happen (python -m stages.ci.proxy run)"
     failed = [side for side in SIDES if not (runs.get(side) or {}).get("ok")]
     if failed:
-        return info, files, (f"dvc repro evaluate failed on the {' and '.join(failed)} side "
+        return info, files, (f"dvc repro publish_eval failed on the {' and '.join(failed)} side "
                              f"({', '.join(f'build/proxy/{s}.log' for s in failed)} in the job's artifact)")
     for side in SIDES:
         entry = {}
@@ -99,9 +99,11 @@ def proxy_section(info: dict | None, files: dict, problem: str | None, base_labe
         parts = []
         for side in SIDES:
             run = runs.get(side) or {}
-            ran = run.get("ran") or []
-            what = (f"ran {', '.join(ran)}" if ran else "nothing ran (outputs up to date or from the run cache)")
-            parts.append(f"{side}: `{_cell(str(run.get('command', 'dvc repro evaluate')))}` "
+            ran, restored = run.get("ran") or [], run.get("restored") or []
+            what = ", ".join(([f"ran {', '.join(ran)}"] if ran else [])
+                             + ([f"restored {', '.join(restored)} from the run cache"] if restored else [])) \
+                or "nothing ran (outputs up to date)"
+            parts.append(f"{side}: `{_cell(str(run.get('command', 'dvc repro publish_eval')))}` "
                          f"{'ok' if run.get('ok') else 'FAILED'} in {run.get('seconds', '?')} s, {what}")
         lines += ["", "Runs: " + "; ".join(parts) + "."]
     lines.append("")
