@@ -103,7 +103,7 @@ def check_gate(eval_metrics: str | Path, require: bool) -> dict:
     """The gate verdict from the evaluation's metrics (`gate`: {"passed": bool, "reasons": [str]}).
 
     Raises GateRefused for a failed gate when `require`; ConfigError when there is no verdict."""
-    hint = " (run the evaluate stage: dvc repro evaluate; or set deploy.require_gate: false)"
+    hint = " (run the evaluate stage: dvc repro publish_eval; or set deploy.require_gate: false)"
     metrics = read_json(eval_metrics, missing=hint)
     gate = metrics.get("gate") if isinstance(metrics, dict) else None
     if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool):

@@ -433,7 +433,7 @@ def gate_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     path = Path(args.metrics)
-    metrics = io.read_json(path, missing=" (run the evaluate stage first: dvc repro evaluate)")
+    metrics = io.read_json(path, missing=" (run the evaluate stage first: dvc repro publish_eval)")
     if not isinstance(metrics, dict) or not isinstance(metrics.get("tuned"), dict):
         raise ConfigError(f"{path} has no 'tuned' metrics: is it an evaluate stage output?")
     spec = args.reference if args.reference is not None else params.evaluate.reference

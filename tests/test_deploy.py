@@ -210,7 +210,7 @@ def test_deploy_without_a_gate_verdict_is_a_config_error(tmp_path, capsys):
     code = main(["--model", str(tmp_path / "nothing"), "--metrics", str(tmp_path / "deploy.json"),
                  "--params", str(params), "--eval-metrics", str(tmp_path / "missing.json")])
     err = capsys.readouterr().err
-    assert code == 2 and "missing.json not found" in err and "dvc repro evaluate" in err
+    assert code == 2 and "missing.json not found" in err and "dvc repro publish_eval" in err
     (tmp_path / "eval.json").write_text('{"tuned": {}}')
     code = main(["--model", str(tmp_path / "nothing"), "--metrics", str(tmp_path / "deploy.json"),
                  "--params", str(params), "--eval-metrics", str(tmp_path / "eval.json")])

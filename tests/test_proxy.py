@@ -240,6 +240,28 @@ def test_run_records_each_side_and_what_dvc_ran(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "proxy.json").read_text())["runs"] == info["runs"]
     assert "Running stage 'evaluate'" in (tmp_path / "head.log").read_text()
     assert "failed on the head side" in pc.build_proxy_section(tmp_path)
+    # `warm` (proxy-cache.yml on main) runs the base side alone
+    assert list(px.run(tmp_path, sides=("base",))["runs"]) == ["base"]
+
+
+def test_main_warms_the_cache_that_pull_requests_restore_for_the_proxy():
+    """proxy-cache.yml runs the proxy's base side on each push to main and saves the DVC cache under that
+    commit; ci.yml restores the cache of its base commit before the proxy, so the base side comes from
+    the run cache (a pull request may read its base branch's caches, not another pull request's)."""
+    warm = yaml.safe_load((ROOT / ".github" / "workflows" / "proxy-cache.yml").read_text())
+    assert warm[True]["push"]["branches"] == ["main"]  # PyYAML reads the key `on` as True
+    steps = warm["jobs"]["warm"]["steps"]
+    saved = next(s for s in steps if str(s.get("uses", "")).startswith("actions/cache@"))
+    assert saved["with"] == {"path": ".dvc/cache", "key": "dvc-proxy-${{ github.sha }}", "restore-keys": "dvc-proxy-\n"}
+    run = next(s for s in steps if "stages.ci.proxy warm" in s.get("run", ""))
+    assert run["if"] == saved["if"] == "steps.plan.outputs.proxy == 'true'"
+    assert warm["jobs"]["warm"]["permissions"] == {"contents": "read"}
+    ci = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    pipeline = ci["jobs"]["pipeline"]["steps"]
+    restore = next(s for s in pipeline if str(s.get("uses", "")).startswith("actions/cache@"))
+    assert restore["with"]["path"] == ".dvc/cache"
+    assert restore["with"]["restore-keys"].splitlines()[0] == "dvc-proxy-${{ github.event.pull_request.base.sha }}"
+    assert pipeline.index(restore) < [s.get("id") for s in pipeline].index("proxy")
 
 
 def test_ci_runs_the_proxy_behind_the_plan_and_passes_it_to_the_comment():

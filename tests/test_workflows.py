@@ -22,7 +22,7 @@ from stages.ci import github_comment, infra_report, pr_comment, results_pr
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / ".github" / "workflows"
-NAMES = ("ci", "train", "deploy", "infra", "pr-train")
+NAMES = ("ci", "train", "deploy", "infra", "pr-train", "proxy-cache")
 
 
 def load(name: str) -> dict:

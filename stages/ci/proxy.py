@@ -4,6 +4,7 @@
     python -m stages.ci.proxy prepare --base-rev origin/main --head-rev HEAD --build build/proxy
     python -m stages.ci.proxy run --build build/proxy [--pull]
     python -m stages.ci.proxy verdict --base-rev origin/main [--pull]   # prepare, then run (what ci.yml calls)
+    python -m stages.ci.proxy warm --rev HEAD   # the base side alone, on a push to main (proxy-cache.yml)
 
 When stages.ci.plan does not start the production model's train stage on the runner (a hub Llama, a
 GPU-only setting, a CPU estimate over the budget), the pull-request job still shows what the change
@@ -248,7 +249,8 @@ def repro_command(pull: bool, target: str = TARGET) -> list[str]:
     return [sys.executable, "-m", "dvc", "repro", *(["--pull", "--allow-missing"] if pull else []), target]
 
 
-def run(build: Path = BUILD, pull: bool = False, timeout_minutes: float = 25.0) -> dict:
+def run(build: Path = BUILD, pull: bool = False, timeout_minutes: float = 25.0,
+        sides: tuple[str, ...] = SIDES) -> dict:
     """`dvc repro publish_eval` in each worktree, base first; outcome, wall time, the stages run and the
     stages restored from the run cache per side, into proxy.json."""
     build = Path(build)
@@ -262,7 +264,7 @@ def run(build: Path = BUILD, pull: bool = False, timeout_minutes: float = 25.0) 
 
     env.setdefault("LLAMA_FT_MODEL_CACHE", str(cache_dir().resolve()))
     runs = {}
-    for side in SIDES:
+    for side in sides:
         cmd = repro_command(pull)
         start = time.monotonic()
         try:
@@ -320,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     p_all.add_argument("--build", default=str(BUILD))
     p_all.add_argument("--pull", action="store_true", help="dvc repro --pull --allow-missing (the DVC remote)")
     p_all.add_argument("--timeout-minutes", type=float, default=25.0, help="per side")
+    p_warm = sub.add_parser("warm", help="the base side alone, for a commit of the base branch: fills the DVC "
+                                         "cache (run cache included) that pull requests against it restore")
+    p_warm.add_argument("--rev", default="HEAD")
+    p_warm.add_argument("--build", default=str(BUILD))
+    p_warm.add_argument("--timeout-minutes", type=float, default=25.0)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from stages.core.params import ConfigError
@@ -334,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             for entry in result["not_applied"]:
                 print(f"not applied: {entry['key']} ({entry['production']}): {entry['reason']}", file=sys.stderr)
             return 0
+        if args.action == "warm":
+            prepare(args.rev, args.rev, Path(args.build))
+            info = run(Path(args.build), False, args.timeout_minutes, sides=("base",))
+            return 0 if info["runs"]["base"]["ok"] else 1
         if args.action in ("prepare", "verdict"):
             info = prepare(args.base_rev, args.head_rev, Path(args.build))
             print(f"[proxy] {len(info['applied'])} changed key(s) applied, {len(info['not_applied'])} not; "
