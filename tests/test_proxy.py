@@ -167,8 +167,13 @@ def test_the_comment_flags_a_proxy_regression_under_a_proxy_heading(production_p
     for side, metrics, records in (("base", base_eval, base_records), ("head", head_eval, head_records)):
         (build / side / "metrics" / "eval.json").write_text(json.dumps(metrics))
         (build / side / "metrics" / "eval_records.json").write_text(json.dumps(records))
-    info["runs"] = {side: {"ok": True, "seconds": 1.0, "command": "dvc repro --pull --allow-missing evaluate",
-                           "ran": ["train", "evaluate"]} for side in px.SIDES}
+    # what a pull request against a warmed base commit sees (proxy-cache.yml): the base side restored
+    command = "dvc repro --pull --allow-missing publish_eval"
+    info["runs"] = {"base": {"ok": True, "seconds": 1.0, "command": command, "ran": ["preprocess", "publish_eval"],
+                             "restored": ["base", "train", "evaluate_base", "evaluate"]},
+                    "head": {"ok": True, "seconds": 1.0, "command": command,
+                             "ran": ["preprocess", "train", "evaluate", "publish_eval"],
+                             "restored": ["base", "evaluate_base"]}}
     px.write_json(build / "proxy.json", info)
 
     md = pc.build_proxy_section(build, "main")
@@ -177,6 +182,8 @@ def test_the_comment_flags_a_proxy_regression_under_a_proxy_heading(production_p
     assert "**What it can tell:** the direction of a data or training-setting change" in md
     assert "**What it cannot tell:** the quality of `meta-llama/Llama-3.2-1B-Instruct`" in md
     assert "| `train.lora.r` | 32 → 8 | applied: 16 → 4 (the PR's factor ×0.25) |" in md
+    assert ("Runs: base: `dvc repro --pull --allow-missing publish_eval` ok in 1.0 s, ran preprocess, publish_eval, "
+            "restored base, train, evaluate_base, evaluate from the run cache; head: ") in md
     assert "**1 regression(s):** `fact_recall`" in md
     row = next(line for line in md.splitlines() if line.startswith("| `fact_recall` |"))
     assert "❌ regression (> 0.02, significant)" in row
