@@ -18,10 +18,8 @@ nothing is published then (every source is checked before the first copy).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from stages.core import io
@@ -32,18 +30,6 @@ def parse_pair(text: str) -> tuple[Path, Path]:
     if not sep or not source or not destination:
         raise ValueError(f"{text!r}: expected SOURCE=DESTINATION, e.g. reports/train/train.json=metrics/train.json")
     return Path(source), Path(destination)
-
-
-def _copy_file_atomic(source: Path, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def publish(pairs: list[tuple[Path, Path]]) -> list[str]:
@@ -58,13 +44,14 @@ def publish(pairs: list[tuple[Path, Path]]) -> list[str]:
             if destination.exists() and not destination.is_dir():
                 destination.unlink()
             with io.atomic_dir(destination) as tmp:
-                shutil.copytree(source, tmp, dirs_exist_ok=True)
+                # copyfile, not copy2: the cached source is read-only (DVC's hardlinks), the copy must not be
+                shutil.copytree(source, tmp, dirs_exist_ok=True, copy_function=shutil.copyfile)
             count = sum(1 for p in destination.rglob("*") if p.is_file())
             done.append(f"{source}/ -> {destination}/ ({count} files)")
         else:
             if destination.is_dir():
                 shutil.rmtree(destination)
-            _copy_file_atomic(source, destination)
+            io.copy_file_atomic(source, destination)
             done.append(f"{source} -> {destination}")
     return done
 

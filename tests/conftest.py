@@ -4,6 +4,7 @@ a packaged embedded model, GPU/Azure skips."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory, request):
+    """mktemp for a module's shared fixtures, whose folders go when the module is done: an end-to-end
+    repository holds 0.3-0.5 GB of model files, and pytest would keep every one to the end of the
+    session (tmp_path_retention_policy covers function-scoped tmp_path only). Kept when a test of the
+    module failed, for a look."""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,8 @@ def test_a_hub_model_is_fetched_at_the_pinned_commit_only(tmp_path):
                                                      "tokenizer.json", "tokenizer_config.json"]
     assert (out / "model.safetensors").read_text() == "pinned weights"
     assert not (out / "config.json").is_symlink()  # the cache's symlinks resolved: DVC hashes the bytes
+    # copied, never hard-linked: DVC makes what it caches read-only, which must not reach the hub's cache
+    assert all(f.stat().st_nlink == 1 for f in out.iterdir())
     record = json.loads((out / "source.json").read_text())
     assert record == {"base": "acme/tiny-llama", "revision": PINNED, "source": "acme/tiny-llama", "origin": "hub",
                       "files": ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]}
@@ -114,6 +116,36 @@ def test_the_embedded_folder_is_the_model_built_in_memory_and_a_stale_folder_is_
         m.use_base_folder(tmp_path / "base", smol)
     with pytest.raises(ConfigError, match="not a base stage output"):
         m.use_base_folder(tmp_path, params)
+
+
+def test_the_packaged_model_is_linked_from_the_conversion_cache_and_copied_across_filesystems(tmp_path, monkeypatch):
+    """The SmolLM2 conversion is made once into the project's cache and never rewritten: the base
+    folder hard-links it (0 bytes more per clone), and copies where a link is impossible."""
+    converted = tmp_path / "cache" / "smollm2-135m-0123"
+    converted.mkdir(parents=True)
+    files = {"config.json": '{"model_type": "llama"}', "model.safetensors": "weights", "tokenizer.json": "{}",
+             "source.json": "{}", "notes.md": "not a model file"}
+    for name, text in files.items():
+        (converted / name).write_text(text)
+    source = m.model_source("smollm2-135m")
+    monkeypatch.setattr(type(source), "converted", lambda self: converted)
+    params = load_params(ROOT / "params.yaml").model
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    source.materialise(params, linked)
+    assert sorted(p.name for p in linked.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert all((linked / name).samefile(converted / name) for name in ("config.json", "model.safetensors"))
+
+    def no_link(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    source.materialise(params, copied)
+    assert (copied / "model.safetensors").read_text() == "weights"
+    assert not (copied / "model.safetensors").samefile(converted / "model.safetensors")
 
 
 def test_gguf_read_once_memoises_within_the_block_and_restores_after():

@@ -125,9 +125,9 @@ def fresh_clone(dest: Path, root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def guided(tmp_path_factory, root):
+def guided(module_dir, root):
     """A fresh copy of the repository, my_qa.jsonl beside it, and the guide's run blocks run in order."""
-    dest = tmp_path_factory.mktemp("byod")
+    dest = module_dir("byod")
     fresh_clone(dest, root)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1",

@@ -22,9 +22,9 @@ def raw_params(**train) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
+def data_dir(module_dir) -> Path:
     rows = (ROOT / "data/raw/corporate_qa.jsonl").read_text().splitlines()[:40]
-    d = tmp_path_factory.mktemp("processed")
+    d = module_dir("processed")
     (d / "train.jsonl").write_text("\n".join(rows[:32]) + "\n")
     (d / "val.jsonl").write_text("\n".join(rows[32:]) + "\n")
     return d

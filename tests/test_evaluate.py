@@ -21,12 +21,12 @@ UNIT_METRICS = METRIC_KEYS - {"length_ratio", "val_loss", "val_perplexity"}
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(module_dir):
     """Data, params, an adapter, and the evaluate_base stage's output for them (work/eval_base)."""
     from stages.core import perf
     from stages.evaluate_base import main as base_main
 
-    work = tmp_path_factory.mktemp("evaluate")
+    work = module_dir("evaluate")
     data = write_data(work / "data")
     params = write_params(ROOT / "params.yaml", work / "params.yaml")
     adapter = make_adapter(params, work / "adapter")

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.ci.proxy import ran_stages, restored_stages
+
 pytestmark = pytest.mark.slow
 
 SLICE = 160  # records: enough for every split to be non-empty
@@ -66,17 +68,17 @@ def build_repo(dest: Path, root: Path, records: int, preset: str | None = None, 
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, root):
+def repo(module_dir, root):
     """The default params (whatever params.yaml selects) on a slice."""
-    return build_repo(tmp_path_factory.mktemp("repo"), root, SLICE)
+    return build_repo(module_dir("repo"), root, SLICE)
 
 
 @pytest.fixture(scope="module")
-def other_model_repo(tmp_path_factory, root):
+def other_model_repo(module_dir, root):
     """The other model: SmolLM2 when the default is the embedded model, and the other way round."""
     base = yaml.safe_load((root / "params.yaml").read_text())["model"]["base"]
     preset = "smollm2-135m" if base == "embedded" else "embedded"
-    return build_repo(tmp_path_factory.mktemp("other"), root, 96, preset, max_new_tokens=16), preset
+    return build_repo(module_dir("other"), root, 96, preset, max_new_tokens=16), preset
 
 
 def test_outputs_exist(repo):
@@ -132,6 +134,37 @@ def test_second_repro_does_nothing(repo):
     dest, env, _ = repo
     out = _sh([sys.executable, "-m", "dvc", "repro"], dest, env).stdout
     assert "Data and pipelines are up to date" in out, out
+
+
+def _reflinks(folder: Path) -> bool:
+    """Whether this filesystem makes copy-on-write clones (then DVC's first choice, reflink, applies)."""
+    from dvc_objects.fs.system import reflink
+
+    probe = folder / ".reflink-probe"
+    probe.write_text("x")
+    try:
+        reflink(probe, folder / ".reflink-probe.clone")
+        return True
+    except OSError:
+        return False
+    finally:
+        for leftover in (probe, folder / ".reflink-probe.clone"):
+            leftover.unlink(missing_ok=True)
+
+
+def test_a_clone_holds_each_model_once(repo):
+    """.dvc/config's cache type: the workspace's model files are DVC's cached bytes, not a second copy
+    (a hard link where the filesystem has no copy-on-write clones), and the base folder shares the
+    converted SmolLM2 in .cache/models."""
+    dest, env, _ = repo
+    if _reflinks(dest):
+        pytest.skip("this filesystem clones files (reflink): a clone shares blocks, which stat cannot show")
+    for path in ("models/base/model.safetensors", "models/merged/model.safetensors"):
+        assert (dest / path).stat().st_nlink >= 2, f"{path} is a copy of DVC's cache, not a link"
+    if yaml.safe_load((dest / "params.yaml").read_text())["model"]["base"] == "smollm2-135m":
+        converted = next(Path(env["LLAMA_FT_MODEL_CACHE"]).glob("smollm2-135m-*/model.safetensors"))
+        if converted.stat().st_dev == dest.stat().st_dev:
+            assert (dest / "models/base/model.safetensors").samefile(converted)
 
 
 def test_plots_render(repo, tmp_path):
@@ -196,8 +229,6 @@ def test_a_rerun_without_the_lock_restores_training_and_evaluation_from_the_run_
         target = dest / path
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     out = _sh([sys.executable, "-m", "dvc", "repro", "publish_eval", "publish_train"], dest, env).stdout
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
-    restored = {line.split("'")[1] for line in out.splitlines() if "is cached - skipping run" in line}
-    assert restored == {"base", "train", "evaluate_base", "evaluate"}, out
-    assert ran == {"preprocess", "publish_train", "publish_eval"}, out
+    assert set(restored_stages(out)) == {"base", "train", "evaluate_base", "evaluate"}, out  # what the proxy reads
+    assert set(ran_stages(out)) == {"preprocess", "publish_train", "publish_eval"}, out
     assert {path: (dest / path).read_bytes() for path in published} == before

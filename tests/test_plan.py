@@ -82,8 +82,8 @@ def _by_stage(plan: dict) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return _repo_copy(tmp_path_factory.mktemp("plan") / "repo")
+def repo(module_dir) -> Path:
+    return _repo_copy(module_dir("plan") / "repo")
 
 
 def _apply_preset(repo: Path, name: str) -> None:

@@ -317,10 +317,10 @@ def _run_comment(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def pr_repo(tmp_path_factory) -> Path:
+def pr_repo(module_dir) -> Path:
     """main: params + metrics + predictions; branch `feature`: a params change that regresses ROUGE-L
     and fails the gate, new predictions and training curves."""
-    repo = tmp_path_factory.mktemp("pr") / "repo"
+    repo = module_dir("pr") / "repo"
     repo.mkdir()
     _git(repo, "init", "-q", "-b", "main")
     _git(repo, "config", "user.email", "ci@example.invalid")

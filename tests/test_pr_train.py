@@ -123,9 +123,9 @@ class FakeMLClient:
 # ---------------------------------------------------------------- the repository, its remote, the PR
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(module_dir):
     """main (Llama preset) and pr (train.lora.r: 8) in a local bare remote; the job's crafted results."""
-    work = tmp_path_factory.mktemp("pr_train")
+    work = module_dir("pr_train")
     src = _repo_copy(work / "src")
     subprocess.run([sys.executable, "-m", "stages.preset", "apply", "llama-3.2-1b", "--params",
                     str(src / "params.yaml")], cwd=ROOT, check=True, capture_output=True, timeout=120)

@@ -119,9 +119,9 @@ def _regressed(records: dict, metrics: dict) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def production_pr(tmp_path_factory) -> tuple[Path, Path]:
+def production_pr(module_dir) -> tuple[Path, Path]:
     """A copy of this repository whose main has the Llama preset, and a PR branch that sets train.lora.r: 8."""
-    work = tmp_path_factory.mktemp("proxy")
+    work = module_dir("proxy")
     repo = _repo_copy(work / "repo")
     subprocess.run([sys.executable, "-m", "stages.preset", "apply", "llama-3.2-1b", "--params",
                     str(repo / "params.yaml")], cwd=ROOT, check=True, capture_output=True, timeout=120)

@@ -17,6 +17,8 @@ def test_files_and_folders_are_copied_and_a_folder_is_replaced_whole(tmp_path, c
     (src / "live/plots/metrics/train").mkdir(parents=True)
     (src / "train.json").write_text('{"final_val_loss": 1.5}\n')
     (src / "live/plots/metrics/train/loss.tsv").write_text("step\tloss\n0\t2.0\n")
+    for cached in (src / "train.json", src / "live/plots/metrics/train/loss.tsv"):
+        cached.chmod(0o444)  # what DVC's hardlink cache type leaves in the workspace
     old = tmp_path / "dvclive/train/plots/metrics/val"
     old.mkdir(parents=True)
     (old / "stale.tsv").write_text("from an earlier run\n")
@@ -29,6 +31,9 @@ def test_files_and_folders_are_copied_and_a_folder_is_replaced_whole(tmp_path, c
     assert copied == ["plots/metrics/train/loss.tsv"]  # the stale file of the old folder is gone
     assert sorted(p.name for p in tmp_path.joinpath("dvclive").iterdir()) == ["train"]  # no temp folders left
     assert "(1 files)" in capsys.readouterr().out
+    # the copies git tracks are ordinary files, not read-only like their cached sources
+    for published in (tmp_path / "metrics/train.json", tmp_path / "dvclive/train/plots/metrics/train/loss.tsv"):
+        assert published.stat().st_mode & 0o200, published
 
 
 def test_a_missing_source_publishes_nothing_and_says_which(tmp_path, capsys):

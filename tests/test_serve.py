@@ -37,8 +37,8 @@ def serve_config(log_path: Path, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(merged, tmp_path_factory):
-    work = tmp_path_factory.mktemp("endpoint")
+def server(merged, module_dir):
+    work = module_dir("endpoint")
     with LocalServer(merged, serve_config(work / "requests.jsonl"), port=0, work_dir=work,
                      readiness_timeout_s=180) as running:
         yield running
@@ -222,10 +222,10 @@ def test_server_is_healthy_at_the_end(server):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engine(merged, tmp_path_factory):
+def engine(merged, module_dir):
     from serve.engine import Engine
 
-    engine = Engine(merged, serve_config(tmp_path_factory.mktemp("engine") / "log.jsonl",
+    engine = Engine(merged, serve_config(module_dir("engine") / "log.jsonl",
                                          cache={"enabled": True, "size": 2}))
     yield engine
     engine.batcher.close()
@@ -275,13 +275,13 @@ def test_output_pii_filter_follows_the_param(engine, monkeypatch, mode, expected
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engines(merged, tmp_path_factory):
+def engines(merged, module_dir):
     """The same packaged model behind both engines, cache off: every request is decoded."""
     from serve.engine import Engine
 
     built = {}
     for kind in ("continuous", "static"):
-        built[kind] = Engine(merged, serve_config(tmp_path_factory.mktemp(kind) / "log.jsonl",
+        built[kind] = Engine(merged, serve_config(module_dir(kind) / "log.jsonl",
                                                   batching={"max_batch": 8, "window_ms": 20, "engine": kind}))
     yield built
     for engine in built.values():

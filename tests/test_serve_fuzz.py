@@ -43,8 +43,8 @@ bodies = json_values | request_objects | st.builds(lambda rows: {"requests": row
 
 
 @pytest.fixture(scope="module")
-def server(merged, tmp_path_factory):
-    work = tmp_path_factory.mktemp("fuzz")
+def server(merged, module_dir):
+    work = module_dir("fuzz")
     # Short answers keep the valid examples cheap; the limits are the ones test_serve uses.
     config = serve_config(work / "requests.jsonl", max_new_tokens_default=2, max_new_tokens_limit=4)
     with LocalServer(merged, config, port=0, work_dir=work, readiness_timeout_s=180) as running:

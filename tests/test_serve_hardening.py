@@ -41,8 +41,8 @@ def fields(error: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(merged, tmp_path_factory):
-    work = tmp_path_factory.mktemp("hardened")
+def server(merged, module_dir):
+    work = module_dir("hardened")
     config = serve_config(work / "requests.jsonl", threads=16, max_body_bytes=2_000_000, read_timeout_s=3,
                           log={"max_bytes": 20_000, "backups": 2, "field_chars": 100})
     with LocalServer(merged, config, port=0, work_dir=work, readiness_timeout_s=180) as running:
@@ -229,8 +229,8 @@ def run(request, request_headers=None):
 
 
 @pytest.fixture(scope="module")
-def faulty(merged, tmp_path_factory):
-    work = tmp_path_factory.mktemp("faulty")
+def faulty(merged, module_dir):
+    work = module_dir("faulty")
     script = work / "faults.py"
     script.write_text(FAULTS, encoding="utf-8")
     config = serve_config(work / "requests.jsonl", threads=16, request_timeout_s=2.0, stall_s=1.0,

@@ -31,9 +31,9 @@ def merged(base: dict, extra: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, root) -> Path:
+def data_dir(module_dir, root) -> Path:
     rows = [json.loads(line) for line in (root / "data/raw/corporate_qa.jsonl").read_text().splitlines()[:16]]
-    d = tmp_path_factory.mktemp("processed")
+    d = module_dir("processed")
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:12]))
     (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[12:16]))
     return d
@@ -47,8 +47,8 @@ def run(tmp: Path, data_dir: Path, extra: dict | None = None, **kwargs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, data_dir):
-    tmp = tmp_path_factory.mktemp("run1")
+def first(module_dir, data_dir):
+    tmp = module_dir("run1")
     return tmp, run(tmp, data_dir)
 
 
@@ -307,10 +307,10 @@ KERNEL_HASHES = Path(__file__).with_name("kernel_hashes.json")
 
 
 @pytest.fixture(scope="module")
-def pinned_runs(tmp_path_factory, data_dir, root) -> dict[str, dict[str, bytes]]:
+def pinned_runs(module_dir, data_dir, root) -> dict[str, dict[str, bytes]]:
     """The same short training run in two fresh interpreters whose environments ask for 1 and for 2
     threads; params.yaml's cpu.threads (2) is what the stage runs."""
-    tmp = tmp_path_factory.mktemp("pinned")
+    tmp = module_dir("pinned")
     return {n: _train_in_subprocess(tmp / f"omp{n}", data_dir, root, {"OMP_NUM_THREADS": n}) for n in ("1", "2")}
 
 

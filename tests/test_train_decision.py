@@ -59,9 +59,9 @@ def _decide(repo: Path, tmp_path: Path, *args: str) -> tuple[dict, str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
+def trained(module_dir) -> tuple[Path, Path]:
     """A repository whose pipeline ran and was pushed to its remote: the state a results PR merges."""
-    base = tmp_path_factory.mktemp("decision")
+    base = module_dir("decision")
     repo, remote = base / "repo", base / "remote"
     repo.mkdir()
     remote.mkdir()

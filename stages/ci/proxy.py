@@ -279,18 +279,18 @@ def run(build: Path = BUILD, pull: bool = False, timeout_minutes: float = 25.0,
         if not ok:
             print(log[-3000:], file=sys.stderr)
         runs[side] = {"ok": ok, "seconds": seconds, "command": " ".join(["dvc", *cmd[3:]]),
-                      "ran": _ran_stages(log), "restored": _restored_stages(log)}
+                      "ran": ran_stages(log), "restored": restored_stages(log)}
     info["runs"] = runs
     write_json(build / "proxy.json", info)
     return info
 
 
-def _ran_stages(log: str) -> list[str]:
+def ran_stages(log: str) -> list[str]:
     """The stages dvc repro actually ran (not the ones it skipped or restored from the run cache)."""
     return [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")]
 
 
-def _restored_stages(log: str) -> list[str]:
+def restored_stages(log: str) -> list[str]:
     """The stages dvc repro restored from the run cache instead of running them."""
     return [line.split("'")[1] for line in log.splitlines()
             if line.startswith("Stage '") and "is cached - skipping run" in line]

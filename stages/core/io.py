@@ -23,6 +23,35 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def copy_file_atomic(source: str | Path, destination: str | Path) -> None:
+    """Copy a file so that `destination` is either the old file or the whole new one, never half."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def link_or_copy(source: str | Path, destination: str | Path) -> bool:
+    """Hard-link `source` to the new file `destination`, or copy it where a link is impossible (another
+    filesystem, a filesystem without links). Returns True when it linked.
+
+    Only for files nobody writes in place: the two names share one inode, so a write through either
+    changes both. A model converted into this project's cache and then read by the base stage is such
+    a file; a 540 MB copy per clone is not worth having."""
+    try:
+        os.link(source, destination)
+        return True
+    except OSError:
+        shutil.copyfile(source, destination)
+        return False
+
+
 def write_json(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 

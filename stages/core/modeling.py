@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .io import link_or_copy
 from .chat import BEGIN_OF_TEXT_ID, STOP_IDS, PAD_ID, ChatFormatError, chat_format
 from .params import ConfigError, ModelParams, TrainParams
 
@@ -101,15 +102,22 @@ class ModelSource(ABC):
         """Write the model as a plain folder (config, weights, tokenizer) into `out` (the base stage)."""
 
 
-def _copy_model_files(src: Path, out: Path) -> list[str]:
+def _copy_model_files(src: Path, out: Path, link: bool = False) -> list[str]:
     """The config, weight and tokenizer files of a model folder, symlinks resolved (a hub cache
-    snapshot is symlinks into its blob store). Returns the names copied."""
+    snapshot is symlinks into its blob store). Returns the names copied.
+
+    link=True hard-links instead where it can: only for folders this project owns and never rewrites
+    (its converted-model cache), never a user's own folder or the hub's cache (DVC makes the files it
+    caches read-only, and that would reach the user's files through the shared inode)."""
     from fnmatch import fnmatch
 
     names = sorted(f.name for f in src.iterdir()
                    if f.is_file() and f.name != SOURCE_FILE and any(fnmatch(f.name, p) for p in MODEL_FILES))
     for name in names:
-        shutil.copyfile(src / name, out / name)
+        if link:
+            link_or_copy(src / name, out / name)
+        else:
+            shutil.copyfile(src / name, out / name)
     return names
 
 
@@ -256,7 +264,9 @@ class PackagedGGUFSource(ModelSource):
         return AutoModelForCausalLM.from_pretrained(str(self.converted()), **kwargs)
 
     def materialise(self, params, out):
-        _copy_model_files(self.converted(), out)  # this machine's conversion, made once per GGUF
+        # This machine's conversion, made once per GGUF and never rewritten: linked, not copied, so the
+        # base folder (and DVC's cache of it, with the project's hardlink cache type) costs no disk.
+        _copy_model_files(self.converted(), out, link=True)
 
     def provenance_static(self) -> dict:
         return {"source": self.name, "origin": self.origin, "license": self.license,
