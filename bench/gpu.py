@@ -258,6 +258,13 @@ def render_markdown(rep: dict) -> str:
         part = rep["parts"].get(name, {})
         if part.get("speedup"):
             lines.append(f"- {name}: ours / baseline = {part['speedup']:.2f}x real tokens/s")
+        for row in part.get("rows", []):
+            steady = row.get("steady")
+            if steady:
+                mfu = f", {steady['mfu']:.1%} MFU" if steady.get("mfu") is not None else ""
+                lines.append(f"- {name}: {row['run']} steady state (epochs {steady['epochs']}): "
+                             f"{steady['tokens_per_s']:,.0f} real tokens/s{mfu}; first epoch "
+                             f"{steady['first_epoch_tokens_per_s']:,.0f}")
         if part.get("token_budget_speedup"):
             lines.append(f"- {name}: token-budget steps / 16-record steps = {part['token_budget_speedup']:.2f}x real tokens/s")
         if part.get("loss_same_tokens"):

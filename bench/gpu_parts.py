@@ -197,7 +197,7 @@ def _train_row(name: str, run: str, r: dict, extra: str = "") -> dict:
     return {"part": "train", "model": name, "run": run, "setting": r["setting"] + extra,
             "tokens_per_s": r["tokens_per_s"], "mfu": r.get("mfu"), "peak_mb": r["peak_mb"],
             "final_loss": r["final_val_loss"], "train_s": r["train_s"], "real_tokens": r["real_tokens"],
-            "records": r["records"], "epochs": r["epochs"]}
+            "records": r["records"], "epochs": r["epochs"], **({"steady": r["steady"]} if r.get("steady") else {})}
 
 
 def part_train(ctx, size: str, baseline: bool = True) -> dict:
@@ -227,7 +227,8 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
     liger = device.type == "cuda" and package_available("liger_kernel")
     ours, head = budgeted(params, train_ex, ctx["tokens_per_step"], ctx["epochs"], vocab, liger, device.type == "cuda")
     per_step = ours.train.batch_size * ours.train.gradient_accumulation_steps
-    budget_note = f"; {ctx['tokens_per_step']} tokens/step = {per_step} records/step; {head.note or head.value}"
+    budget_note = (f"; {ctx['tokens_per_step']} tokens/step = {per_step} records/step, lr {ours.train.learning_rate:.3g} "
+                   f"({ours.train.lr_scaling} of {params.train.learning_rate:.3g}); {head.note or head.value}")
     runs = [("ours", ours, budget_note)]
     if baseline:
         records = params.model_copy(update={"train": params.train.model_copy(update={"epochs": ctx["baseline_epochs"]})})

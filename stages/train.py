@@ -253,9 +253,12 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     val_ex = encode_rows(tokenizer, val_rows, True, params.model.max_seq_length, str(data_dir / "val.jsonl"))
 
     if train.tokens_per_step > 0:  # steps sized in tokens (GPU): records per step follow from the data
+        set_for = train.learning_rate
         train = with_token_budget(train, train_ex)
+        lr = (f"; learning_rate {set_for:g} -> {train.learning_rate:g} (lr_scaling {train.lr_scaling})"
+              if train.learning_rate != set_for else "")
         say(f"tokens_per_step {train.tokens_per_step}: {train.batch_size * train.gradient_accumulation_steps} "
-            f"records per optimizer step at the training split's mean record length")
+            f"records per optimizer step at the training split's mean record length{lr}")
     length = training_length(len(train_ex), train.batch_size * train.gradient_accumulation_steps, train.epochs,
                              train.min_steps, dist_info.world_size)
     train = train.model_copy(update={"epochs": length.epochs})

@@ -62,6 +62,7 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
         assert row["real_tokens"] == train["baseline"]["real_tokens"]  # same workload (1 epoch in the smoke)
     assert "packing=True" in train["ours"]["setting"]
     assert "512 tokens/step = " in train["ours"]["setting"] and "16 records/step" in train["ours-records"]["setting"]
+    assert "(sqrt of " in train["ours"]["setting"]  # token-budget steps scale the learning rate
     assert parts["train_1b"]["speedup"] == pytest.approx(train["ours"]["tokens_per_s"] / train["baseline"]["tokens_per_s"], rel=1e-2)
     assert parts["train_1b"]["token_budget_speedup"] > 0
     assert parts["train_1b"]["loss_same_tokens"]["ours"] == train["ours-1ep"]["final_loss"]
@@ -150,6 +151,25 @@ def test_the_header_names_the_device_even_without_the_matmul_part():
     markdown = gpu.render_markdown(rep)
     assert "device: NVIDIA H200," in markdown and "unknown" not in markdown
     assert "- serve, concurrency 32: continuous / static = 9.90x output tokens/s, 0.10x p95 latency" in markdown
+
+
+def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_prints_it():
+    from bench.train_bench import steady_state
+
+    # cumulative marks: epoch 1 took 10 s for 100,000 tokens, epochs 2-4 then 15 s for 300,000 more
+    marks = [{"epoch": 1, "train_seconds": 10.0, "real_tokens": 100_000},
+             {"epoch": 2, "train_seconds": 15.0, "real_tokens": 200_000},
+             {"epoch": 4, "train_seconds": 25.0, "real_tokens": 400_000}]
+    assert steady_state(marks) == {"epochs": "2-4", "tokens_per_s": 20_000.0, "first_epoch_tokens_per_s": 10_000.0}
+    assert steady_state(marks[:1]) is None and steady_state([]) is None  # one epoch has no steady state
+    ctx = {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
+           "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
+           "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200"}
+    row = {"part": "train", "model": "1b", "run": "ours", "setting": "s", "tokens_per_s": 15_000.0, "mfu": 0.1,
+           "peak_mb": 1.0, "final_loss": 9.0, "steady": {**steady_state(marks), "mfu": 0.154}}
+    rep = gpu.report({"train_1b": {"status": "ok", "rows": [row]}}, ctx, "2026-12-06 04:00 UTC", 12.0, 460)
+    assert ("- train_1b: ours steady state (epochs 2-4): 20,000 real tokens/s, 15.4% MFU; first epoch 10,000"
+            in gpu.render_markdown(rep))
 
 
 @pytest.fixture

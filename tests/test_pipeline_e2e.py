@@ -136,31 +136,26 @@ def test_second_repro_does_nothing(repo):
     assert "Data and pipelines are up to date" in out, out
 
 
-def _reflinks(folder: Path) -> bool:
-    """Whether this filesystem makes copy-on-write clones (then DVC's first choice, reflink, applies)."""
-    from dvc_objects.fs.system import reflink
-
-    probe = folder / ".reflink-probe"
-    probe.write_text("x")
-    try:
-        reflink(probe, folder / ".reflink-probe.clone")
-        return True
-    except OSError:
-        return False
-    finally:
-        for leftover in (probe, folder / ".reflink-probe.clone"):
-            leftover.unlink(missing_ok=True)
+def _md5_of(dest: Path, path: str) -> str:
+    """The cache path (xx/yyyy...) DVC recorded for a file inside a cached output folder."""
+    folder, name = path.rsplit("/", 1)
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            if out["path"] == folder:
+                listing = json.loads((dest / ".dvc/cache/files/md5" / out["md5"][:2] / out["md5"][2:]).read_text())
+                md5 = next(entry["md5"] for entry in listing if entry["relpath"] == name)
+                return f"{md5[:2]}/{md5[2:]}"
+    raise AssertionError(f"no output {folder} in dvc.lock")
 
 
 def test_a_clone_holds_each_model_once(repo):
-    """.dvc/config's cache type: the workspace's model files are DVC's cached bytes, not a second copy
-    (a hard link where the filesystem has no copy-on-write clones), and the base folder shares the
-    converted SmolLM2 in .cache/models."""
+    """.dvc/config's cache type: the workspace's model files are DVC's cached bytes (hard links), not a
+    second copy, and the base folder shares the converted SmolLM2 in .cache/models."""
     dest, env, _ = repo
-    if _reflinks(dest):
-        pytest.skip("this filesystem clones files (reflink): a clone shares blocks, which stat cannot show")
     for path in ("models/base/model.safetensors", "models/merged/model.safetensors"):
-        assert (dest / path).stat().st_nlink >= 2, f"{path} is a copy of DVC's cache, not a link"
+        cached = dest / ".dvc/cache/files/md5" / _md5_of(dest, path)
+        assert (dest / path).samefile(cached), f"{path} is a copy of DVC's cache, not a link"
     if yaml.safe_load((dest / "params.yaml").read_text())["model"]["base"] == "smollm2-135m":
         converted = next(Path(env["LLAMA_FT_MODEL_CACHE"]).glob("smollm2-135m-*/model.safetensors"))
         if converted.stat().st_dev == dest.stat().st_dev:

@@ -531,10 +531,27 @@ def with_token_budget(train, examples: list[EncodedExample]):
     if train.tokens_per_step <= 0:
         return train
     if train.packing:
-        return train.model_copy(update={"batch_size": records, "gradient_accumulation_steps": 1})
-    per_micro = max(1, min(records, records_per_step(lengths, train.pack_tokens, 1)))
-    return train.model_copy(update={"batch_size": per_micro,
-                                    "gradient_accumulation_steps": max(1, round(records / per_micro))})
+        shape = {"batch_size": records, "gradient_accumulation_steps": 1}
+    else:
+        per_micro = max(1, min(records, records_per_step(lengths, train.pack_tokens, 1)))
+        shape = {"batch_size": per_micro, "gradient_accumulation_steps": max(1, round(records / per_micro))}
+    lr = scaled_learning_rate(train.learning_rate, train.lr_scaling, default,
+                              shape["batch_size"] * shape["gradient_accumulation_steps"])
+    return train.model_copy(update={**shape, "learning_rate": lr})
+
+
+def scaled_learning_rate(lr: float, rule: str, records_before: int, records_now: int) -> float:
+    """learning_rate for steps of `records_now` records when it was set for `records_before`.
+
+    sqrt: lr x sqrt(now / before), the square-root rule for adaptive optimizers (Malladi et al. 2022,
+    "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"): a step that averages k times
+    more records has a gradient with 1/k the variance, and AdamW's normalised update then needs about
+    sqrt(k) the step size to cover the same distance per record. Without it, token-budget steps make
+    ~15x fewer optimizer steps at the same size, and the model trains less on the same tokens (the
+    H200 kit: final loss 11.40 against the baseline's 7.83). none: lr unchanged."""
+    if rule == "none" or records_before <= 0 or records_now == records_before:
+        return lr
+    return lr * math.sqrt(records_now / records_before)
 
 
 @dataclass(frozen=True)
@@ -878,6 +895,9 @@ class FitResult:
     resumed_from_step: int
     history: list[dict] = field(default_factory=list)
     memory_per_epoch: list[dict] = field(default_factory=list)
+    # cumulative train_seconds and real_tokens at the end of each epoch: throughput after the first
+    # epoch (which meets every packed row length for the first time) is the steady-state figure
+    epoch_marks: list[dict] = field(default_factory=list)
 
 
 def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedExample], train, *,
@@ -922,6 +942,7 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
     best_state = None
     history: list[dict] = []
     memory_log: list[dict] = []
+    epoch_marks: list[dict] = []  # not checkpointed: a resumed run marks the epochs it ran
     train_seconds = eval_seconds = 0.0
     real_tokens = label_tokens = 0
     window_loss, window_tokens = 0.0, 0
@@ -1039,6 +1060,8 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
                     stopped_early = bool(train.early_stopping_patience and bad_evals >= train.early_stopping_patience)
                     if index == len(plan):
                         memory_log.append({"epoch": epoch + 1, **memory_snapshot(dist_info.device)})
+                        epoch_marks.append({"epoch": epoch + 1, "train_seconds": train_seconds,
+                                            "real_tokens": real_tokens})
                         log(f"epoch {epoch + 1} memory: {memory_log[-1]}")
                         release_memory(dist_info.device)
                     next_epoch, next_index = (epoch + 1, 0) if index == len(plan) else (epoch, index)
@@ -1074,6 +1097,7 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
         steps=step, epochs_run=round(step / max(1, steps_per_epoch), 3), early_stopped=stopped_early,
         train_seconds=train_seconds, eval_seconds=eval_seconds, real_tokens=real_tokens,
         label_tokens=label_tokens, resumed_from_step=resumed_from, history=history, memory_per_epoch=memory_log,
+        epoch_marks=epoch_marks,
     )
 
 
