@@ -6,7 +6,9 @@
     python -m bench.train_bench --model smollm2-135m --records 256 --epochs 1 \
         --variants ours,ours-bf16,trl,baseline           # CPU: the pretrained preset vs TRL's SFTTrainer
 
-Variants: ours (this train loop, fp32 on CPU), ours-noshare (the same with train.shared_prefix off), ours-bf16 (bf16 base weights, fp32 adapters: only where
+Variants: ours (this train loop, fp32 on CPU), ours-noshare (the same with train.shared_prefix off),
+ours-compiled (the same with train.compile on: torch.compile of the model body; give --warmup-records
+so the compilation stays out of the timed run), ours-bf16 (bf16 base weights, fp32 adapters: only where
 the CPU has AVX-512-BF16 or AMX), trl (TRL's SFTTrainer at its best settings for this workload:
 padding-free batches, completion-only loss, the same LoRA, records and chat format), baseline (plain
 transformers.Trainer + PEFT). --threads and --pack-tokens take comma lists to sweep them.
@@ -91,15 +93,15 @@ def _peak_mb(device) -> float:
 
 
 def run_variant(variant: str, model_name: str, records: int | None, epochs: int, threads: int, queue,
-                pack_tokens: int | None = None) -> None:
+                pack_tokens: int | None = None, warmup_records: int = 0) -> None:
     """One benchmark run in this (child) process; puts a result dict on the queue."""
     try:
-        queue.put(_run_variant(variant, model_name, records, epochs, threads, pack_tokens))
+        queue.put(_run_variant(variant, model_name, records, epochs, threads, pack_tokens, warmup_records))
     except Exception as exc:  # noqa: BLE001 - reported in the table instead of killing the other run
         queue.put({"variant": variant, "model": model_name, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def _run_variant(variant, model_name, records, epochs, threads, pack_tokens=None):
+def _run_variant(variant, model_name, records, epochs, threads, pack_tokens=None, warmup_records=0):
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -111,13 +113,16 @@ def _run_variant(variant, model_name, records, epochs, threads, pack_tokens=None
         params = with_preset(params, model_name, epochs)
     if variant == "ours-noshare":  # shared-prefix packing off: every record computes its system prompt
         params = params.model_copy(update={"train": params.train.model_copy(update={"shared_prefix": False})})
+    if variant == "ours-compiled":  # torch.compile of the model body (train.compile on)
+        params = params.model_copy(update={"train": params.train.model_copy(update={"compile": "on"})})
     device = resolve_device()
     precision = "bf16" if variant.endswith("-bf16") else params.train.precision
     dtype = resolve_dtype(precision, device)
     tokenizer = load_tokenizer(params.model.tokenizer)
     train_rows, val_rows = load_records(ROOT / "data/raw/corporate_qa.jsonl", records)
     train_ex, val_ex = encode_rows(tokenizer, train_rows), encode_rows(tokenizer, val_rows)
-    result = measure_variant(variant, model_name, params, tokenizer, train_ex, val_ex, device, dtype)
+    result = measure_variant(variant, model_name, params, tokenizer, train_ex, val_ex, device, dtype,
+                             warmup_records=warmup_records)
     return {**result, "threads": threads, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
 
 
@@ -178,15 +183,19 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
                                                device=device, head_mode=head, log=lambda _m: None,
                                                pad_id=pad_id))
         setting = f"packing={train.packing} ({train.pack_tokens} tokens, shared prefix {train.shared_prefix}), head={head}, " \
-                  f"{model.config._attn_implementation}, {str(dtype).removeprefix('torch.')} base"
+                  f"{model.config._attn_implementation}, {str(dtype).removeprefix('torch.')} base" \
+                  + (", torch.compile" if train.compile == "on" else "")
     elif variant == "trl":
         run = lambda examples, t: (_trl_sft(model, tokenizer, examples, t, device, dtype)[0], [])  # noqa: E731
         setting = "SFTTrainer, padding-free, completion-only loss"
     else:
         run = lambda examples, t: (_hf_trainer(model, tokenizer, examples, t, device, dtype)[0], [])  # noqa: E731
         setting = "Trainer, dynamic padding, full logits"
-    if warmup_records:
+    warmup_s = 0.0
+    if warmup_records:  # with train.compile on, this is where the compilation happens
+        began = time.perf_counter()
         run(train_ex[:warmup_records], train.model_copy(update={"learning_rate": 0.0, "epochs": 1}))
+        warmup_s = time.perf_counter() - began
     _peak_reset(device)
     began = time.perf_counter()
     seconds, marks = run(train_ex, train)
@@ -195,7 +204,7 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
     val_loss = evaluate_loss(model, val_ex, 16, device, pad_id=pad_id)
     out = {"variant": variant, "model": model_name, "device": device.type, "setting": setting,
            "records": len(train_ex), "epochs": epochs, "real_tokens": real_tokens,
-           "train_s": round(seconds, 2), "wall_s": round(wall, 2),
+           "train_s": round(seconds, 2), "wall_s": round(wall, 2), "warmup_s": round(warmup_s, 2),
            "tokens_per_s": round(real_tokens / seconds, 1), "peak_mb": round(peak, 1),
            "final_val_loss": round(val_loss, 4)}
     steady = steady_state(marks)
@@ -334,6 +343,11 @@ def table(results: list[dict]) -> str:
                 lines.append(f"\n{model}: ours / {other} = {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x real "
                              f"tokens/s, {base['train_s'] / ours['train_s']:.2f}x less training time, "
                              f"val loss {ours['final_val_loss']:.4f} vs {base['final_val_loss']:.4f}")
+        compiled = pair.get("ours-compiled")
+        if ours and compiled and "error" not in ours and "error" not in compiled:
+            lines.append(f"\n{model}: ours-compiled / ours = {compiled['tokens_per_s'] / ours['tokens_per_s']:.2f}x "
+                         f"real tokens/s, val loss {compiled['final_val_loss']:.4f} vs {ours['final_val_loss']:.4f}; "
+                         f"warm-up {compiled['warmup_s']:.1f} s vs {ours['warmup_s']:.1f} s (the compilation)")
     return "\n".join(lines)
 
 
@@ -348,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="2", help="CPU threads per run (comma list to sweep)")
     parser.add_argument("--pack-tokens", default="", help="train.pack_tokens for ours (comma list to sweep)")
     parser.add_argument("--variants", default="ours,baseline",
-                        help="comma list of ours,ours-noshare (shared-prefix packing off),ours-bf16,trl,baseline")
+                        help="comma list of ours,ours-noshare (shared-prefix packing off),ours-compiled "
+                             "(train.compile on),ours-bf16,trl,baseline")
+    parser.add_argument("--warmup-records", type=int, default=0,
+                        help="every run first trains this many records at learning rate 0, untimed (compilation, "
+                             "allocator growth); 0 = none")
     parser.add_argument("--only", choices=["ours", "baseline"], default=None, help="(old spelling of --variants X)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -361,9 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         print("--model 1b/3b needs a CUDA GPU (on CPU the benchmark uses the embedded default)", file=sys.stderr)
         return 2
     variants = [args.only] if args.only else args.variants.split(",")
-    bad = [v for v in variants if v not in ("ours", "ours-noshare", "ours-bf16", "trl", "baseline")]
+    known = ("ours", "ours-noshare", "ours-compiled", "ours-bf16", "trl", "baseline")
+    bad = [v for v in variants if v not in known]
     if bad:
-        print(f"--variants: unknown {bad}; choose from ours, ours-noshare, ours-bf16, trl, baseline", file=sys.stderr)
+        print(f"--variants: unknown {bad}; choose from {', '.join(known)}", file=sys.stderr)
         return 2
     if "ours-bf16" in variants and not torch.cuda.is_available():
         from stages.core.modeling import cpu_bf16_supported
@@ -381,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 for pack in (packs if variant.startswith("ours") else [None]):
                     queue = ctx.Queue()
                     proc = ctx.Process(target=run_variant, args=(variant, model, args.records, args.epochs, n_threads,
-                                                                 queue, pack))
+                                                                 queue, pack, args.warmup_records))
                     proc.start()
                     result = queue.get()
                     proc.join()

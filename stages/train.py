@@ -38,8 +38,9 @@ from .core.records import DataError, Problem, content_hash, jsonl_lines
 from .core.schedule import training_length
 from .core.training import (DistInfo, TrainingError, check_method, fit, init_distributed, memory_snapshot,
                             TRAINING_LIBRARIES, identity_key, library_versions, oom_message, package_available,
-                            release_memory, run_identity, seed_everything, select_backend, select_distributed,
-                            select_loss_head, trainable_state, uses_shared_prefix, with_token_budget)
+                            release_memory, run_identity, seed_everything, select_backend, select_compile,
+                            select_distributed, select_loss_head, trainable_state, uses_shared_prefix,
+                            with_token_budget)
 
 STAGE = "train"
 SPLIT_FIELDS = ("system", "instruction", "output")
@@ -235,8 +236,9 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     dist_info = init_distributed(device)
     device = dist_info.device
     distributed = select_distributed(train.distributed, train.method, dist_info.world_size)
+    compiled = select_compile(train.compile, backend.value, distributed, cuda)
     say = log if dist_info.is_main else (lambda _m: None)
-    for note in (backend.note, head.note):
+    for note in (backend.note, head.note, compiled.note):
         if note:
             say(note)
 
@@ -302,7 +304,8 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     world = dist_info.world_size
     memory = memory_snapshot(device)
     metrics = {
-        "method": train.method, "backend": backend.value, "loss_head": head.value, "packing": train.packing,
+        "method": train.method, "backend": backend.value, "loss_head": head.value, "compile": compiled.value,
+        "packing": train.packing,
         "device": device.type, "processes": world,
         "final_train_loss": _r(result.final_train_loss), "final_val_loss": _r(result.final_val_loss),
         "best_val_loss": _r(result.best_val_loss), "best_step": result.best_step,

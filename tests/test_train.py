@@ -85,6 +85,7 @@ def test_metrics_keys_and_ranges(first):
     assert 0 < saved["trainable_params"] < saved["total_params"]
     assert perf["real_tokens_per_s"] > 0 and perf["peak_rss_mb"] > 100 and perf["wall_time_s"] > 0
     assert saved["packing"] is True and saved["loss_head"] == "completion" and saved["backend"] == "hf"
+    assert saved["compile"] == "off"
 
 
 def test_dvclive_curves_for_dvc_plots(first):

@@ -141,6 +141,10 @@ class TrainParams(Section):
         "gradient_accumulation_steps (what learning_rate was set for): sqrt = multiply learning_rate by the "
         "square root of that ratio (fewer, larger AdamW steps need a larger step size); none = keep it")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    compile: Literal["off", "on"] = Field(
+        "off", description="on: torch.compile the transformer body of the training forward and backward "
+        "(fused kernels; dynamic shapes, so packed rows of any length share one compiled graph); the first "
+        "step pays the compilation. transformers backend, single process or DDP")
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun: ddp for lora/qlora, fsdp for full (auto)")
 

@@ -8,6 +8,8 @@ Speed without changing the maths (docs/training.md):
   padding.
 - The loss head projects to the 128k-token vocabulary only at positions that have a label (on CPU),
   or uses liger-kernel's fused linear cross-entropy (on CUDA), which never materialises the logits.
+- train.compile: on compiles the transformer body (torch.compile, dynamic shapes): fused kernels
+  for the norms, rotary embeddings, activations and LoRA's extra products; the heads stay eager.
 - The loss of an optimizer step is the sum over all its labelled tokens divided by their number,
   however the step's records are split into micro-batches or processes, so packing, micro-batch
   size and data parallelism give the same gradients as one big padded batch.
@@ -311,14 +313,16 @@ def _hidden(body, batch: Batch) -> torch.Tensor:
     return body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
 
 
-def completion_loss_sum(model, batch: Batch, head_mode: str = "completion") -> tuple[torch.Tensor, int]:
+def completion_loss_sum(model, batch: Batch, head_mode: str = "completion",
+                        hidden_fn: Callable = _hidden) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were.
 
     head_mode "completion": logits only at labelled positions; "liger": fused linear cross-entropy
     (CUDA); "full": logits at every position (what a plain Trainer does; used by the benchmark).
+    hidden_fn: _hidden, or its compiled form (LossModule with compiled=True).
     """
     body, head = _body_and_head(model)
-    hidden = _hidden(body, batch)
+    hidden = hidden_fn(body, batch)
     targets = batch.targets
     keep = targets != IGNORE_INDEX
     count = int(keep.sum())
@@ -339,14 +343,19 @@ def completion_loss_sum(model, batch: Batch, head_mode: str = "completion") -> t
 class LossModule(torch.nn.Module):
     """model + loss head as one module, so DDP/FSDP wrap the whole forward (their hooks need it)."""
 
-    def __init__(self, model, head_mode: str = "completion"):
+    def __init__(self, model, head_mode: str = "completion", compiled: bool = False):
         super().__init__()
         self.model = model
         self.head_mode = head_mode
+        # Only the body is compiled: the heads select labelled positions (a shape that depends on the
+        # data) or call liger's own kernels. dynamic=True: one graph for every row length, instead of
+        # a recompilation for each new packed length. The graph is cached on _hidden's code, so a new
+        # model of the same architecture (the next fit in this process) reuses it.
+        self.hidden_fn = torch.compile(_hidden, dynamic=True) if compiled else _hidden
 
     def forward(self, input_ids, attention_mask, labels, position_ids, targets):
         batch = Batch(input_ids, attention_mask, labels, position_ids, targets)
-        loss, _ = completion_loss_sum(self.model, batch, self.head_mode)
+        loss, _ = completion_loss_sum(self.model, batch, self.head_mode, self.hidden_fn)
         return loss
 
 
@@ -590,6 +599,38 @@ def select_distributed(mode: str, method: str, world_size: int) -> str:
     if mode == "fsdp" and method == "qlora":
         raise ConfigError("train.distributed: fsdp does not support qlora here; use ddp")
     return mode
+
+
+def select_compile(requested: str, backend: str, distributed: str, cuda: bool) -> Choice:
+    """train.compile: "on" compiles the transformer body (LossModule); refused where it cannot work.
+
+    Inductor generates Triton kernels on CUDA and C++ on a CPU, so the CPU needs a C++ compiler.
+    unsloth patches the model with its own kernels (and compiles them itself); FSDP's flat
+    parameters under a compiled submodule are not supported here."""
+    if requested == "off":
+        return Choice("off")
+    if backend == "unsloth":
+        raise ConfigError("train.compile: on works with the transformers backend; unsloth compiles its own "
+                          "kernels (set train.backend: hf, or train.compile: off)")
+    if distributed == "fsdp":
+        raise ConfigError("train.compile: on is not supported under FSDP here; use ddp or train.compile: off")
+    if cuda and not package_available("triton"):
+        raise ConfigError("train.compile: on needs triton on CUDA (it comes with torch's CUDA wheels); "
+                          "install it or set train.compile: off")
+    if not cuda and not cpp_compiler():
+        raise ConfigError("train.compile: on needs a C++ compiler on a CPU (torch.compile generates C++): "
+                          "none found (CXX, g++, clang++, c++); install one or set train.compile: off")
+    return Choice("on", "train.compile on: the first step compiles the model body (tens of seconds to "
+                        "minutes); later steps reuse it for any row length")
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use on a CPU, or None."""
+    import shutil
+
+    named = os.environ.get("CXX")
+    return shutil.which(named) if named else next(
+        (path for path in map(shutil.which, ("g++", "clang++", "c++")) if path), None)
 
 
 def wrap_distributed(module: torch.nn.Module, kind: str, dist_info: DistInfo):
@@ -919,7 +960,9 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
         shared_prefix = uses_shared_prefix(train)
     torch.manual_seed(train.seed)
     random.seed(train.seed)
-    module = wrap_distributed(LossModule(model, head_mode), distributed, dist_info)
+    # train.compile is checked by select_compile (the train stage); evaluation stays eager (no_grad,
+    # other row lengths: a second graph would cost more compile time than the few rows save).
+    module = wrap_distributed(LossModule(model, head_mode, compiled=train.compile == "on"), distributed, dist_info)
     fsdp = distributed == "fsdp"
     if fsdp and checkpoint_dir is not None:
         # The optimizer state is sharded across processes; saving and restoring it is not
