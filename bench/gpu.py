@@ -16,6 +16,8 @@ a hang costs only that part):
              what fused_loss auto's memory rule picks
   qlora      bitsandbytes nf4 base against bf16 LoRA, same construction and warm-up, order A B B A
   train_3b   ours on the 3B architecture, when the remaining budget allows (estimated from 1B)
+  compile    train_1b's ours with train.compile on (torch.compile of the model body), against
+             train_1b's eager ours: steady-state tokens/s and the compilation's seconds
 A part that cannot run says "skipped: <why>"; one that breaks says "failed: <one line>"; the run goes on.
 
 Writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md (the same table) and prints the table and the
@@ -36,11 +38,11 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b")
+ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b", "compile")
 # Seconds a part needs to be worth starting on an H200 (train_3b is estimated from train_1b instead).
-NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 60, "serve": 90}
+NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 60, "serve": 90, "compile": 150}
 # Most seconds a part may run before it is stopped (a hang costs only its share), on a GPU.
-CAPS = {"matmul": 60, "serve": 200, "train_1b": 200, "loss_head": 60, "qlora": 150, "train_3b": 300}
+CAPS = {"matmul": 60, "serve": 200, "train_1b": 200, "loss_head": 60, "qlora": 150, "train_3b": 300, "compile": 300}
 # 3B / 1B training FLOPs per token (stages.core.estimate.flops_per_token, LoRA, ~100-token records).
 FLOPS_3B_OVER_1B = 2.6
 COLUMNS = [  # (key, header, format)
@@ -277,6 +279,14 @@ def render_markdown(rep: dict) -> str:
     if serve.get("identical_answers"):
         lines.append("- serve, greedy answers identical: "
                      + "; ".join(f"{k} {v}" for k, v in serve["identical_answers"].items()))
+    compiled = rep["parts"].get("compile", {}).get("compiled_over_eager")
+    if compiled:
+        steady = (f"{compiled['steady']:.2f}x steady-state real tokens/s ({compiled['steady_tokens_per_s']['compiled']:,.0f} "
+                  f"vs {compiled['steady_tokens_per_s']['eager']:,.0f}), " if compiled.get("steady") else "")
+        warm = compiled["warmup_s"]
+        lines.append(f"- compile: ours-compiled / ours = {steady}{compiled['overall']:.2f}x over all epochs; warm-up "
+                     f"with compilation {warm['compiled']:.0f} s vs {warm['eager'] or 0:.0f} s; final loss "
+                     f"{compiled['final_loss']['compiled']:.4f} vs {compiled['final_loss']['eager']:.4f}")
     head = rep["parts"].get("loss_head", {}).get("auto_rule")
     if head:
         lines.append(f"- fused_loss auto: {head['labelled_positions']} labelled positions, about "
@@ -395,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs or (1 if smoke else 4),
         "baseline_epochs": 1,
         "qlora_epochs": 1,
+        "compile_epochs": 1 if smoke else 3,
         "warmup_records": 4 if smoke else 32,
         "pack_tokens": args.pack_tokens or (None if smoke else 8192),
         "tokens_per_step": args.tokens_per_step or (512 if smoke else 16384),

@@ -197,7 +197,8 @@ def _train_row(name: str, run: str, r: dict, extra: str = "") -> dict:
     return {"part": "train", "model": name, "run": run, "setting": r["setting"] + extra,
             "tokens_per_s": r["tokens_per_s"], "mfu": r.get("mfu"), "peak_mb": r["peak_mb"],
             "final_loss": r["final_val_loss"], "train_s": r["train_s"], "real_tokens": r["real_tokens"],
-            "records": r["records"], "epochs": r["epochs"], **({"steady": r["steady"]} if r.get("steady") else {})}
+            "records": r["records"], "epochs": r["epochs"], "warmup_s": r.get("warmup_s"),
+            **({"steady": r["steady"]} if r.get("steady") else {})}
 
 
 def part_train(ctx, size: str, baseline: bool = True) -> dict:
@@ -260,6 +261,52 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
                                    "baseline": results["baseline"]["final_val_loss"]}
     if not results:
         out["status"] = "failed: " + "; ".join(row["status"][len("failed: "):] for row in rows)
+    return out
+
+
+def part_compile(ctx) -> dict:
+    """train.compile on against off: train_1b's `ours` run with the model body compiled (torch.compile,
+    dynamic shapes), `compile_epochs` epochs after the same untimed warm-up, which here includes the
+    compilation. Compared with train_1b's `ours` row of the same kit run on steady-state real tokens/s
+    (the epochs after the first, both runs the first timed run of their process) and on the warm-up's
+    seconds (what compiling costs once)."""
+    from bench.train_bench import GPU_MODELS, measure_variant
+    from stages.core.estimate import model_config
+    from stages.core.modeling import load_tokenizer, resolve_dtype
+    from stages.core.params import ConfigError
+    from stages.core.training import package_available, select_compile
+
+    device = device_of(ctx)
+    try:
+        select_compile("on", "hf", "none", device.type == "cuda")
+    except ConfigError as exc:
+        raise Skip(str(exc)) from None
+    name = model_name(ctx, "1b")
+    tokenizer = load_tokenizer("embedded")
+    params, train_ex, val_ex = workload(ctx, tokenizer)
+    dtype = resolve_dtype(params.train.precision, device)
+    base = params.model if name == "embedded" else params.model.model_copy(update={"base": GPU_MODELS[name]})
+    liger = device.type == "cuda" and package_available("liger_kernel")
+    ours, head = budgeted(params, train_ex, ctx["tokens_per_step"], ctx["compile_epochs"],
+                          model_config(base).vocab_size, liger, device.type == "cuda")
+    ours = ours.model_copy(update={"train": ours.train.model_copy(update={"compile": "on"})})
+    steps = ours.train.batch_size * ours.train.gradient_accumulation_steps
+    release(device)
+    r = measure_variant("ours", name, ours, tokenizer, train_ex, val_ex, device, dtype,
+                        warmup_records=max(ctx["warmup_records"], steps), peak_flops=ctx.get("peak_flops"))
+    note = (f"; as ours, train.compile on, {ctx['compile_epochs']} epochs; warm-up with compilation "
+            f"{r['warmup_s']:.0f} s; {head.note or head.value}")
+    out = {"status": "ok", "rows": [_train_row(name, "ours-compiled", r, note)], "model": name}
+    eager = next((row for row in ctx.get("train_rows", []) if row.get("run") == "ours" and "tokens_per_s" in row), None)
+    if eager:
+        ratio = {"overall": round(r["tokens_per_s"] / eager["tokens_per_s"], 3),
+                 "warmup_s": {"compiled": r["warmup_s"], "eager": eager.get("warmup_s")},
+                 "final_loss": {"compiled": r["final_val_loss"], "eager": eager.get("final_loss")}}
+        steady, eager_steady = r.get("steady"), eager.get("steady")
+        if steady and eager_steady:
+            ratio["steady"] = round(steady["tokens_per_s"] / eager_steady["tokens_per_s"], 3)
+            ratio["steady_tokens_per_s"] = {"compiled": steady["tokens_per_s"], "eager": eager_steady["tokens_per_s"]}
+        out["compiled_over_eager"] = ratio
     return out
 
 
@@ -573,4 +620,5 @@ PARTS = {
     "qlora": part_qlora,
     "serve": part_serve,
     "train_3b": lambda ctx: part_train(ctx, "3b", baseline=False),
+    "compile": part_compile,
 }

@@ -130,7 +130,7 @@ def check_machine(run: DryRun, params):
     import torch
 
     from .core.params import ConfigError
-    from .core.training import check_method, package_available, select_backend, select_loss_head
+    from .core.training import check_method, package_available, select_backend, select_compile, select_loss_head
 
     cuda = torch.cuda.is_available()
     t = params.train
@@ -150,6 +150,13 @@ def check_machine(run: DryRun, params):
         run.add("loss head", "PASS", head.value + (f" ({head.note})" if head.note else ""))
     except ConfigError as exc:
         run.add("loss head", "WARN" if not cuda else "FAIL", str(exc))
+    if t.compile != "off":
+        try:
+            select_compile(t.compile, "hf" if t.backend == "auto" else t.backend,
+                           "fsdp" if t.distributed == "fsdp" else "none", cuda)
+            run.add("compile", "PASS", f"torch.compile can run here ({where})")
+        except ConfigError as exc:
+            run.add("compile", "WARN" if not cuda else "FAIL", f"{exc} (this machine: {where})")
     return cuda
 
 

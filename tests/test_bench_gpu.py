@@ -69,6 +69,22 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     # train_3b: ours only, on the embedded model in the smoke
     assert [row["run"] for row in parts["train_3b"]["rows"]] == ["ours"] and "status" not in parts["train_3b"]["rows"][0]
 
+    # compile: ours with train.compile on, the same workload as train_1b's ours (1 epoch in the smoke);
+    # the final losses agree only roughly: the embedded preset's LoRA dropout (0.05) draws its masks
+    # from inductor's RNG when compiled (tests/test_training_compile.py compares without dropout, to 1e-4)
+    from stages.core.training import cpp_compiler
+
+    if cpp_compiler() is None:
+        assert "needs a C++ compiler" in parts["compile"]["status"]
+    else:
+        [compiled] = parts["compile"]["rows"]
+        assert compiled["run"] == "ours-compiled" and "torch.compile" in compiled["setting"], compiled
+        assert compiled["real_tokens"] == train["ours"]["real_tokens"]
+        ratio = parts["compile"]["compiled_over_eager"]
+        assert ratio["overall"] == pytest.approx(compiled["tokens_per_s"] / train["ours"]["tokens_per_s"], rel=1e-2)
+        assert ratio["final_loss"]["compiled"] == pytest.approx(ratio["final_loss"]["eager"], rel=2e-2)
+        assert ratio["warmup_s"]["compiled"] > 0 and ratio["warmup_s"]["eager"] > 0
+
     # loss head: liger needs CUDA; the two logit heads compute the same loss on the same inputs
     heads = {row["run"]: row for row in parts["loss_head"]["rows"]}
     assert set(heads) == {"liger", "completion", "full"}
@@ -170,6 +186,18 @@ def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_pri
     rep = gpu.report({"train_1b": {"status": "ok", "rows": [row]}}, ctx, "2026-12-06 04:00 UTC", 12.0, 460)
     assert ("- train_1b: ours steady state (epochs 2-4): 20,000 real tokens/s, 15.4% MFU; first epoch 10,000"
             in gpu.render_markdown(rep))
+
+
+def test_the_report_prints_compiled_against_eager():
+    ctx = {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
+           "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
+           "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200"}
+    ratio = {"overall": 0.8, "steady": 1.25, "steady_tokens_per_s": {"compiled": 25_000.0, "eager": 20_000.0},
+             "warmup_s": {"compiled": 95.4, "eager": 6.2}, "final_loss": {"compiled": 9.1234, "eager": 9.1236}}
+    rep = gpu.report({"compile": {"status": "ok", "rows": [], "compiled_over_eager": ratio}}, ctx,
+                     "2026-12-06 08:00 UTC", 12.0, 460)
+    assert ("- compile: ours-compiled / ours = 1.25x steady-state real tokens/s (25,000 vs 20,000), 0.80x over all "
+            "epochs; warm-up with compilation 95 s vs 6 s; final loss 9.1234 vs 9.1236") in gpu.render_markdown(rep)
 
 
 @pytest.fixture

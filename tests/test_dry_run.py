@@ -130,3 +130,17 @@ def test_memory_estimates_for_real_llamas_without_download():
     assert ckpt["activations_gb"] < estimate_memory(three_b, gpu="T4")["activations_gb"]
     with pytest.raises(ConfigError, match="neither 'embedded', a known Llama 3.x name"):
         estimate_memory(params("someone/unknown-model"), gpu="H100-NVL")
+
+
+def test_the_dry_run_checks_train_compile(tmp_path, data_dir, capsys):
+    from stages.core.training import cpp_compiler
+
+    code, out, err, _ = dry(tmp_path, data_dir, raw_params(compile="on", backend="unsloth"), capsys)
+    assert ("WARN  compile: train.compile: on works with the transformers backend; unsloth compiles its own "
+            "kernels (set train.backend: hf, or train.compile: off) (this machine: CPU only)") in out
+    code, out, err, _ = dry(tmp_path, data_dir, raw_params(compile="on"), capsys)
+    assert code == 0, out + err
+    if cpp_compiler():
+        assert "PASS  compile: torch.compile can run here (CPU only)" in out
+    code, out, err, report = dry(tmp_path, data_dir, raw_params(), capsys)
+    assert "compile" not in [c["name"] for c in report["checks"]]  # off: nothing to check

@@ -37,6 +37,16 @@ def test_compile_on_a_cpu_without_a_compiler_says_so(monkeypatch, tmp_path):
         select_compile("on", "hf", "none", cuda=False)
 
 
+def test_a_bare_yaml_on_or_off_is_the_switch(tmp_path):
+    import yaml
+
+    from stages.core.params import Params
+
+    for text, expected in (("on", "on"), ("off", "off"), ('"on"', "on")):
+        raw = yaml.safe_load(f"train:\n  compile: {text}\n")
+        assert Params.model_validate(raw).train.compile == expected
+
+
 def test_a_wrong_compile_value_is_a_params_error():
     with pytest.raises(ConfigError, match="train.compile"):
         validate_params(merged(TINY, {"train": {"compile": "yes"}}))

@@ -10,31 +10,30 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
+@contextmanager
+def _replaced(path: Path):
+    """Yields a temporary file's path beside `path`; on success it replaces `path` in one rename, on
+    any failure it is removed and `path` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with _replaced(Path(path)) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
 def copy_file_atomic(source: str | Path, destination: str | Path) -> None:
     """Copy a file so that `destination` is either the old file or the whole new one, never half."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replaced(Path(destination)) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def link_or_copy(source: str | Path, destination: str | Path) -> bool:

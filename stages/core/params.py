@@ -148,6 +148,12 @@ class TrainParams(Section):
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun: ddp for lora/qlora, fsdp for full (auto)")
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        # YAML 1.1 (PyYAML, params.yaml) reads a bare on / off as true / false
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _method_options(self):
         if self.distributed == "fsdp" and self.method == "qlora":
