@@ -45,6 +45,12 @@ NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 60, "serve": 90
 CAPS = {"matmul": 60, "serve": 200, "train_1b": 200, "loss_head": 60, "qlora": 150, "train_3b": 300, "compile": 300}
 # 3B / 1B training FLOPs per token (stages.core.estimate.flops_per_token, LoRA, ~100-token records).
 FLOPS_3B_OVER_1B = 2.6
+# Parts that always start their process with spawn, even in the smoke's fork mode: torch.compile's
+# inductor starts compile workers, and doing that in a forked child of a parent with live threads
+# crashed (the compile part exited with SIGSEGV in the CI run of stop 29, while the same compile ran
+# in-process in tests/test_training_compile.py on that machine; fork with threads is the known
+# hazard, pytorch/pytorch#108586 and #148651).
+SPAWNED = frozenset({"compile"})
 COLUMNS = [  # (key, header, format)
     ("part", "part", "{}"), ("model", "model", "{}"), ("run", "run", "{}"), ("setting", "setting", "{}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"), ("peak_mb", "peak MiB", "{:,.0f}"),
@@ -91,7 +97,13 @@ def _child(name: str, ctx: dict, result_path: str) -> None:
 def run_part(name: str, ctx: dict, timeout_s: float, start_method: str) -> dict:
     """One part in a child process, killed after timeout_s; its result or a "failed: ..." saying why."""
     result_path = Path(ctx["work_dir"]) / f"{name}.result.json"
-    proc = mp.get_context(start_method).Process(target=_child, args=(name, ctx, str(result_path)), name=f"bench-{name}")
+    if name in SPAWNED:
+        start_method = "spawn"
+    # By module path, not this module's own _child: under `python -c`/runpy this module is __main__,
+    # which a spawned child cannot import by that name.
+    from bench.gpu import _child as child
+
+    proc = mp.get_context(start_method).Process(target=child, args=(name, ctx, str(result_path)), name=f"bench-{name}")
     proc.start()
     proc.join(max(1.0, timeout_s))
     if proc.is_alive():

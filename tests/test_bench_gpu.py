@@ -81,7 +81,8 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
         assert compiled["run"] == "ours-compiled" and "torch.compile" in compiled["setting"], compiled
         assert compiled["real_tokens"] == train["ours"]["real_tokens"]
         ratio = parts["compile"]["compiled_over_eager"]
-        assert ratio["overall"] == pytest.approx(compiled["tokens_per_s"] / train["ours"]["tokens_per_s"], rel=1e-2)
+        # the kit rounds the ratio to 3 decimals: the smoke's tiny ratio needs the absolute half-unit too
+        assert ratio["overall"] == pytest.approx(compiled["tokens_per_s"] / train["ours"]["tokens_per_s"], rel=1e-2, abs=5e-4)
         assert ratio["final_loss"]["compiled"] == pytest.approx(ratio["final_loss"]["eager"], rel=2e-2)
         assert ratio["warmup_s"]["compiled"] > 0 and ratio["warmup_s"]["eager"] > 0
 
