@@ -288,6 +288,11 @@ def render_markdown(rep: dict) -> str:
     for level, ratio in serve.get("continuous_over_static", {}).items():
         lines.append(f"- serve, concurrency {level}: continuous / static = {ratio['tokens_per_s']:.2f}x output tokens/s, "
                      f"{ratio['p95']:.2f}x p95 latency")
+    for row in serve.get("rows", []):
+        if "ms_in_step" in row:
+            lines.append(f"- serve, {row['run']}: {row['ms_per_step']:.2f} ms per decoding step, {row['ms_in_step']:.2f} in the "
+                         f"model's step (forward and sampling, synchronised), {row['ms_outside_step']:.2f} outside it "
+                         f"(scheduling, bookkeeping, idle)")
     if serve.get("identical_answers"):
         lines.append("- serve, greedy answers identical: "
                      + "; ".join(f"{k} {v}" for k, v in serve["identical_answers"].items()))

@@ -479,7 +479,49 @@ def part_qlora(ctx) -> dict:
     return out
 
 
-def _serve_level(engine, requests, concurrency: int) -> tuple[dict, dict]:
+class StepTimer:
+    """Times the continuous engine's decoding steps from inside its loop: wraps the manager's
+    `_generation_step` (the model's forward and sampling for one batch) and counts the seconds spent
+    in it. On CUDA it synchronises at the end of each step, so the device's work is counted there and
+    not in whatever reads the tokens next. The loop reads them right after each step when batching
+    is synchronous, so this changes no total time. With asynchronous batching (transformers turns it
+    on only where no attention mask is needed) it would remove the overlap: such steps are neither
+    synchronised nor reported.
+
+    A level's wall time / steps minus the time in the step is what the loop spends outside the model:
+    scheduling, batch preparation, result bookkeeping, and idle time between requests. Issue 22 asked
+    for exactly this split, to tell host-side overhead from GPU work."""
+
+    def __init__(self, manager, device):
+        self.seconds, self.calls, self.asynchronous = 0.0, 0, False
+        self.active = hasattr(manager, "_generation_step")
+        if not self.active:
+            return
+        import torch
+
+        inner = manager._generation_step
+        cuda = device.type == "cuda"
+
+        def timed(*args, **kwargs):
+            if getattr(getattr(manager, "batch_processor", None), "use_async_batching", False):
+                self.asynchronous = True
+                return inner(*args, **kwargs)
+            began = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if cuda:
+                    torch.cuda.synchronize(device)
+                self.seconds += time.perf_counter() - began
+                self.calls += 1
+
+        manager._generation_step = timed
+
+    def snapshot(self) -> tuple[float, int]:
+        return self.seconds, self.calls
+
+
+def _serve_level(engine, requests, concurrency: int, timer: StepTimer | None = None) -> tuple[dict, dict]:
     """Closed-loop clients: `concurrency` threads, each sending its next request when answered."""
     latencies, tokens, batch_sizes, answers = [], [], [], {}
     lock = threading.Lock()
@@ -501,6 +543,7 @@ def _serve_level(engine, requests, concurrency: int) -> tuple[dict, dict]:
                 answers[index] = answer.response
 
     steps_before = engine.batcher._step_counter() if hasattr(engine.batcher, "_step_counter") else None
+    timed_before = timer.snapshot() if timer is not None and timer.active else None
     began = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(client) for _ in range(concurrency)]:
@@ -516,6 +559,11 @@ def _serve_level(engine, requests, concurrency: int) -> tuple[dict, dict]:
         steps = engine.batcher._step_counter() - steps_before
         row["decode_steps"] = steps
         row["ms_per_step"] = round(1000 * wall / max(1, steps), 2)
+        if timed_before is not None and not timer.asynchronous:
+            seconds, calls = (now - then for now, then in zip(timer.snapshot(), timed_before))
+            if calls:
+                row["ms_in_step"] = round(1000 * seconds / calls, 2)
+                row["ms_outside_step"] = round(max(0.0, row["ms_per_step"] - row["ms_in_step"]), 2)
     return row, answers
 
 
@@ -557,6 +605,8 @@ def part_serve(ctx) -> dict:
             config["batching"]["cuda_graphs"] = "off"
             engines[kind] = Engine(folder, config, device=device.type)
         notes[kind] = notes.get(kind, "") + f"ready in {time.perf_counter() - began:.1f} s"
+    manager = getattr(engines["continuous"].batcher, "manager", None)
+    timer = StepTimer(manager, device) if manager is not None else None
     rows, answers, by_level = [], {}, {}
     for position, concurrency in enumerate(ctx["serve_levels"]):
         count = ctx["serve_requests"][position]
@@ -574,7 +624,7 @@ def part_serve(ctx) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                measured, got = _serve_level(engine, requests, concurrency)
+                measured, got = _serve_level(engine, requests, concurrency, timer if kind == "continuous" else None)
                 row.update(measured)
                 answers[(kind, concurrency)] = got
                 by_level.setdefault(concurrency, {})[kind] = measured

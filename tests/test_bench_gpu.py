@@ -114,6 +114,13 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
         assert row["requests_per_s"] > 0 and 0 < row["p50_s"] <= row["p95_s"]
         assert 0 < row["mean_output_tokens"] <= 8
     assert set(parts["serve"]["continuous_over_static"]) == {"1", "2"}
+    # the continuous engine's step time, split into the model's step and the loop around it
+    for row in serve:
+        if row["run"].startswith("continuous"):
+            assert row["decode_steps"] > 0 and 0 < row["ms_in_step"] <= row["ms_per_step"], row
+            assert row["ms_outside_step"] == pytest.approx(row["ms_per_step"] - row["ms_in_step"], abs=0.011)
+        else:
+            assert "ms_in_step" not in row and "decode_steps" not in row
     # fp32 on CPU: greedy answers are the same alone, in a crowd and in either engine
     for what, count in parts["serve"]["identical_answers"].items():
         same, total = count.split("/")
@@ -162,12 +169,19 @@ def test_the_header_names_the_device_even_without_the_matmul_part():
     ctx = {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
            "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1, 8, 32], "serve_requests": [3, 16, 32],
            "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200"}
-    results = {"serve": {"status": "ok", "rows": [], "continuous_over_static": {"32": {"tokens_per_s": 9.9, "p95": 0.1}}}}
+    rows = [{"part": "serve", "run": "static, concurrency 1", "ms_per_step": None},
+            {"part": "serve", "run": "continuous, concurrency 1", "decode_steps": 390, "ms_per_step": 10.7,
+             "ms_in_step": 2.25, "ms_outside_step": 8.45}]
+    results = {"serve": {"status": "ok", "rows": rows, "continuous_over_static": {"32": {"tokens_per_s": 9.9, "p95": 0.1}}}}
     rep = gpu.report(results, ctx, "2026-12-04 17:51 UTC", 12.0, 460)
     assert rep["kit"]["device_name"] == "NVIDIA H200"
     markdown = gpu.render_markdown(rep)
     assert "device: NVIDIA H200," in markdown and "unknown" not in markdown
     assert "- serve, concurrency 32: continuous / static = 9.90x output tokens/s, 0.10x p95 latency" in markdown
+    # the continuous engine's step split, for the row that has it only
+    assert ("- serve, continuous, concurrency 1: 10.70 ms per decoding step, 2.25 in the model's step (forward and "
+            "sampling, synchronised), 8.45 outside it (scheduling, bookkeeping, idle)") in markdown
+    assert "- serve, static, concurrency 1:" not in markdown
 
 
 def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_prints_it():
