@@ -51,6 +51,11 @@ FLOPS_3B_OVER_1B = 2.6
 # in-process in tests/test_training_compile.py on that machine; fork with threads is the known
 # hazard, pytorch/pytorch#108586 and #148651).
 SPAWNED = frozenset({"compile"})
+# Parts that compile with inductor in a cache of their own (the kit's work folder), empty at each run:
+# the warm-up figure is then a cold compile every time, as on a fresh GPU machine, and no cache left
+# by another torch build, checkout or crashed run is read (a stale shared cache gave NaN losses and a
+# SIGSEGV on this project's CPU machine, docs/training.md "torch.compile").
+PRIVATE_INDUCTOR_CACHE = frozenset({"compile"})
 COLUMNS = [  # (key, header, format)
     ("part", "part", "{}"), ("model", "model", "{}"), ("run", "run", "{}"), ("setting", "setting", "{}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"), ("peak_mb", "peak MiB", "{:,.0f}"),
@@ -75,7 +80,14 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 # --------------------------------------------------------------------------------------------------
 
 def _child(name: str, ctx: dict, result_path: str) -> None:
-    """Child process: run one part, write its result as JSON (atomically)."""
+    """Child process: run one part, write its result as JSON (atomically). A crash in native code
+    (SIGSEGV, SIGABRT, ...) prints every thread's Python stack to stderr first (faulthandler), so a part
+    that dies with no result still says where."""
+    import faulthandler
+
+    faulthandler.enable()
+    if name in PRIVATE_INDUCTOR_CACHE:  # read by inductor when it first compiles, after this
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(ctx["work_dir"]) / f"inductor-{name}")
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -103,16 +115,31 @@ def run_part(name: str, ctx: dict, timeout_s: float, start_method: str) -> dict:
     # which a spawned child cannot import by that name.
     from bench.gpu import _child as child
 
-    proc = mp.get_context(start_method).Process(target=child, args=(name, ctx, str(result_path)), name=f"bench-{name}")
-    proc.start()
-    proc.join(max(1.0, timeout_s))
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-        return {"status": f"failed: ran past its share of the budget ({timeout_s:.0f} s) and was stopped", "rows": []}
-    if not result_path.is_file():
-        return {"status": f"failed: the part's process exited with code {proc.exitcode} and no result", "rows": []}
-    return json.loads(result_path.read_text(encoding="utf-8"))
+    began = time.monotonic()
+    retried = None
+    while True:
+        proc = mp.get_context(start_method).Process(target=child, args=(name, ctx, str(result_path)), name=f"bench-{name}")
+        proc.start()
+        proc.join(max(1.0, timeout_s - (time.monotonic() - began)))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            return {"status": f"failed: ran past its share of the budget ({timeout_s:.0f} s) and was stopped", "rows": []}
+        if result_path.is_file():
+            break
+        took = time.monotonic() - began
+        died = f"exited with code {proc.exitcode} after {took:.0f} s and no result"
+        # Killed by a signal (a native crash: its stack is on stderr, faulthandler) with at least as much
+        # time left as it took: one more try, reported as such. Anything else, or a second death, fails.
+        if retried is None and proc.exitcode is not None and proc.exitcode < 0 and timeout_s - took >= took:
+            retried = f"attempt 1 {died}"
+            continue
+        why = f"; {retried}" if retried else ""
+        return {"status": f"failed: the part's process {died}{why}", "rows": []}
+    result = json.loads(result_path.read_text(encoding="utf-8"))
+    if retried:
+        result["retried"] = retried
+    return result
 
 
 def need_s(name: str, results: dict) -> float:
@@ -313,6 +340,9 @@ def render_markdown(rep: dict) -> str:
         lines.append(f"- qlora / bf16 LoRA (order lora, qlora, qlora, lora; mean of 2 each): "
                      f"{qlora['tokens_per_s_ratio']:.2f}x tokens/s (spread lora {qlora['lora_spread']:.1%}, "
                      f"qlora {qlora['qlora_spread']:.1%}), {qlora['peak_mb_ratio']:.2f}x peak memory")
+    for name in ORDER:
+        if rep["parts"].get(name, {}).get("retried"):
+            lines.append(f"- {name}: {rep['parts'][name]['retried']}; the figures above are from attempt 2")
     est = rep["estimate"]
     lines.append(f"- params.yaml: `{est['paste']}`" if est["paste"] else f"- estimate: none recorded ({est['why']})")
     return "\n".join(lines) + "\n"

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -230,19 +233,63 @@ def fake_parts(monkeypatch):
     def hang(ctx):
         time.sleep(60)
 
-    for name, fn in {"boom": boom, "skip": skip, "crash": crash, "hang": hang}.items():
+    def segfault(ctx):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    def segfault_once(ctx):
+        marker = Path(ctx["work_dir"]) / "crashed-once"
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return {"status": "ok", "rows": [{"part": "segfault_once", "run": "second try"}]}
+
+    for name, fn in {"boom": boom, "skip": skip, "crash": crash, "hang": hang, "segfault": segfault,
+                     "segfault_once": segfault_once}.items():
         monkeypatch.setitem(gpu_parts.PARTS, name, fn)
 
 
 @pytest.mark.parametrize("name, timeout, expected", [
-    ("boom", 30, "failed: RuntimeError: CUDA error: an illegal memory access was encountered"),
-    ("skip", 30, "skipped: liger-kernel is not installed"),
-    ("crash", 30, "failed: the part's process exited with code 3 and no result"),
-    ("hang", 1, "failed: ran past its share of the budget (1 s) and was stopped"),
+    ("boom", 30, r"failed: RuntimeError: CUDA error: an illegal memory access was encountered"),
+    ("skip", 30, r"skipped: liger-kernel is not installed"),
+    # an exit code is the part's own doing: no second try
+    ("crash", 30, r"failed: the part's process exited with code 3 after \d+ s and no result"),
+    ("hang", 1, r"failed: ran past its share of the budget \(1 s\) and was stopped"),
+    # killed by a signal twice: tried twice, both deaths reported
+    ("segfault", 30, r"failed: the part's process exited with code -11 after \d+ s and no result; "
+                     r"attempt 1 exited with code -11 after \d+ s and no result"),
 ])
 def test_a_broken_part_is_reported_and_the_run_goes_on(fake_parts, tmp_path, name, timeout, expected):
     result = gpu.run_part(name, {"smoke": True, "work_dir": str(tmp_path)}, timeout, "fork")
-    assert result == {"status": expected, "rows": []}
+    assert set(result) == {"status", "rows"} and result["rows"] == []
+    assert re.fullmatch(expected, result["status"]), result["status"]
+
+
+def test_a_part_killed_by_a_signal_once_is_run_again_and_says_so(fake_parts, tmp_path, capfd):
+    result = gpu.run_part("segfault_once", {"smoke": True, "work_dir": str(tmp_path)}, 30, "fork")
+    assert result["status"] == "ok" and result["rows"] == [{"part": "segfault_once", "run": "second try"}]
+    assert re.fullmatch(r"attempt 1 exited with code -11 after \d+ s and no result", result["retried"])
+    # faulthandler printed where the first attempt died
+    assert "Fatal Python error: Segmentation fault" in capfd.readouterr().err
+    ctx = {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
+           "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
+           "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200"}
+    rep = gpu.report({"compile": {**result, "rows": []}}, ctx, "2026-12-06 22:30 UTC", 12.0, 540)
+    lines = gpu.render_markdown(rep).splitlines()
+    assert f"- compile: {result['retried']}; the figures above are from attempt 2" in lines
+
+
+def test_the_compile_part_compiles_into_a_cache_of_its_own(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/a-shared-cache")
+    seen = {}
+
+    def compile_part(ctx):
+        seen["cache"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        return {"status": "ok", "rows": []}
+
+    monkeypatch.setitem(gpu_parts.PARTS, "compile", compile_part)
+    gpu._child("compile", {"smoke": False, "work_dir": str(tmp_path)}, str(tmp_path / "compile.result.json"))
+    assert seen["cache"] == str(tmp_path / "inductor-compile")
+    assert json.loads((tmp_path / "compile.result.json").read_text(encoding="utf-8"))["status"] == "ok"
 
 
 def test_estimate_line_has_the_form_params_yaml_expects(params):
