@@ -131,7 +131,7 @@ def run_part(name: str, ctx: dict, timeout_s: float, start_method: str) -> dict:
         died = f"exited with code {proc.exitcode} after {took:.0f} s and no result"
         # Killed by a signal (a native crash: its stack is on stderr, faulthandler) with at least as much
         # time left as it took: one more try, reported as such. Anything else, or a second death, fails.
-        if retried is None and proc.exitcode is not None and proc.exitcode < 0 and timeout_s - took >= took:
+        if retried is None and proc.exitcode < 0 and timeout_s - took >= took:
             retried = f"attempt 1 {died}"
             continue
         why = f"; {retried}" if retried else ""

@@ -168,10 +168,15 @@ def test_3b_need_is_scaled_from_the_measured_1b_time():
     assert gpu.need_s("train_3b", {"train_1b": {"status": "failed: x"}}) == pytest.approx(90 * 2.6)
 
 
+def h200_ctx(**overrides) -> dict:
+    """The context a full run on an H200 hands the report (no part runs from it here)."""
+    return {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
+            "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
+            "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200", **overrides}
+
+
 def test_the_header_names_the_device_even_without_the_matmul_part():
-    ctx = {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
-           "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1, 8, 32], "serve_requests": [3, 16, 32],
-           "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200"}
+    ctx = h200_ctx(serve_levels=[1, 8, 32], serve_requests=[3, 16, 32])
     rows = [{"part": "serve", "run": "static, concurrency 1", "ms_per_step": None},
             {"part": "serve", "run": "continuous, concurrency 1", "decode_steps": 390, "ms_per_step": 10.7,
              "ms_in_step": 2.25, "ms_outside_step": 8.45}]
@@ -196,9 +201,7 @@ def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_pri
              {"epoch": 4, "train_seconds": 25.0, "real_tokens": 400_000}]
     assert steady_state(marks) == {"epochs": "2-4", "tokens_per_s": 20_000.0, "first_epoch_tokens_per_s": 10_000.0}
     assert steady_state(marks[:1]) is None and steady_state([]) is None  # one epoch has no steady state
-    ctx = {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
-           "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
-           "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200"}
+    ctx = h200_ctx()
     row = {"part": "train", "model": "1b", "run": "ours", "setting": "s", "tokens_per_s": 15_000.0, "mfu": 0.1,
            "peak_mb": 1.0, "final_loss": 9.0, "steady": {**steady_state(marks), "mfu": 0.154}}
     rep = gpu.report({"train_1b": {"status": "ok", "rows": [row]}}, ctx, "2026-12-06 04:00 UTC", 12.0, 460)
@@ -207,9 +210,7 @@ def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_pri
 
 
 def test_the_report_prints_compiled_against_eager():
-    ctx = {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
-           "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
-           "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200"}
+    ctx = h200_ctx()
     ratio = {"overall": 0.8, "steady": 1.25, "steady_tokens_per_s": {"compiled": 25_000.0, "eager": 20_000.0},
              "warmup_s": {"compiled": 95.4, "eager": 6.2}, "final_loss": {"compiled": 9.1234, "eager": 9.1236}}
     rep = gpu.report({"compile": {"status": "ok", "rows": [], "compiled_over_eager": ratio}}, ctx,
@@ -270,9 +271,7 @@ def test_a_part_killed_by_a_signal_once_is_run_again_and_says_so(fake_parts, tmp
     assert re.fullmatch(r"attempt 1 exited with code -11 after \d+ s and no result", result["retried"])
     # faulthandler printed where the first attempt died
     assert "Fatal Python error: Segmentation fault" in capfd.readouterr().err
-    ctx = {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
-           "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
-           "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200"}
+    ctx = h200_ctx()
     rep = gpu.report({"compile": {**result, "rows": []}}, ctx, "2026-12-06 22:30 UTC", 12.0, 540)
     lines = gpu.render_markdown(rep).splitlines()
     assert f"- compile: {result['retried']}; the figures above are from attempt 2" in lines
