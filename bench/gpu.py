@@ -280,7 +280,8 @@ def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: f
                              "warmup_records": ctx["warmup_records"], "pack_tokens": ctx["pack_tokens"],
                              "tokens_per_step": ctx["tokens_per_step"], "baseline_epochs": ctx["baseline_epochs"],
                              "serve_levels": ctx["serve_levels"], "serve_requests": ctx["serve_requests"],
-                             "serve_tokens": ctx["serve_tokens"], "serve_max_batch": ctx["serve_max_batch"]}},
+                             "serve_tokens": ctx["serve_tokens"], "serve_max_batch": ctx["serve_max_batch"],
+                             "serve_padding_ab": ctx["serve_padding_ab"]}},
         "parts": {name: results[name] for name in ORDER if name in results},
         "rows": table_rows(results),
         "estimate": estimate_record(device_name, gpu_figure),
@@ -320,6 +321,13 @@ def render_markdown(rep: dict) -> str:
             lines.append(f"- serve, {row['run']}: {row['ms_per_step']:.2f} ms per decoding step, {row['ms_in_step']:.2f} in the "
                          f"model's step (forward and sampling, synchronised), {row['ms_outside_step']:.2f} outside it "
                          f"(scheduling, bookkeeping, idle)")
+    padding = serve.get("kv_padding") or {}
+    for level, ratio in padding.get("ours_over_ab", {}).items():
+        steps = ratio["ms_per_step"]
+        per_step = (f"; {steps[0]:.2f} vs {steps[1]:.2f} ms per decoding step" if None not in steps else "")
+        lines.append(f"- serve, concurrency {level}: kv padding {padding['ours']:,} (serve.batching.kv_padding_tokens) / "
+                     f"{padding['ab']:,} (transformers' default) = {ratio['tokens_per_s']:.2f}x output tokens/s{per_step}"
+                     + ("" if padding.get("padded") else " (no CUDA graphs, so neither pads: the same work twice)"))
     if serve.get("identical_answers"):
         lines.append("- serve, greedy answers identical: "
                      + "; ".join(f"{k} {v}" for k, v in serve["identical_answers"].items()))
@@ -462,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve_tokens": 8 if smoke else 128,
         "serve_max_batch": 4 if smoke else 32,
         "serve_cuda_graphs": "on",
+        "serve_padding_ab": 16384,  # transformers' default kv_padding_interval_size, against the endpoint's
         "device_name": device_name_now(smoke),
     }
     budget_s = args.budget_s or (600.0 if smoke else 540.0)

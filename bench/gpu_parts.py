@@ -572,7 +572,11 @@ def part_serve(ctx) -> dict:
     a GPU), closed-loop clients at each concurrency, greedy answers of `serve_tokens` new tokens,
     the same requests for both (a level's first requests are the lower levels' requests). The order
     alternates per level (static first, then continuous first, ...), so neither engine always runs
-    on a warmer GPU. Both engines are loaded once (two model copies) and warmed up."""
+    on a warmer GPU. At the first and last levels a third engine runs after the pair: continuous
+    with transformers' own KV padding (`serve_padding_ab`, 16,384 tokens) instead of the endpoint's
+    serve.batching.kv_padding_tokens, the A/B for what the padding of graphed steps costs (a CPU
+    never pads, so there it only exercises the path). The engines are loaded once (a model copy
+    each) and warmed up."""
     import torch
 
     from bench.train_bench import load_records
@@ -590,40 +594,58 @@ def part_serve(ctx) -> dict:
     base["log_path"] = ""
     new_tokens = ctx["serve_tokens"]
     max_batch = ctx["serve_max_batch"]
+    ab_padding = ctx["serve_padding_ab"]
+    ab_levels = {ctx["serve_levels"][0], ctx["serve_levels"][-1]}
     engines, notes = {}, {}
-    for kind in ("static", "continuous"):
-        config = {**base, "batching": {**base["batching"], "max_batch": max_batch, "engine": kind,
+    for kind in ("static", "continuous", "padding"):
+        config = {**base, "batching": {**base["batching"], "max_batch": max_batch,
+                                       "engine": "static" if kind == "static" else "continuous",
                                        "cuda_graphs": ctx["serve_cuda_graphs"]}}
+        if kind == "padding":
+            config["batching"]["kv_padding_tokens"] = ab_padding
         began = time.perf_counter()
         try:
             engines[kind] = Engine(folder, config, device=device.type)
         except Exception as exc:  # noqa: BLE001 - CUDA graphs refused: the engine without them
-            if kind != "continuous" or device.type != "cuda":
+            if kind == "static" or device.type != "cuda":
                 raise
             notes[kind] = f"CUDA graphs failed ({one_line(exc)}); without them. "
             config["batching"]["cuda_graphs"] = "off"
             engines[kind] = Engine(folder, config, device=device.type)
         notes[kind] = notes.get(kind, "") + f"ready in {time.perf_counter() - began:.1f} s"
-    manager = getattr(engines["continuous"].batcher, "manager", None)
-    timer = StepTimer(manager, device) if manager is not None else None
+    timers = {}
+    for kind in ("continuous", "padding"):
+        manager = getattr(engines[kind].batcher, "manager", None)
+        timers[kind] = StepTimer(manager, device) if manager is not None else None
     rows, answers, by_level = [], {}, {}
     for position, concurrency in enumerate(ctx["serve_levels"]):
         count = ctx["serve_requests"][position]
         order = ("static", "continuous") if position % 2 == 0 else ("continuous", "static")
-        for kind in order:
+        for kind in order + (("padding",) if concurrency in ab_levels else ()):
             engine = engines[kind]
             cb = getattr(engine.batcher, "cb_config", None)
             graphs = getattr(cb, "use_cuda_graph", None) if cb is not None else None
-            row = {"part": "serve", "model": name, "run": f"{kind}, concurrency {concurrency}",
-                   "setting": f"{kind} engine, max_batch {max_batch}, {new_tokens} new tokens, greedy, cache off"
-                              + (f", CUDA graphs {graphs}" if kind == "continuous" else "") + f"; {notes[kind]}"}
+            label = f"continuous, kv padding {ab_padding:,}" if kind == "padding" else kind
+            setting = (f"{'static' if kind == 'static' else 'continuous'} engine, max_batch {max_batch}, "
+                       f"{new_tokens} new tokens, greedy, cache off")
+            if kind != "static":
+                padding = getattr(cb, "kv_padding_interval_size", None)
+                setting += f", CUDA graphs {graphs}, kv padding {padding:,}" if padding else f", CUDA graphs {graphs}"
+            row = {"part": "serve", "model": name, "run": f"{label}, concurrency {concurrency}",
+                   "setting": f"{setting}; {notes[kind]}"}
             try:
                 requests = [engine.parse({"instruction": questions[i % len(questions)], "max_new_tokens": new_tokens,
                                           "temperature": 0})[0][0] for i in range(count)]
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                measured, got = _serve_level(engine, requests, concurrency, timer if kind == "continuous" else None)
+                if graphs and (graphs is True or any(graphs)):
+                    # CUDA graphs are captured per padded size the first time a size occurs: one
+                    # untimed pass of the level's requests, so the figures are the steady state an
+                    # endpoint serves in, not the first minute of a fresh instance.
+                    _serve_level(engine, requests, concurrency)
+                    row["setting"] += "; graphs captured in an untimed pass of the same requests"
+                measured, got = _serve_level(engine, requests, concurrency, timers.get(kind))
                 row.update(measured)
                 answers[(kind, concurrency)] = got
                 by_level.setdefault(concurrency, {})[kind] = measured
@@ -640,6 +662,14 @@ def part_serve(ctx) -> dict:
             ratios[str(concurrency)] = {
                 "tokens_per_s": round(pair["continuous"]["tokens_per_s"] / pair["static"]["tokens_per_s"], 2),
                 "p95": round(pair["continuous"]["p95_s"] / max(pair["static"]["p95_s"], 1e-9), 2)}
+    padding_ratios = {}
+    for concurrency, runs in by_level.items():
+        if "padding" in runs and "continuous" in runs and runs["padding"]["tokens_per_s"]:
+            ours, theirs = runs["continuous"], runs["padding"]
+            padding_ratios[str(concurrency)] = {
+                "tokens_per_s": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
+                "ms_per_step": [ours.get("ms_per_step"), theirs.get("ms_per_step")],
+                "ms_in_step": [ours.get("ms_in_step"), theirs.get("ms_in_step")]}
     # Greedy answers: the same request at every level and in both engines (the first level's requests)
     first = ctx["serve_levels"][0]
     identical = {}
@@ -653,7 +683,18 @@ def part_serve(ctx) -> dict:
         a, b = answers.get(("static", concurrency), {}), answers.get(("continuous", concurrency), {})
         shared = [i for i in a if i in b]
         identical[f"static vs continuous at {concurrency}"] = f"{sum(a[i] == b[i] for i in shared)}/{len(shared)}"
-    return {"status": "ok", "rows": rows, "continuous_over_static": ratios, "identical_answers": identical}
+        c = answers.get(("padding", concurrency), {})
+        if c:
+            shared = [i for i in b if i in c]
+            identical[f"continuous vs kv padding {ab_padding:,} at {concurrency}"] = \
+                f"{sum(b[i] == c[i] for i in shared)}/{len(shared)}"
+    cb = getattr(engines["continuous"].batcher, "cb_config", None)
+    graphs = getattr(cb, "use_cuda_graph", None)
+    return {"status": "ok", "rows": rows, "continuous_over_static": ratios, "identical_answers": identical,
+            "kv_padding": {"ours": getattr(cb, "kv_padding_interval_size", None), "ab": ab_padding,
+                           # transformers pads only for CUDA graphs (or compile): without them both do the same work
+                           "padded": bool(any(graphs) if isinstance(graphs, (tuple, list)) else graphs),
+                           "ours_over_ab": padding_ratios}}
 
 
 def _percentile(ordered: list[float], q: float) -> float:

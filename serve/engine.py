@@ -281,11 +281,24 @@ def _cb_config_class():
     return ContinuousBatchingConfig
 
 
+# serve.batching.kv_padding_tokens 0: the padding granularity of the cached tokens a graphed step reads.
+DEFAULT_KV_PADDING_TOKENS = 1024
+
+
 def continuous_batching_config(device_type: str, max_batch: int, max_request_tokens: int,
-                               max_batch_tokens: int = 0, cuda_graphs: str = "auto"):
+                               max_batch_tokens: int = 0, cuda_graphs: str = "auto", kv_padding_tokens: int = 0):
     """transformers' ContinuousBatchingConfig sized for the endpoint: room in the paged KV cache for
     `max_batch` requests of `max_request_tokens` (prompt + answer) each, no prefix sharing (an answer
     must not depend on which prompts came before it), CUDA graphs on a GPU unless cuda_graphs is "off".
+
+    A CUDA graph replays fixed shapes, so with graphs transformers pads every step's inputs: the new
+    tokens up to a multiple of 64 and the cached tokens it reads up to a multiple of
+    `kv_padding_interval_size`, capturing one graph per padded size. Its default granularity, 16,384
+    tokens, suits long contexts; an endpoint's Q&A requests hold a few hundred tokens each, and with
+    SDPA (no flash attention in the serving image) every layer gathers the padded cache, repeats it
+    for each query head and attends over it under a mask. So the endpoint pads to
+    `kv_padding_tokens` (0 = 1024): a lone request reads ~1K positions a step instead of ~16K, for a
+    few more graphs as a batch's cache grows. Padding does not change the answers (tests/test_serve.py).
 
     Works with the field names of transformers 5.17 (block_size) and 5.24 (page_size)."""
     import dataclasses
@@ -307,6 +320,7 @@ def continuous_batching_config(device_type: str, max_batch: int, max_request_tok
         "use_cuda_graph": cuda_graphs != "off" if cuda else False,
         "use_async_batching": None if cuda else False,
         "scheduler_type": "fifo",
+        "kv_padding_interval_size": kv_padding_tokens or DEFAULT_KV_PADDING_TOKENS,
     }
     kwargs["page_size" if "page_size" in fields else "block_size"] = page
     if "auto_switch_to_flash" in fields:
@@ -320,7 +334,8 @@ class ContinuousBatcher(Batcher):
 
     def __init__(self, model, max_batch: int, window_ms: float, fmt, max_pending: int = 64,
                  timeout_s: float = 60.0, stall_s: float = 300.0, retry_after_s: float = 1.0,
-                 max_request_tokens: int = 2048, max_batch_tokens: int = 0, cuda_graphs: str = "auto"):
+                 max_request_tokens: int = 2048, max_batch_tokens: int = 0, cuda_graphs: str = "auto",
+                 kv_padding_tokens: int = 0):
         from transformers import GenerationConfig
 
         super().__init__(model, max_batch, window_ms, fmt, max_pending=max_pending, timeout_s=timeout_s,
@@ -330,7 +345,7 @@ class ContinuousBatcher(Batcher):
         generation = GenerationConfig(do_sample=False, max_new_tokens=max(1, max_request_tokens // 2),
                                       eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id)
         self.cb_config = continuous_batching_config(device.type, self.max_batch, max_request_tokens,
-                                                    max_batch_tokens, cuda_graphs)
+                                                    max_batch_tokens, cuda_graphs, kv_padding_tokens)
         self.manager = model.init_continuous_batching(generation_config=generation,
                                                       continuous_batching_config=self.cb_config)
         if device.type == "cuda" and hasattr(self.manager, "warmup"):
@@ -563,7 +578,9 @@ class Engine:
             self.batcher = ContinuousBatcher(self.model, batching["max_batch"], batching["window_ms"], self.chat,
                                              max_request_tokens=longest,
                                              max_batch_tokens=int(batching.get("max_batch_tokens", 0) or 0),
-                                             cuda_graphs=batching.get("cuda_graphs", "auto"), **common)
+                                             cuda_graphs=batching.get("cuda_graphs", "auto"),
+                                             kv_padding_tokens=int(batching.get("kv_padding_tokens", 0) or 0),
+                                             **common)
         elif self.engine_kind == "static":
             self.batcher = Batcher(self.model, batching["max_batch"], batching["window_ms"], self.chat, **common)
             self.batcher.guard = guard

@@ -111,7 +111,15 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     # serving: old (static) and new (continuous) engine at each level, the order alternating per level
     serve = parts["serve"]["rows"]
     assert [row["run"] for row in serve] == ["static, concurrency 1", "continuous, concurrency 1",
-                                             "continuous, concurrency 2", "static, concurrency 2"]
+                                             "continuous, kv padding 16,384, concurrency 1",
+                                             "continuous, concurrency 2", "static, concurrency 2",
+                                             "continuous, kv padding 16,384, concurrency 2"]
+    # the A/B engine differs from the endpoint's only in transformers' KV padding of graphed steps
+    assert [row["setting"].split("kv padding ")[1].split(";")[0] for row in serve if "CUDA graphs" in row["setting"]] \
+        == ["1,024", "16,384", "1,024", "16,384"]
+    padding = parts["serve"]["kv_padding"]
+    assert (padding["ours"], padding["ab"], padding["padded"]) == (1024, 16384, False)
+    assert set(padding["ours_over_ab"]) == {"1", "2"}
     for row in serve:
         assert "status" not in row, row
         assert row["requests_per_s"] > 0 and 0 < row["p50_s"] <= row["p95_s"]
@@ -172,7 +180,7 @@ def h200_ctx(**overrides) -> dict:
     """The context a full run on an H200 hands the report (no part runs from it here)."""
     return {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
             "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
-            "serve_tokens": 128, "serve_max_batch": 32, "device_name": "NVIDIA H200", **overrides}
+            "serve_tokens": 128, "serve_max_batch": 32, "serve_padding_ab": 16384, "device_name": "NVIDIA H200", **overrides}
 
 
 def test_the_header_names_the_device_even_without_the_matmul_part():
@@ -180,7 +188,10 @@ def test_the_header_names_the_device_even_without_the_matmul_part():
     rows = [{"part": "serve", "run": "static, concurrency 1", "ms_per_step": None},
             {"part": "serve", "run": "continuous, concurrency 1", "decode_steps": 390, "ms_per_step": 10.7,
              "ms_in_step": 2.25, "ms_outside_step": 8.45}]
-    results = {"serve": {"status": "ok", "rows": rows, "continuous_over_static": {"32": {"tokens_per_s": 9.9, "p95": 0.1}}}}
+    results = {"serve": {"status": "ok", "rows": rows, "continuous_over_static": {"32": {"tokens_per_s": 9.9, "p95": 0.1}},
+                         "kv_padding": {"ours": 1024, "ab": 16384, "padded": True, "ours_over_ab": {
+                             "1": {"tokens_per_s": 2.5, "ms_per_step": [4.28, 10.7], "ms_in_step": [2.0, 8.4]},
+                             "32": {"tokens_per_s": 1.25, "ms_per_step": [11.0, None], "ms_in_step": [9.0, None]}}}}}
     rep = gpu.report(results, ctx, "2026-12-04 17:51 UTC", 12.0, 460)
     assert rep["kit"]["device_name"] == "NVIDIA H200"
     markdown = gpu.render_markdown(rep)
@@ -190,6 +201,11 @@ def test_the_header_names_the_device_even_without_the_matmul_part():
     assert ("- serve, continuous, concurrency 1: 10.70 ms per decoding step, 2.25 in the model's step (forward and "
             "sampling, synchronised), 8.45 outside it (scheduling, bookkeeping, idle)") in markdown
     assert "- serve, static, concurrency 1:" not in markdown
+    # the KV padding A/B: ours over transformers' default, with the step times where both have them
+    assert ("- serve, concurrency 1: kv padding 1,024 (serve.batching.kv_padding_tokens) / 16,384 (transformers' "
+            "default) = 2.50x output tokens/s; 4.28 vs 10.70 ms per decoding step\n") in markdown + "\n"
+    assert ("- serve, concurrency 32: kv padding 1,024 (serve.batching.kv_padding_tokens) / 16,384 (transformers' "
+            "default) = 1.25x output tokens/s\n") in markdown + "\n"
 
 
 def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_prints_it():

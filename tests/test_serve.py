@@ -326,6 +326,62 @@ def test_continuous_answers_alone_equal_todays_engine_with_each_requests_own_lim
     assert _decode_alone(engines["continuous"], _jobs(engines["continuous"])) == continuous
 
 
+def test_continuous_batching_config_pads_the_cache_reads_of_graphed_steps_to_the_endpoints_granularity():
+    from serve.engine import continuous_batching_config
+
+    gpu = continuous_batching_config("cuda", 32, 2048)
+    assert gpu.use_cuda_graph is True and gpu.kv_padding_interval_size == 1024  # 0 = 1024, not transformers' 16384
+    assert gpu.max_requests_per_batch == 32 and gpu.max_batch_tokens == 2048 and gpu.allow_block_sharing is False
+    assert continuous_batching_config("cuda", 32, 2048, kv_padding_tokens=16384).kv_padding_interval_size == 16384
+    assert continuous_batching_config("cuda", 32, 2048, cuda_graphs="off").use_cuda_graph is False
+    cpu = continuous_batching_config("cpu", 4, 512)
+    assert cpu.use_cuda_graph is False and cpu.max_batch_tokens == 256
+
+
+def test_continuous_answers_are_identical_under_the_padding_cuda_graphs_need(engines, merged, module_dir,
+                                                                            monkeypatch):
+    """With CUDA graphs, transformers pads each step's inputs to fixed sizes: the new tokens to a
+    multiple of 64, the cached tokens it reads to serve.batching.kv_padding_tokens. A CPU never pads,
+    so this forces the padding on (as graphs would) and checks that the setting reaches transformers
+    and that the padded engine's greedy answers are token-identical to the unpadded one's, alone and
+    decoded together."""
+    from transformers.generation.continuous_batching import model_runner
+    from serve.engine import Engine
+
+    padded_reads = []
+    runner_init, pad = model_runner.ModelRunner.__init__, model_runner.ModelRunner.maybe_pad_inputs
+
+    def forced_init(self, *args, **kwargs):
+        runner_init(self, *args, **kwargs)
+        self.pad_inputs = True
+
+    def recorded_pad(self, num_q_tokens, max_kv_read, *args, **kwargs):
+        padded = pad(self, num_q_tokens, max_kv_read, *args, **kwargs)
+        padded_reads.append((max_kv_read, padded[1], self.cb_config.kv_padding_interval_size))
+        return padded
+
+    expected = _decode_alone(engines["continuous"], _jobs(engines["continuous"]))  # unpadded
+    monkeypatch.setattr(model_runner.ModelRunner, "__init__", forced_init)
+    monkeypatch.setattr(model_runner.ModelRunner, "maybe_pad_inputs", recorded_pad)
+    engine = Engine(merged, serve_config(module_dir("padded") / "log.jsonl", batching={
+        "max_batch": 8, "window_ms": 20, "engine": "continuous", "kv_padding_tokens": 64}))
+    try:
+        assert engine.batcher.cb_config.kv_padding_interval_size == 64
+        assert _decode_alone(engine, _jobs(engine)) == expected
+        jobs = _jobs(engine)
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            list(pool.map(lambda job: engine.batcher.submit([job], timeout_s=120), jobs))
+        assert [(job.tokens, job.finished) for job in jobs] == expected
+    finally:
+        engine.batcher.close()
+    reads = [(actual, padded) for actual, padded, interval in padded_reads if actual]
+    assert reads and all(interval == 64 for _, _, interval in padded_reads)
+    # every step that read the cache read it padded up to the next multiple of 64 (or the whole cache)
+    cap = max(padded for _, padded in reads)
+    assert all(padded >= actual and (padded % 64 == 0 or padded == cap) for actual, padded in reads), reads
+    assert any(padded > actual for actual, padded in reads)
+
+
 def test_continuous_answers_are_identical_when_joining_mid_batch_and_leaving_early(engines):
     """The request with the longest answer decodes; the others join it while it is mid-answer
     (after its prefill and two decoding steps), and the short ones leave the batch while it goes

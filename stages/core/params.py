@@ -471,6 +471,11 @@ class ServeBatchingParams(Section):
     max_batch_tokens: int = Field(0, ge=0, le=1_000_000,
                                   description="continuous engine: most tokens (prefill + decode) in one forward "
                                   "pass; 0 = 256 on a CPU, 2048 on a GPU")
+    kv_padding_tokens: int = Field(
+        0, ge=0, le=1_000_000,
+        description="continuous engine with CUDA graphs: the cached tokens a decoding step reads are padded up "
+        "to a multiple of this, one captured graph per size; 0 = 1024. transformers' own default, 16384, makes "
+        "a lone request attend over 16K padded positions at every step. Unused on a CPU (no padding)")
 
 
 class ServeQueueParams(Section):
