@@ -311,7 +311,10 @@ def render_markdown(rep: dict) -> str:
             lines.append(f"- {name}: token-budget steps / 16-record steps = {part['token_budget_speedup']:.2f}x real tokens/s")
         if part.get("loss_same_tokens"):
             loss = part["loss_same_tokens"]
-            lines.append(f"- {name}: final loss on the baseline's tokens: ours {loss['ours']:.4f}, baseline {loss['baseline']:.4f}")
+            steps = (f", ours-records (the baseline's 16-record steps) {loss['ours_records']:.4f}"
+                     if loss.get("ours_records") is not None else "")
+            lines.append(f"- {name}: final loss on the baseline's tokens: ours {loss['ours']:.4f}, baseline "
+                         f"{loss['baseline']:.4f}{steps}")
     serve = rep["parts"].get("serve", {})
     for level, ratio in serve.get("continuous_over_static", {}).items():
         lines.append(f"- serve, concurrency {level}: continuous / static = {ratio['tokens_per_s']:.2f}x output tokens/s, "

@@ -259,6 +259,8 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
     if "ours-1ep" in results and "baseline" in results:
         out["loss_same_tokens"] = {"ours": results["ours-1ep"]["final_val_loss"],
                                    "baseline": results["baseline"]["final_val_loss"]}
+        if "ours-records" in results:  # the same optimizer steps as the baseline: the loss side of the trade
+            out["loss_same_tokens"]["ours_records"] = results["ours-records"]["final_val_loss"]
     if not results:
         out["status"] = "failed: " + "; ".join(row["status"][len("failed: "):] for row in rows)
     return out

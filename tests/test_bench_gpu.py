@@ -69,6 +69,7 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     assert parts["train_1b"]["speedup"] == pytest.approx(train["ours"]["tokens_per_s"] / train["baseline"]["tokens_per_s"], rel=1e-2)
     assert parts["train_1b"]["token_budget_speedup"] > 0
     assert parts["train_1b"]["loss_same_tokens"]["ours"] == train["ours-1ep"]["final_loss"]
+    assert parts["train_1b"]["loss_same_tokens"]["ours_records"] == train["ours-records"]["final_loss"]
     # train_3b: ours only, on the embedded model in the smoke
     assert [row["run"] for row in parts["train_3b"]["rows"]] == ["ours"] and "status" not in parts["train_3b"]["rows"][0]
 
@@ -223,6 +224,19 @@ def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_pri
     rep = gpu.report({"train_1b": {"status": "ok", "rows": [row]}}, ctx, "2026-12-06 04:00 UTC", 12.0, 460)
     assert ("- train_1b: ours steady state (epochs 2-4): 20,000 real tokens/s, 15.4% MFU; first epoch 10,000"
             in gpu.render_markdown(rep))
+
+
+def test_the_report_prints_the_final_losses_on_the_baseline_tokens_with_the_16_record_steps():
+    loss = {"ours": 11.404, "baseline": 7.8298, "ours_records": 7.7562}
+    rep = gpu.report({"train_1b": {"status": "ok", "rows": [], "loss_same_tokens": loss}}, h200_ctx(),
+                     "2026-12-06 04:00 UTC", 12.0, 460)
+    assert ("- train_1b: final loss on the baseline's tokens: ours 11.4040, baseline 7.8298, ours-records (the "
+            "baseline's 16-record steps) 7.7562\n") in gpu.render_markdown(rep) + "\n"
+    del loss["ours_records"]  # a run without it (ours-records failed) prints the pair only
+    rep = gpu.report({"train_1b": {"status": "ok", "rows": [], "loss_same_tokens": loss}}, h200_ctx(),
+                     "2026-12-06 04:00 UTC", 12.0, 460)
+    assert "- train_1b: final loss on the baseline's tokens: ours 11.4040, baseline 7.8298\n" in \
+        gpu.render_markdown(rep) + "\n"
 
 
 def test_the_report_prints_compiled_against_eager():

@@ -136,7 +136,7 @@ class TrainParams(Section):
     tokens_per_step: int = Field(
         0, ge=0, le=10_000_000, description="size optimizer steps in tokens: records per step = this / the "
         "mean record length (0 = batch_size x gradient_accumulation_steps records)")
-    lr_scaling: Literal["sqrt", "none"] = Field(
+    lr_scaling: Literal["sqrt", "linear", "none"] = Field(
         "sqrt", description="when tokens_per_step changes the records per step from batch_size x "
         "gradient_accumulation_steps (what learning_rate was set for): sqrt = multiply learning_rate by the "
         "square root of that ratio (fewer, larger AdamW steps need a larger step size); none = keep it")

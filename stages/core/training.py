@@ -560,6 +560,8 @@ def scaled_learning_rate(lr: float, rule: str, records_before: int, records_now:
     H200 kit: final loss 11.40 against the baseline's 7.83). none: lr unchanged."""
     if rule == "none" or records_before <= 0 or records_now == records_before:
         return lr
+    if rule == "linear":
+        return lr * records_now / records_before
     return lr * math.sqrt(records_now / records_before)
 
 
