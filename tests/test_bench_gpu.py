@@ -65,7 +65,7 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
         assert row["real_tokens"] == train["baseline"]["real_tokens"]  # same workload (1 epoch in the smoke)
     assert "packing=True" in train["ours"]["setting"]
     assert "512 tokens/step = " in train["ours"]["setting"] and "16 records/step" in train["ours-records"]["setting"]
-    assert "(sqrt of " in train["ours"]["setting"]  # token-budget steps scale the learning rate
+    assert "(linear of " in train["ours"]["setting"]  # token-budget steps scale the learning rate
     assert parts["train_1b"]["speedup"] == pytest.approx(train["ours"]["tokens_per_s"] / train["baseline"]["tokens_per_s"], rel=1e-2)
     assert parts["train_1b"]["token_budget_speedup"] > 0
     assert parts["train_1b"]["loss_same_tokens"]["ours"] == train["ours-1ep"]["final_loss"]

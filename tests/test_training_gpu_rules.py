@@ -40,21 +40,27 @@ def test_token_budget_sets_the_records_of_every_optimizer_step():
     assert with_token_budget(TrainParams(), examples) == TrainParams()
 
 
-def test_token_budget_steps_scale_the_learning_rate_by_the_square_root_of_the_records():
+def test_token_budget_steps_scale_the_learning_rate_with_the_records_linearly_by_default():
     examples = [example(n) for n in [60, 70, 80, 90] * 100]          # mean 75 tokens
     train = TrainParams(tokens_per_step=16384, pack_tokens=4096, packing=True, learning_rate=1e-4,
                         batch_size=4, gradient_accumulation_steps=4)  # lr set for 16 records per step
+    assert train.lr_scaling == "linear"
     budgeted = with_token_budget(train, examples)                     # 218 records per step
-    assert budgeted.learning_rate == pytest.approx(1e-4 * (218 / 16) ** 0.5)   # 3.69e-4
+    assert budgeted.learning_rate == pytest.approx(1e-4 * 218 / 16)   # 1.3625e-3
     # without packing the step is 54 x 4 = 216 records: the rate follows the records actually taken
     padded = with_token_budget(train.model_copy(update={"packing": False}), examples)
-    assert padded.learning_rate == pytest.approx(1e-4 * (216 / 16) ** 0.5)
-    # a budget smaller than the old step lowers it; lr_scaling none keeps the rate as written
-    small = with_token_budget(train.model_copy(update={"tokens_per_step": 300}), examples)  # 4 records
-    assert small.learning_rate == pytest.approx(1e-4 * 0.5)
+    assert padded.learning_rate == pytest.approx(1e-4 * 216 / 16)
+    # a budget smaller than the old step lowers it (4 records: a quarter)
+    small = with_token_budget(train.model_copy(update={"tokens_per_step": 300}), examples)
+    assert small.learning_rate == pytest.approx(1e-4 * 0.25)
+    # sqrt: the square root of the ratio; none keeps the rate as written; anything else is refused
+    sqrt = with_token_budget(train.model_copy(update={"lr_scaling": "sqrt"}), examples)
+    assert sqrt.learning_rate == pytest.approx(1e-4 * (218 / 16) ** 0.5)   # 3.69e-4
     assert with_token_budget(train.model_copy(update={"lr_scaling": "none"}), examples).learning_rate == 1e-4
     with pytest.raises(ValueError, match="lr_scaling"):
-        TrainParams(lr_scaling="linear")
+        TrainParams(lr_scaling="cubic")
+    # no token budget: nothing is scaled, whatever the rule
+    assert with_token_budget(train.model_copy(update={"tokens_per_step": 0}), examples).learning_rate == 1e-4
 
 
 def test_fused_loss_auto_computes_logits_when_they_fit_the_budget():

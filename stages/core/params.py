@@ -136,10 +136,11 @@ class TrainParams(Section):
     tokens_per_step: int = Field(
         0, ge=0, le=10_000_000, description="size optimizer steps in tokens: records per step = this / the "
         "mean record length (0 = batch_size x gradient_accumulation_steps records)")
-    lr_scaling: Literal["sqrt", "linear", "none"] = Field(
-        "sqrt", description="when tokens_per_step changes the records per step from batch_size x "
-        "gradient_accumulation_steps (what learning_rate was set for): sqrt = multiply learning_rate by the "
-        "square root of that ratio (fewer, larger AdamW steps need a larger step size); none = keep it")
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field(
+        "linear", description="when tokens_per_step changes the records per step from batch_size x "
+        "gradient_accumulation_steps (what learning_rate was set for): linear = multiply learning_rate by "
+        "that ratio (k times fewer AdamW steps need k times the step size to move as far); sqrt = by its "
+        "square root; none = keep it")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     compile: Literal["off", "on"] = Field(
         "off", description="on: torch.compile the transformer body of the training forward and backward "

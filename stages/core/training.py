@@ -552,12 +552,17 @@ def with_token_budget(train, examples: list[EncodedExample]):
 def scaled_learning_rate(lr: float, rule: str, records_before: int, records_now: int) -> float:
     """learning_rate for steps of `records_now` records when it was set for `records_before`.
 
-    sqrt: lr x sqrt(now / before), the square-root rule for adaptive optimizers (Malladi et al. 2022,
-    "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"): a step that averages k times
-    more records has a gradient with 1/k the variance, and AdamW's normalised update then needs about
-    sqrt(k) the step size to cover the same distance per record. Without it, token-budget steps make
-    ~15x fewer optimizer steps at the same size, and the model trains less on the same tokens (the
-    H200 kit: final loss 11.40 against the baseline's 7.83). none: lr unchanged."""
+    linear (the default): lr x now / before. AdamW's update has about the same size whatever the
+    gradient's scale, so k times fewer steps move the weights about 1/k as far at the same rate; a
+    fine-tune of a few epochs stays in that regime (Goyal et al. 2017 for the linear rule).
+    sqrt: lr x sqrt(now / before), the square-root rule that the SDE view of adaptive optimizers gives
+    when many steps remain and gradient noise dominates (Malladi et al. 2022).
+    none: lr unchanged.
+
+    Measured (`python -m bench.lr_scaling`, SmolLM2-135M LoRA, one epoch, docs/training.md): 29-record
+    steps against the preset's 8 ended at a validation loss of 1.598 (linear), 1.830 (sqrt) and 2.196
+    (none) against 1.643; 58-record steps at 1.017 (linear) and 1.384 (sqrt) against 0.843. Without
+    scaling, the H200 kit's 232-record steps ended one epoch at 11.40 against the baseline's 7.83."""
     if rule == "none" or records_before <= 0 or records_now == records_before:
         return lr
     if rule == "linear":
