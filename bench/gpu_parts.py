@@ -641,7 +641,7 @@ def part_serve(ctx) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                if graphs and (graphs is True or any(graphs)):
+                if _graphed(cb):
                     # CUDA graphs are captured per padded size the first time a size occurs: one
                     # untimed pass of the level's requests, so the figures are the steady state an
                     # endpoint serves in, not the first minute of a fresh instance.
@@ -691,12 +691,16 @@ def part_serve(ctx) -> dict:
             identical[f"continuous vs kv padding {ab_padding:,} at {concurrency}"] = \
                 f"{sum(b[i] == c[i] for i in shared)}/{len(shared)}"
     cb = getattr(engines["continuous"].batcher, "cb_config", None)
-    graphs = getattr(cb, "use_cuda_graph", None)
     return {"status": "ok", "rows": rows, "continuous_over_static": ratios, "identical_answers": identical,
             "kv_padding": {"ours": getattr(cb, "kv_padding_interval_size", None), "ab": ab_padding,
                            # transformers pads only for CUDA graphs (or compile): without them both do the same work
-                           "padded": bool(any(graphs) if isinstance(graphs, (tuple, list)) else graphs),
-                           "ours_over_ab": padding_ratios}}
+                           "padded": _graphed(cb), "ours_over_ab": padding_ratios}}
+
+
+def _graphed(cb_config) -> bool:
+    """Whether a continuous engine's config replays CUDA graphs (a bool, or one per path)."""
+    graphs = getattr(cb_config, "use_cuda_graph", None)
+    return bool(any(graphs) if isinstance(graphs, (tuple, list)) else graphs)
 
 
 def _percentile(ordered: list[float], q: float) -> float:
