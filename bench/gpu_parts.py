@@ -91,15 +91,23 @@ def workload(ctx, tokenizer):
 
 def budgeted(params, train_ex, tokens_per_step: int, epochs: int, vocab_size: int, liger: bool, cuda: bool):
     """params for "ours" with steps of `tokens_per_step` tokens (stages.core.training.with_token_budget)
-    and the loss head that fused_loss auto picks for that micro-batch (select_loss_head's memory rule),
-    pinned as fused_loss liger/none so the train loop takes it as is. Returns (params, head choice)."""
-    from stages.core.training import select_loss_head, with_token_budget
+    and the loss head that fused_loss auto picks for them (pinned_head). Returns (params, head choice)."""
+    from stages.core.training import with_token_budget
 
     train = params.train.model_copy(update={"tokens_per_step": tokens_per_step, "epochs": epochs})
-    train = with_token_budget(train, train_ex)
-    share = sum(e.num_completion_tokens for e in train_ex) / max(1, sum(len(e.input_ids) for e in train_ex))
-    micro_tokens = min(train.pack_tokens, max(tokens_per_step, 1)) if train.packing else train.pack_tokens
-    choice = select_loss_head("auto", cuda, liger, labelled_positions=int(micro_tokens * share),
+    return pinned_head(params.model_copy(update={"train": with_token_budget(train, train_ex)}), train_ex,
+                       vocab_size, liger, cuda)
+
+
+def pinned_head(params, train_ex, vocab_size: int, liger: bool, cuda: bool):
+    """params with the loss head that fused_loss auto picks in the train stage (stages/train.py: the
+    memory rule on the most labelled positions of any micro-batch of the run) pinned as fused_loss
+    liger/none, so the train loop takes it as is. Returns (params, head choice)."""
+    from stages.core.training import most_labelled_positions, select_loss_head, uses_shared_prefix
+
+    train = params.train
+    labelled = most_labelled_positions(train_ex, train, uses_shared_prefix(train))
+    choice = select_loss_head("auto", cuda, liger, labelled_positions=labelled,
                               vocab_size=vocab_size, budget_mb=train.fused_loss_budget_mb)
     train = train.model_copy(update={"fused_loss": "liger" if choice.value == "liger" else "none"})
     return params.model_copy(update={"train": train}), choice
@@ -233,9 +241,11 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
     runs = [("ours", ours, budget_note)]
     if baseline:
         records = params.model_copy(update={"train": params.train.model_copy(update={"epochs": ctx["baseline_epochs"]})})
+        ours_records, records_head = pinned_head(records, train_ex, vocab, liger, device.type == "cuda")
         ours_short, _ = budgeted(params, train_ex, ctx["tokens_per_step"], ctx["baseline_epochs"], vocab, liger,
                                  device.type == "cuda")
-        runs += [("ours-records", records, "; 16 records/step (before token budgets)"),
+        runs += [("ours-records", ours_records, "; 16 records/step (before token budgets); "
+                                                + (records_head.note or records_head.value)),
                  ("ours-1ep", ours_short, budget_note), ("baseline", records, "")]
     rows, results = [], {}
     for run, run_params, note in runs:

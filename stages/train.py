@@ -40,7 +40,7 @@ from .core.training import (DistInfo, TrainingError, check_method, fit, init_dis
                             TRAINING_LIBRARIES, identity_key, library_versions, oom_message, package_available,
                             release_memory, run_identity, seed_everything, select_backend, select_compile,
                             select_distributed, select_loss_head, trainable_state, uses_shared_prefix,
-                            with_token_budget)
+                            with_token_budget, most_labelled_positions)
 
 STAGE = "train"
 SPLIT_FIELDS = ("system", "instruction", "output")
@@ -272,11 +272,12 @@ def run_training(params: Params, data_dir: Path, output: Path, checkpoints: Path
     else:
         model = build_model_hf(params, device, dtype, tokenizer)
     if cuda and train.fused_loss == "auto":  # pragma: no cover - needs CUDA
-        # The memory rule needs the largest micro-batch's labelled positions (at most a packed row's
-        # tokens, or a padded micro-batch's) and the vocabulary.
-        widest = train.pack_tokens if train.packing else train.batch_size * params.model.max_seq_length
+        # The memory rule needs the largest micro-batch's labelled positions, counted over this run's
+        # steps as fit() will split them, and the vocabulary.
+        labelled = most_labelled_positions(train_ex, train, uses_shared_prefix(train, backend.value),
+                                           dist_info.world_size)
         head = select_loss_head(train.fused_loss, cuda, package_available("liger_kernel"),
-                                labelled_positions=widest, vocab_size=int(model.config.vocab_size),
+                                labelled_positions=labelled, vocab_size=int(model.config.vocab_size),
                                 budget_mb=train.fused_loss_budget_mb)
         if head.note:
             say(head.note)

@@ -6,8 +6,8 @@ import pytest
 
 from stages.core.chat import IGNORE_INDEX, EncodedExample
 from stages.core.params import ConfigError, TrainParams
-from stages.core.training import (LOGIT_BYTES, epoch_steps, labelled_logits_mb, records_per_step,
-                                  select_loss_head, with_token_budget)
+from stages.core.training import (LOGIT_BYTES, epoch_steps, labelled_logits_mb, micro_batches,
+                                  most_labelled_positions, records_per_step, select_loss_head, with_token_budget)
 
 
 def example(n: int) -> EncodedExample:
@@ -61,6 +61,39 @@ def test_token_budget_steps_scale_the_learning_rate_with_the_records_linearly_by
         TrainParams(lr_scaling="cubic")
     # no token budget: nothing is scaled, whatever the rule
     assert with_token_budget(train.model_copy(update={"tokens_per_step": 0}), examples).learning_rate == 1e-4
+
+
+def shared(own: int, prefix: list[int]) -> EncodedExample:
+    """A record of an unlabelled shared prefix and `own` labelled tokens after it."""
+    return EncodedExample(prefix + list(range(100, 100 + own)), [IGNORE_INDEX] * (len(prefix) + 1)
+                          + list(range(own - 1)), prefix_len=len(prefix))
+
+
+def test_most_labelled_positions_counts_the_loss_targets_of_the_fullest_micro_batch_of_the_run():
+    # 40-token records with 20 targets each (the second half); rows of 100 tokens hold two
+    examples = [example(40) for _ in range(12)]
+    train = TrainParams(packing=True, pack_tokens=100, batch_size=3, gradient_accumulation_steps=1, epochs=1)
+    assert most_labelled_positions(examples, train, shared_prefix=False) == 40
+    # one record with more targets: the row that holds it decides, in whichever step the shuffle puts it
+    examples[7] = example(90)                                              # 45 targets, a row of its own
+    assert most_labelled_positions(examples, train, shared_prefix=False) == 45
+    # what fit() builds agrees: the count is each row's targets that are not IGNORE_INDEX
+    rows = [row for step in epoch_steps(12, 3, 0, train.seed)
+            for row in micro_batches([examples[i] for i in step], 3, True, 100)]
+    assert max(int((row.targets != IGNORE_INDEX).sum()) for row in rows) == 45
+    # padded micro-batches of batch_size records, split across accumulation steps
+    padded = train.model_copy(update={"packing": False, "batch_size": 2, "gradient_accumulation_steps": 3})
+    assert most_labelled_positions([example(40)] * 12, padded, shared_prefix=False) == 2 * 20
+    # shared-prefix rows: 30 shared tokens + 10 own per record, so 7 records fit a 100-token row (2 without)
+    prefix = list(range(1, 31))
+    group = [shared(10, prefix) for _ in range(14)]
+    steps_of_14 = train.model_copy(update={"batch_size": 14})
+    assert most_labelled_positions(group, steps_of_14, shared_prefix=True) == 7 * 9
+    assert most_labelled_positions(group, steps_of_14, shared_prefix=False) == 2 * 9
+    # 4 processes: each packs its own share of a step, so a row holds at most that share
+    ddp = train.model_copy(update={"batch_size": 8})
+    assert most_labelled_positions([example(20)] * 16, ddp, shared_prefix=False, world_size=1) == 5 * 10
+    assert most_labelled_positions([example(20)] * 16, ddp, shared_prefix=False, world_size=4) == 2 * 10
 
 
 def test_fused_loss_auto_computes_logits_when_they_fit_the_budget():

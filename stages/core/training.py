@@ -239,17 +239,51 @@ def uses_shared_prefix(train, backend: str = "hf") -> bool:
     return bool(train.packing and train.shared_prefix and train.attention != "flash_attention_2" and backend == "hf")
 
 
+def micro_batch_groups(examples: list[EncodedExample], batch_size: int, packing: bool, pack_tokens: int,
+                       shared_prefix: bool = False) -> tuple[str, list]:
+    """How micro_batches splits a step's records: ("segments", rows of Segments) for shared-prefix
+    rows, ("packed", groups of records) for packed rows, ("padded", groups of batch_size records)."""
+    if packing and shared_prefix:
+        segs = segments(examples, pack_tokens)
+        if any(len(segment.records) > 1 for segment in segs):
+            return "segments", pack_segment_rows(segs, pack_tokens)
+    if packing:
+        return "packed", pack_groups(examples, pack_tokens)
+    return "padded", [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+
+
 def micro_batches(examples: list[EncodedExample], batch_size: int, packing: bool, pack_tokens: int,
                   pad_id: int = PAD_ID, shared_prefix: bool = False) -> list[Batch]:
     """A step's (or a rank's share of a step's) records as padded or packed micro-batches; with
     shared_prefix (and packing), records that share a prompt prefix compute it once per row."""
-    if packing and shared_prefix:
-        segs = segments(examples, pack_tokens)
-        if any(len(segment.records) > 1 for segment in segs):
-            return [pack_segments(row) for row in pack_segment_rows(segs, pack_tokens)]
-    if packing:
-        return [pack(group) for group in pack_groups(examples, pack_tokens)]
-    return [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+    kind, groups = micro_batch_groups(examples, batch_size, packing, pack_tokens, shared_prefix)
+    if kind == "segments":
+        return [pack_segments(row) for row in groups]
+    if kind == "packed":
+        return [pack(group) for group in groups]
+    return [collate(group, pad_id) for group in groups]
+
+
+def most_labelled_positions(examples: list[EncodedExample], train, shared_prefix: bool, world_size: int = 1) -> int:
+    """The most labelled positions (loss targets) in any micro-batch of this run: every epoch's steps
+    (epoch_steps), each process's share of them (shard), split as micro_batches splits them. Counted
+    from the records, without building a tensor. This is what the loss head computes logits for, so
+    fused_loss auto's memory rule uses it rather than a packed row's whole length (which took liger,
+    2.7x slower on an H200, for rows whose labelled logits would have fitted)."""
+    labelled = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples]
+    where = {id(e): i for i, e in enumerate(examples)}
+    per_step = train.batch_size * train.gradient_accumulation_steps
+    most = 0
+    for epoch in range(train.epochs):
+        for indices in epoch_steps(len(examples), per_step, epoch, train.seed, world_size):
+            for rank in range(world_size):
+                mine = [examples[i] for i in shard(indices, rank, world_size)]
+                kind, groups = micro_batch_groups(mine, train.batch_size, train.packing, train.pack_tokens,
+                                                  shared_prefix)
+                for group in groups:
+                    records = [r for seg in group for r in seg.records] if kind == "segments" else group
+                    most = max(most, sum(labelled[where[id(r)]] for r in records))
+    return most
 
 
 def batches(examples: list[EncodedExample], batch_size: int, seed: int | None) -> list[list[EncodedExample]]:
