@@ -315,6 +315,19 @@ def render_markdown(rep: dict) -> str:
                      if loss.get("ours_records") is not None else "")
             lines.append(f"- {name}: final loss on the baseline's tokens: ours {loss['ours']:.4f}, baseline "
                          f"{loss['baseline']:.4f}{steps}")
+        profile = part.get("profile") or {}
+        if profile.get("status") == "ok":
+            device = (f", {profile['device_ms_per_step']:,.1f} in device kernels, "
+                      f"{profile['launches_per_step']:,.0f} kernel launches"
+                      if profile.get("device_ms_per_step") is not None else "")
+            top = ", ".join(f"{t['op']} {t['self_ms_per_step']:,.2f} ms ({t['calls_per_step']:g} calls)"
+                            for t in profile["top"][:5])
+            count = f"{profile['steps']} step" + ("s" if profile["steps"] != 1 else "")
+            lines.append(f"- {name}: profile of ours-records ({profile['records_per_step']} records/step, head "
+                         f"{profile['head']}, {count} at learning rate 0): {profile['wall_ms_per_step']:,.1f} ms a "
+                         f"step{device}; most {profile['ranked_by']} a step: {top}")
+        elif profile:
+            lines.append(f"- {name}: profile of ours-records: {profile['status']}")
     serve = rep["parts"].get("serve", {})
     for level, ratio in serve.get("continuous_over_static", {}).items():
         lines.append(f"- serve, concurrency {level}: continuous / static = {ratio['tokens_per_s']:.2f}x output tokens/s, "
@@ -473,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve_tokens": 8 if smoke else 128,
         "serve_max_batch": 4 if smoke else 32,
         "serve_cuda_graphs": "on",
+        "profile_steps": 1 if smoke else 8,  # train_1b: ours-records steps under torch.profiler
         "serve_padding_ab": 16384,  # transformers' default kv_padding_interval_size, against the endpoint's
         "device_name": device_name_now(smoke),
     }

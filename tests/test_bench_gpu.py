@@ -70,6 +70,13 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     assert parts["train_1b"]["token_budget_speedup"] > 0
     assert parts["train_1b"]["loss_same_tokens"]["ours"] == train["ours-1ep"]["final_loss"]
     assert parts["train_1b"]["loss_same_tokens"]["ours_records"] == train["ours-records"]["final_loss"]
+    # the profile of the 16-record steps: CPU time ranked on a CPU (no device kernels, no launches counted)
+    profile = parts["train_1b"]["profile"]
+    assert (profile["status"], profile["steps"], profile["records_per_step"], profile["head"]) == ("ok", 1, 16, "completion")
+    assert profile["wall_ms_per_step"] > 0 and profile["device_ms_per_step"] is None
+    assert profile["ranked_by"] == "self CPU time" and 1 <= len(profile["top"]) <= 8
+    assert all(t["self_ms_per_step"] > 0 and t["calls_per_step"] > 0 for t in profile["top"])
+    assert any(t["op"] == "aten::mm" for t in profile["top"])  # the matmuls of a Llama step
     # train_3b: ours only, on the embedded model in the smoke
     assert [row["run"] for row in parts["train_3b"]["rows"]] == ["ours"] and "status" not in parts["train_3b"]["rows"][0]
 
@@ -237,6 +244,23 @@ def test_the_report_prints_the_final_losses_on_the_baseline_tokens_with_the_16_r
                      "2026-12-06 04:00 UTC", 12.0, 460)
     assert "- train_1b: final loss on the baseline's tokens: ours 11.4040, baseline 7.8298\n" in \
         gpu.render_markdown(rep) + "\n"
+
+
+def test_the_report_prints_where_a_16_record_step_goes():
+    profile = {"status": "ok", "steps": 8, "records_per_step": 16, "head": "completion", "wall_ms_per_step": 270.4,
+               "device_ms_per_step": 41.25, "launches_per_step": 3412.0, "ranked_by": "self device time",
+               "top": [{"op": "aten::mm", "self_ms_per_step": 12.5, "calls_per_step": 410.0},
+                       {"op": "aten::bmm", "self_ms_per_step": 3.25, "calls_per_step": 64.0}]}
+    rep = gpu.report({"train_1b": {"status": "ok", "rows": [], "profile": profile}}, h200_ctx(),
+                     "2026-12-06 04:00 UTC", 12.0, 460)
+    assert ("- train_1b: profile of ours-records (16 records/step, head completion, 8 steps at learning rate 0): "
+            "270.4 ms a step, 41.2 in device kernels, 3,412 kernel launches; most self device time a step: "
+            "aten::mm 12.50 ms (410 calls), aten::bmm 3.25 ms (64 calls)") in gpu.render_markdown(rep)
+    failed = {"status": "failed: RuntimeError: CUPTI could not be initialised"}
+    rep = gpu.report({"train_1b": {"status": "ok", "rows": [], "profile": failed}}, h200_ctx(),
+                     "2026-12-06 04:00 UTC", 12.0, 460)
+    assert "- train_1b: profile of ours-records: failed: RuntimeError: CUPTI could not be initialised" in \
+        gpu.render_markdown(rep)
 
 
 def test_the_report_prints_compiled_against_eager():
