@@ -264,14 +264,19 @@ def micro_batches(examples: list[EncodedExample], batch_size: int, packing: bool
     return [collate(group, pad_id) for group in groups]
 
 
+def loss_targets(example: EncodedExample) -> int:
+    """Positions of a record that have a loss target: its labels after the first (each token predicts
+    the next one's label) that are not IGNORE_INDEX."""
+    return sum(1 for t in example.labels[1:] if t != IGNORE_INDEX)
+
+
 def most_labelled_positions(examples: list[EncodedExample], train, shared_prefix: bool, world_size: int = 1) -> int:
     """The most labelled positions (loss targets) in any micro-batch of this run: every epoch's steps
     (epoch_steps), each process's share of them (shard), split as micro_batches splits them. Counted
     from the records, without building a tensor. This is what the loss head computes logits for, so
     fused_loss auto's memory rule uses it rather than a packed row's whole length (which took liger,
     2.7x slower on an H200, for rows whose labelled logits would have fitted)."""
-    labelled = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples]
-    where = {id(e): i for i, e in enumerate(examples)}
+    targets = {id(e): loss_targets(e) for e in examples}  # counted once, read every epoch
     per_step = train.batch_size * train.gradient_accumulation_steps
     most = 0
     for epoch in range(train.epochs):
@@ -282,7 +287,7 @@ def most_labelled_positions(examples: list[EncodedExample], train, shared_prefix
                                                   shared_prefix)
                 for group in groups:
                     records = [r for seg in group for r in seg.records] if kind == "segments" else group
-                    most = max(most, sum(labelled[where[id(r)]] for r in records))
+                    most = max(most, sum(targets[id(r)] for r in records))
     return most
 
 
@@ -1072,7 +1077,7 @@ def fit(model, train_examples: list[EncodedExample], val_examples: list[EncodedE
             while index < len(plan):
                 indices = plan[index]
                 group = [train_examples[i] for i in indices]
-                n_labels = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in group)
+                n_labels = sum(loss_targets(e) for e in group)
                 mine = [train_examples[i] for i in shard(indices, dist_info.rank, world)]
                 micro = micro_batches(mine, train.batch_size, train.packing, train.pack_tokens, pad_id, shared_prefix)
                 real = len(micro)
