@@ -748,22 +748,24 @@ def part_serve(ctx) -> dict:
         alone = answers.get((kind, first), {})
         for concurrency in ctx["serve_levels"][1:]:
             crowd = answers.get((kind, concurrency), {})
-            shared = [i for i in alone if i in crowd]
-            identical[f"{kind}: concurrency {first} vs {concurrency}"] = f"{sum(alone[i] == crowd[i] for i in shared)}/{len(shared)}"
+            identical[f"{kind}: concurrency {first} vs {concurrency}"] = _agreement(alone, crowd)
     for concurrency in ctx["serve_levels"]:
         a, b = answers.get(("static", concurrency), {}), answers.get(("continuous", concurrency), {})
-        shared = [i for i in a if i in b]
-        identical[f"static vs continuous at {concurrency}"] = f"{sum(a[i] == b[i] for i in shared)}/{len(shared)}"
+        identical[f"static vs continuous at {concurrency}"] = _agreement(a, b)
         c = answers.get(("padding", concurrency), {})
         if c:
-            shared = [i for i in b if i in c]
-            identical[f"continuous vs kv padding {ab_padding:,} at {concurrency}"] = \
-                f"{sum(b[i] == c[i] for i in shared)}/{len(shared)}"
+            identical[f"continuous vs kv padding {ab_padding:,} at {concurrency}"] = _agreement(b, c)
     cb = getattr(engines["continuous"].batcher, "cb_config", None)
     return {"status": "ok", "rows": rows, "continuous_over_static": ratios, "identical_answers": identical,
             "kv_padding": {"ours": getattr(cb, "kv_padding_interval_size", None), "ab": ab_padding,
                            # transformers pads only for CUDA graphs (or compile): without them both do the same work
                            "padded": _graphed(cb), "ours_over_ab": padding_ratios}}
+
+
+def _agreement(a: dict, b: dict) -> str:
+    """"same/shared": of the requests both runs answered, how many got the same answer."""
+    shared = [i for i in a if i in b]
+    return f"{sum(a[i] == b[i] for i in shared)}/{len(shared)}"
 
 
 def _graphed(cb_config) -> bool:
