@@ -281,11 +281,43 @@ def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: f
                              "tokens_per_step": ctx["tokens_per_step"], "baseline_epochs": ctx["baseline_epochs"],
                              "serve_levels": ctx["serve_levels"], "serve_requests": ctx["serve_requests"],
                              "serve_tokens": ctx["serve_tokens"], "serve_max_batch": ctx["serve_max_batch"],
-                             "serve_padding_ab": ctx["serve_padding_ab"]}},
+                             "serve_padding_ab": ctx["serve_padding_ab"], "serve_profile": ctx["serve_profile"]}},
         "parts": {name: results[name] for name in ORDER if name in results},
         "rows": table_rows(results),
         "estimate": estimate_record(device_name, gpu_figure),
     }
+
+
+def _top_ops(profile: dict, count: int) -> str:
+    return ", ".join(f"{t['op']} {t['self_ms_per_step']:,.2f} ms ({t['calls_per_step']:g} calls)"
+                     for t in profile["top"][:count])
+
+
+def decode_profile_lines(level: str, profile: dict) -> list[str]:
+    """The serve part's DecodeProfiler figures for one concurrency: the host phases of a step, then
+    the profiled window."""
+    head = f"- serve, continuous, concurrency {level}:"
+    if profile.get("status") != "ok":
+        return [f"{head} profile of decoding steps: {profile.get('status')}"]
+    first, last = profile["skip"] + 1, profile["skip"] + profile["steps"]
+    phases = profile["host_ms_per_step"]
+    rest = profile["ms_per_step"] - sum(phases.values())
+    lines = [f"{head} where a decoding step goes (steps {first}-{last}, host timers): {profile['ms_per_step']:,.2f} ms "
+             "a step: " + ", ".join(f"{label} {ms:,.2f}" for label, ms in phases.items())
+             + f", rest of the loop {max(0.0, rest):,.2f}"]
+    prof = profile.get("profile") or {}
+    if prof.get("status") != "ok":
+        return lines + [f"{head} torch.profiler: {prof.get('status')}"]
+    first, last = last + 1, last + prof["steps"]
+    device = ""
+    if "device_ms_per_step" in prof:
+        device = (f", {prof['device_ms_per_step']:,.2f} in device kernels; a step runs {prof['kernels_per_step']:,.0f} "
+                  f"kernels from {prof['launches_per_step']:,.0f} kernel launches and {prof['graph_launches_per_step']:g} "
+                  f"graph launches, with {prof['copies_per_step']:g} copies and {prof['syncs_per_step']:g} "
+                  "synchronisations")
+    lines.append(f"{head} under torch.profiler (steps {first}-{last}): {prof['wall_ms_per_step']:,.2f} ms a step{device}; "
+                 f"most {prof['ranked_by']} a step: {_top_ops(prof, 5)}")
+    return lines
 
 
 def render_markdown(rep: dict) -> str:
@@ -320,8 +352,7 @@ def render_markdown(rep: dict) -> str:
             device = (f", {profile['device_ms_per_step']:,.1f} in device kernels, "
                       f"{profile['launches_per_step']:,.0f} kernel launches"
                       if profile.get("device_ms_per_step") is not None else "")
-            top = ", ".join(f"{t['op']} {t['self_ms_per_step']:,.2f} ms ({t['calls_per_step']:g} calls)"
-                            for t in profile["top"][:5])
+            top = _top_ops(profile, 5)
             count = f"{profile['steps']} step" + ("s" if profile["steps"] != 1 else "")
             lines.append(f"- {name}: profile of ours-records ({profile['records_per_step']} records/step, head "
                          f"{profile['head']}, {count} at learning rate 0): {profile['wall_ms_per_step']:,.1f} ms a "
@@ -337,6 +368,8 @@ def render_markdown(rep: dict) -> str:
             lines.append(f"- serve, {row['run']}: {row['ms_per_step']:.2f} ms per decoding step, {row['ms_in_step']:.2f} in the "
                          f"model's step (forward and sampling, synchronised), {row['ms_outside_step']:.2f} outside it "
                          f"(scheduling, bookkeeping, idle)")
+    for level, profile in serve.get("decode_profile", {}).items():
+        lines.extend(decode_profile_lines(level, profile))
     padding = serve.get("kv_padding") or {}
     for level, ratio in padding.get("ours_over_ab", {}).items():
         steps = ratio["ms_per_step"]
@@ -487,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         "serve_max_batch": 4 if smoke else 32,
         "serve_cuda_graphs": "on",
         "profile_steps": 1 if smoke else 8,  # train_1b: ours-records steps under torch.profiler
+        # serve: after `skip` steps, `steps` steps timed by phase, then `steps` more under torch.profiler
+        "serve_profile": {"skip": 1, "steps": 2} if smoke else {"skip": 4, "steps": 40},
         "serve_padding_ab": 16384,  # transformers' default kv_padding_interval_size, against the endpoint's
         "device_name": device_name_now(smoke),
     }

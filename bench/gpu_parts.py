@@ -318,19 +318,9 @@ def profile_steps(name: str, params, tokenizer, train_ex, device, dtype, steps: 
         began = time.perf_counter()
         run(examples[per_step:])
         wall = time.perf_counter() - began
-    events = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in events) if cuda else 0.0
-    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
-    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    top = sorted((e for e in events if key(e) > 0), key=key, reverse=True)[:8]
+    summary = profile_summary(prof.key_averages(), steps, wall, cuda, top=8)
     del model
-    return {"status": "ok", "steps": steps, "records_per_step": per_step, "head": head,
-            "wall_ms_per_step": round(1000 * wall / steps, 2),
-            "device_ms_per_step": round(device_us / 1000 / steps, 2) if cuda else None,
-            "launches_per_step": round(launches / steps, 1),
-            "top": [{"op": e.key, "self_ms_per_step": round(key(e) / 1000 / steps, 3),
-                     "calls_per_step": round(e.count / steps, 1)} for e in top],
-            "ranked_by": "self device time" if cuda else "self CPU time"}
+    return {**summary, "records_per_step": per_step, "head": head}
 
 
 def part_compile(ctx) -> dict:
@@ -589,6 +579,184 @@ class StepTimer:
         return self.seconds, self.calls
 
 
+# The phases of one pass of transformers' decoding loop (ContinuousBatchingManager._generation_loop_body,
+# 5.17 and 5.24), in order: (label, owner, method). The owner is the manager's batch processor, its
+# inputs_and_outputs or its model_runner.
+LOOP_PHASES = (
+    ("scheduling and batch tensors", "batch", "prepare_next_batch"),
+    ("model inputs", "io", "get_model_kwargs"),
+    ("forward launch", "runner", "compute_batch"),
+    ("waiting for outputs", "io", "retrieve_device_outputs"),
+    ("update", "batch", "update_batch"),
+)
+
+
+class DecodeProfiler:
+    """Where a continuous engine's decoding step goes, measured from inside its decoding thread.
+
+    After `skip` steps (the prefill of the requests that follow), two windows of `steps` steps each:
+    1. host timers around each phase of the loop (LOOP_PHASES). In a synchronous loop (SDPA, no
+       flash attention) "forward launch" is the host's time to launch the forward or replay its CUDA
+       graph, and "waiting for outputs" is the copy of the sampled tokens to the host, which waits
+       for the device to finish the step: device-bound steps show up there, host-bound ones in the
+       other phases. On a CPU the forward itself is in "forward launch".
+    2. torch.profiler: the decoding thread's operators (the profiler records the CPU side only in
+       the thread that starts it, so it starts and stops inside the loop) and, on CUDA, every
+       kernel, whichever stream or graph ran it.
+    The windows never overlap: the profiler's bookkeeping slows the host phases the timers measure.
+    A window closes early when the batch empties. Use as a context manager around the requests."""
+
+    def __init__(self, manager, device, skip: int, steps: int):
+        self.device, self.skip, self.steps = device, skip, steps
+        batch = manager.batch_processor
+        self.owners = {"batch": batch, "io": batch.inputs_and_outputs, "runner": batch.model_runner}
+        self.phase, self.done_steps, self.window_steps, self.window_began = "skip", 0, 0, 0.0
+        self.host = {label: 0.0 for label, _, _ in LOOP_PHASES}
+        self.windows: dict[str, dict] = {}
+        self.profiler, self.error = None, None
+        self.finished = threading.Event()
+        self._patched: list[tuple[object, str]] = []
+
+    def __enter__(self):
+        for label, owner, name in LOOP_PHASES:
+            target = self.owners[owner]
+            inner = getattr(target, name)
+            wrapper = self._prepare(inner) if name == "prepare_next_batch" else self._timed(label, inner, name)
+            setattr(target, name, wrapper)  # an instance attribute, over the class's method
+            self._patched.append((target, name))
+        return self
+
+    def __exit__(self, *exc):
+        for target, name in self._patched:
+            delattr(target, name)
+        self._patched.clear()
+        if self.profiler is not None and self.phase == "profiled":
+            self.error = "the decoding loop never left the profiled window"
+        return False
+
+    def _timed(self, label, inner, name):
+        def phase(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if self.phase == "timed":
+                    self.host[label] += time.perf_counter() - began
+                if name == "update_batch":
+                    self.done_steps += 1
+                    self.window_steps += self.phase in ("timed", "profiled")
+        return phase
+
+    def _prepare(self, inner):
+        label = LOOP_PHASES[0][0]
+
+        def prepare(*args, **kwargs):
+            self._advance()
+            began = time.perf_counter()
+            ready = inner(*args, **kwargs)
+            if self.phase == "timed":
+                self.host[label] += time.perf_counter() - began
+            if not ready and self.phase in ("timed", "profiled"):
+                self._close_window(early=True)  # the batch emptied: nothing more to measure
+            return ready
+        return prepare
+
+    def _advance(self) -> None:
+        """At the top of a loop pass: open or close the windows by the steps done."""
+        if self.phase == "skip" and self.done_steps >= self.skip:
+            self._open("timed")
+        elif self.phase in ("timed", "profiled") and self.window_steps >= self.steps:
+            self._close_window(early=False)
+
+    def _open(self, phase: str) -> None:
+        if phase == "profiled":
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            try:
+                self.profiler = profile(activities=activities)
+                self.profiler.start()
+            except Exception as exc:  # noqa: BLE001 - never take the decoding thread down
+                self.profiler, self.error = None, f"the profiler did not start: {one_line(exc)}"
+                self.phase = "done"
+                self.finished.set()
+                return
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        self.phase, self.window_steps, self.window_began = phase, 0, time.perf_counter()
+
+    def _close_window(self, early: bool) -> None:
+        seconds = time.perf_counter() - self.window_began
+        self.windows[self.phase] = {"steps": self.window_steps, "seconds": seconds}
+        if self.phase == "profiled":
+            try:
+                self.profiler.stop()
+            except Exception as exc:  # noqa: BLE001
+                self.error = f"the profiler did not stop: {one_line(exc)}"
+        if self.phase == "timed" and not early:
+            self._open("profiled")
+            return
+        self.phase = "done"
+        self.finished.set()
+
+    def summary(self, concurrency: int) -> dict:
+        """Figures a step: host phases (timed window), device kernels and API calls (profiled window)."""
+        timed = self.windows.get("timed")
+        if not timed or not timed["steps"]:
+            return {"status": f"failed: the requests took {self.done_steps} decoding steps; the timed window "
+                              f"starts after {self.skip}"}
+        steps = timed["steps"]
+        out = {"status": "ok", "concurrency": concurrency, "skip": self.skip, "steps": steps,
+               "ms_per_step": round(1000 * timed["seconds"] / steps, 3),
+               "host_ms_per_step": {label: round(1000 * s / steps, 3) for label, s in self.host.items()}}
+        profiled = self.windows.get("profiled")
+        if self.error or not profiled or not profiled["steps"] or self.profiler is None:
+            out["profile"] = {"status": f"failed: {self.error or 'the requests ended before the profiled window'}"}
+            return out
+        out["profile"] = profile_summary(self.profiler.key_averages(), profiled["steps"], profiled["seconds"],
+                                         self.device.type == "cuda")
+        return out
+
+
+def profile_summary(events, steps: int, seconds: float, cuda: bool, top: int = 6) -> dict:
+    """A profiled window per step: wall ms, and on CUDA the ms in device kernels, the kernels run
+    (graph replays included), the host's kernel launches, graph launches, copies and
+    synchronisations; then the operators with the most self time (device on CUDA, CPU elsewhere)."""
+    def per_step(value: float) -> float:
+        return round(value / steps, 3)
+
+    def calls(*needles: str) -> float:
+        return per_step(sum(e.count for e in events if any(n in e.key for n in needles)))
+
+    out = {"status": "ok", "steps": steps, "wall_ms_per_step": round(1000 * seconds / steps, 3)}
+    if cuda:
+        kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        out.update(device_ms_per_step=per_step(sum(e.self_device_time_total for e in events) / 1000),
+                   kernels_per_step=per_step(sum(e.count for e in kernels)),
+                   launches_per_step=calls("LaunchKernel"), graph_launches_per_step=calls("GraphLaunch"),
+                   copies_per_step=calls("Memcpy"), syncs_per_step=calls("Synchronize"))
+    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    ranked = sorted((e for e in events if key(e) > 0), key=key, reverse=True)[:top]
+    out["ranked_by"] = "self device time" if cuda else "self CPU time"
+    out["top"] = [{"op": e.key, "self_ms_per_step": per_step(key(e) / 1000), "calls_per_step": per_step(e.count)}
+                  for e in ranked]
+    return out
+
+
+def profile_decoding(engine, requests, concurrency: int, device, skip: int, steps: int) -> dict:
+    """DecodeProfiler around one round of `concurrency` requests sent together to a continuous engine."""
+    manager = getattr(engine.batcher, "manager", None)
+    if getattr(manager, "batch_processor", None) is None:
+        return {"status": "skipped: not a continuous engine (no decoding loop to profile)"}
+    if getattr(manager.batch_processor, "use_async_batching", False):
+        return {"status": "skipped: asynchronous batching overlaps the phases a step is split into"}
+    with DecodeProfiler(manager, device, skip, steps) as profiler:
+        _serve_level(engine, requests[:concurrency], concurrency)
+        profiler.finished.wait(timeout=30)
+    return profiler.summary(concurrency)
+
+
 def _serve_level(engine, requests, concurrency: int, timer: StepTimer | None = None) -> tuple[dict, dict]:
     """Closed-loop clients: `concurrency` threads, each sending its next request when answered."""
     latencies, tokens, batch_sizes, answers = [], [], [], {}
@@ -703,8 +871,7 @@ def part_serve(ctx) -> dict:
             row = {"part": "serve", "model": name, "run": f"{label}, concurrency {concurrency}",
                    "setting": f"{setting}; {notes[kind]}"}
             try:
-                requests = [engine.parse({"instruction": questions[i % len(questions)], "max_new_tokens": new_tokens,
-                                          "temperature": 0})[0][0] for i in range(count)]
+                requests = _greedy_requests(engine, questions, count, new_tokens)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
@@ -725,6 +892,15 @@ def part_serve(ctx) -> dict:
             except Exception as exc:  # noqa: BLE001
                 row["status"] = f"failed: {one_line(exc)}"
             rows.append(row)
+    # Where a decoding step of the endpoint's engine goes, alone and in a full batch
+    decode_profile = {}
+    for concurrency in sorted(ab_levels):
+        try:
+            requests = _greedy_requests(engines["continuous"], questions, concurrency, new_tokens)
+            decode_profile[str(concurrency)] = profile_decoding(
+                engines["continuous"], requests, concurrency, device, **ctx["serve_profile"])
+        except Exception as exc:  # noqa: BLE001 - the levels' figures stand without it
+            decode_profile[str(concurrency)] = {"status": f"failed: {one_line(exc)}"}
     for engine in engines.values():
         engine.batcher.close()
     ratios = {}
@@ -759,7 +935,14 @@ def part_serve(ctx) -> dict:
     return {"status": "ok", "rows": rows, "continuous_over_static": ratios, "identical_answers": identical,
             "kv_padding": {"ours": getattr(cb, "kv_padding_interval_size", None), "ab": ab_padding,
                            # transformers pads only for CUDA graphs (or compile): without them both do the same work
-                           "padded": _graphed(cb), "ours_over_ab": padding_ratios}}
+                           "padded": _graphed(cb), "ours_over_ab": padding_ratios},
+            "decode_profile": decode_profile}
+
+
+def _greedy_requests(engine, questions: list[str], count: int, new_tokens: int) -> list:
+    """`count` greedy requests of `new_tokens` new tokens, the data's questions in order (repeated)."""
+    return [engine.parse({"instruction": questions[i % len(questions)], "max_new_tokens": new_tokens,
+                          "temperature": 0})[0][0] for i in range(count)]
 
 
 def _agreement(a: dict, b: dict) -> str:

@@ -73,7 +73,7 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     # the profile of the 16-record steps: CPU time ranked on a CPU (no device kernels, no launches counted)
     profile = parts["train_1b"]["profile"]
     assert (profile["status"], profile["steps"], profile["records_per_step"], profile["head"]) == ("ok", 1, 16, "completion")
-    assert profile["wall_ms_per_step"] > 0 and profile["device_ms_per_step"] is None
+    assert profile["wall_ms_per_step"] > 0 and "device_ms_per_step" not in profile
     assert profile["ranked_by"] == "self CPU time" and 1 <= len(profile["top"]) <= 8
     assert all(t["self_ms_per_step"] > 0 and t["calls_per_step"] > 0 for t in profile["top"])
     assert any(t["op"] == "aten::mm" for t in profile["top"])  # the matmuls of a Llama step
@@ -140,6 +140,20 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
             assert row["ms_outside_step"] == pytest.approx(row["ms_per_step"] - row["ms_in_step"], abs=0.011)
         else:
             assert "ms_in_step" not in row and "decode_steps" not in row
+    # where a decoding step goes, alone and at the last level: a step after the prefill timed by phase,
+    # then two under the profiler (the decoding thread's CPU operators on a CPU)
+    decode = parts["serve"]["decode_profile"]
+    assert set(decode) == {"1", "2"}
+    for level, figures in decode.items():
+        assert (figures["status"], figures["concurrency"], figures["skip"], figures["steps"]) == ("ok", int(level), 1, 2)
+        phases = figures["host_ms_per_step"]
+        assert list(phases) == [label for label, _, _ in gpu_parts.LOOP_PHASES]
+        assert all(ms >= 0 for ms in phases.values()) and sum(phases.values()) <= figures["ms_per_step"]
+        # on a CPU the forward runs inside the launch: most of the step
+        assert phases["forward launch"] > 0.5 * figures["ms_per_step"]
+        prof = figures["profile"]
+        assert (prof["status"], prof["steps"], prof["ranked_by"]) == ("ok", 2, "self CPU time")
+        assert "device_ms_per_step" not in prof and any(t["op"] == "aten::mm" for t in prof["top"])
     # fp32 on CPU: greedy answers are the same alone, in a crowd and in either engine
     for what, count in parts["serve"]["identical_answers"].items():
         same, total = count.split("/")
@@ -188,7 +202,8 @@ def h200_ctx(**overrides) -> dict:
     """The context a full run on an H200 hands the report (no part runs from it here)."""
     return {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
             "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
-            "serve_tokens": 128, "serve_max_batch": 32, "serve_padding_ab": 16384, "device_name": "NVIDIA H200", **overrides}
+            "serve_tokens": 128, "serve_max_batch": 32, "serve_padding_ab": 16384,
+            "serve_profile": {"skip": 4, "steps": 40}, "device_name": "NVIDIA H200", **overrides}
 
 
 def test_the_header_names_the_device_even_without_the_matmul_part():
@@ -214,6 +229,98 @@ def test_the_header_names_the_device_even_without_the_matmul_part():
             "default) = 2.50x output tokens/s; 4.28 vs 10.70 ms per decoding step\n") in markdown + "\n"
     assert ("- serve, concurrency 32: kv padding 1,024 (serve.batching.kv_padding_tokens) / 16,384 (transformers' "
             "default) = 1.25x output tokens/s\n") in markdown + "\n"
+
+
+def test_the_report_prints_where_a_decoding_step_goes():
+    profile = {"status": "ok", "concurrency": 1, "skip": 4, "steps": 40, "ms_per_step": 10.7,
+               "host_ms_per_step": {"scheduling and batch tensors": 0.61, "model inputs": 0.04, "forward launch": 0.12,
+                                    "waiting for outputs": 9.5, "update": 0.03},
+               "profile": {"status": "ok", "steps": 40, "wall_ms_per_step": 11.25, "device_ms_per_step": 9.8,
+                           "kernels_per_step": 521.0, "launches_per_step": 14.0, "graph_launches_per_step": 1.0,
+                           "copies_per_step": 9.0, "syncs_per_step": 1.0, "ranked_by": "self device time",
+                           "top": [{"op": "fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "self_ms_per_step": 4.5,
+                                    "calls_per_step": 16.0}]}}
+    ended = {"status": "ok", "concurrency": 32, "skip": 4, "steps": 40, "ms_per_step": 13.6,
+             "host_ms_per_step": {"scheduling and batch tensors": 1.5, "model inputs": 0.04, "forward launch": 0.12,
+                                  "waiting for outputs": 11.5, "update": 0.5},
+             "profile": {"status": "failed: the requests ended before the profiled window"}}
+    serve = {"status": "ok", "rows": [], "decode_profile": {"1": profile, "32": ended,
+                                                            "8": {"status": "failed: RuntimeError: boom"}}}
+    markdown = gpu.render_markdown(gpu.report({"serve": serve}, h200_ctx(), "2026-12-07 04:00 UTC", 12.0, 460))
+    assert ("- serve, continuous, concurrency 1: where a decoding step goes (steps 5-44, host timers): 10.70 ms a step: "
+            "scheduling and batch tensors 0.61, model inputs 0.04, forward launch 0.12, waiting for outputs 9.50, "
+            "update 0.03, rest of the loop 0.40\n"
+            "- serve, continuous, concurrency 1: under torch.profiler (steps 45-84): 11.25 ms a step, 9.80 in device "
+            "kernels; a step runs 521 kernels from 14 kernel launches and 1 graph launches, with 9 copies and 1 "
+            "synchronisations; most self device time a step: fmha_cutlassF_bf16_aligned_64x64_rf_sm80 4.50 ms "
+            "(16 calls)\n") in markdown
+    assert ("- serve, continuous, concurrency 32: where a decoding step goes (steps 5-44, host timers): 13.60 ms a "
+            "step: scheduling and batch tensors 1.50, model inputs 0.04, forward launch 0.12, waiting for outputs "
+            "11.50, update 0.50, rest of the loop 0.00\n"
+            "- serve, continuous, concurrency 32: torch.profiler: failed: the requests ended before the profiled "
+            "window\n") in markdown
+    assert "- serve, continuous, concurrency 8: profile of decoding steps: failed: RuntimeError: boom\n" in markdown
+
+
+class _FakeLoop:
+    """The decoding loop's shape (transformers' _generation_loop_body) over `steps` fake steps."""
+
+    class Part:
+        def get_model_kwargs(self):
+            return {}
+
+        def compute_batch(self):
+            time.sleep(0.001)
+
+        def retrieve_device_outputs(self):
+            return None
+
+    def __init__(self, steps: int):
+        self.left = steps
+        self.inputs_and_outputs = self.model_runner = self.Part()
+        self.use_async_batching = False
+
+    def prepare_next_batch(self):
+        return self.left > 0
+
+    def update_batch(self):
+        self.left -= 1
+
+    def run(self):
+        while self.prepare_next_batch():
+            self.inputs_and_outputs.get_model_kwargs()
+            self.model_runner.compute_batch()
+            self.inputs_and_outputs.retrieve_device_outputs()
+            self.update_batch()
+
+
+def test_the_decode_profiler_times_a_window_then_profiles_one_and_stops_when_the_batch_empties():
+    import torch
+
+    loop = _FakeLoop(steps=6)
+    manager = type("Manager", (), {"batch_processor": loop})()
+    with gpu_parts.DecodeProfiler(manager, torch.device("cpu"), skip=1, steps=3) as profiler:
+        assert loop.__dict__["update_batch"] is not _FakeLoop.update_batch  # patched on the instance
+        loop.run()
+        assert profiler.finished.is_set()
+    assert "update_batch" not in loop.__dict__ and "compute_batch" not in loop.model_runner.__dict__  # restored
+    summary = profiler.summary(concurrency=1)
+    # steps 2-4 timed; the profiled window gets steps 5-6, then the batch empties and closes it
+    assert (summary["status"], summary["skip"], summary["steps"]) == ("ok", 1, 3)
+    assert summary["host_ms_per_step"]["forward launch"] >= 1.0  # the 1 ms sleep of each step
+    assert sum(summary["host_ms_per_step"].values()) <= summary["ms_per_step"]
+    assert (summary["profile"]["status"], summary["profile"]["steps"]) == ("ok", 2)
+
+    short = _FakeLoop(steps=3)  # one step skipped, two timed: nothing left for the profiler
+    with gpu_parts.DecodeProfiler(type("Manager", (), {"batch_processor": short})(), torch.device("cpu"), 1, 3) as p:
+        short.run()
+    summary = p.summary(concurrency=1)
+    assert summary["steps"] == 2
+    assert summary["profile"] == {"status": "failed: the requests ended before the profiled window"}
+    none = _FakeLoop(steps=1)
+    with gpu_parts.DecodeProfiler(type("Manager", (), {"batch_processor": none})(), torch.device("cpu"), 1, 3) as p:
+        none.run()
+    assert p.summary(1) == {"status": "failed: the requests took 1 decoding steps; the timed window starts after 1"}
 
 
 def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_prints_it():
