@@ -40,9 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b", "compile")
 # Seconds a part needs to be worth starting on an H200 (train_3b is estimated from train_1b instead).
-NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 60, "serve": 90, "compile": 120}
+NEEDS = {"matmul": 20, "train_1b": 150, "loss_head": 30, "qlora": 60, "serve": 90, "compile": 120}
 # Most seconds a part may run before it is stopped (a hang costs only its share), on a GPU.
-CAPS = {"matmul": 60, "serve": 200, "train_1b": 200, "loss_head": 60, "qlora": 150, "train_3b": 300, "compile": 300}
+CAPS = {"matmul": 60, "serve": 200, "train_1b": 260, "loss_head": 60, "qlora": 150, "train_3b": 300, "compile": 300}
 # 3B / 1B training FLOPs per token (stages.core.estimate.flops_per_token, LoRA, ~100-token records).
 FLOPS_3B_OVER_1B = 2.6
 # Parts that always start their process with spawn, even in the smoke's fork mode: torch.compile's
@@ -279,6 +279,7 @@ def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: f
                              "held_out": "every 10th record, at most 100", "epochs": ctx["epochs"],
                              "warmup_records": ctx["warmup_records"], "pack_tokens": ctx["pack_tokens"],
                              "tokens_per_step": ctx["tokens_per_step"], "baseline_epochs": ctx["baseline_epochs"],
+                             "pack_sweep": ctx["pack_sweep"],
                              "serve_levels": ctx["serve_levels"], "serve_requests": ctx["serve_requests"],
                              "serve_tokens": ctx["serve_tokens"], "serve_max_batch": ctx["serve_max_batch"],
                              "serve_padding_ab": ctx["serve_padding_ab"], "serve_profile": ctx["serve_profile"]}},
@@ -339,6 +340,12 @@ def render_markdown(rep: dict) -> str:
                 lines.append(f"- {name}: {row['run']} steady state (epochs {steady['epochs']}): "
                              f"{steady['tokens_per_s']:,.0f} real tokens/s{mfu}; first epoch "
                              f"{steady['first_epoch_tokens_per_s']:,.0f}")
+        sweep = part.get("pack_sweep")
+        if sweep and sweep.get("over_ours"):
+            ours_rows = f"{sweep['ours_rows']:,}"
+            lines.append(f"- {name}: packed rows of N tokens / rows of {ours_rows} (ours), {sweep['measure']} real "
+                         "tokens/s: " + ", ".join(f"{int(k):,} {v:.2f}x" for k, v in sweep["over_ours"].items())
+                         + " (" + ", ".join(f"{int(k):,}: {v:,.0f}" for k, v in sweep["tokens_per_s"].items()) + ")")
         if part.get("token_budget_speedup"):
             lines.append(f"- {name}: token-budget steps / 16-record steps = {part['token_budget_speedup']:.2f}x real tokens/s")
         if part.get("loss_same_tokens"):
@@ -520,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         "serve_max_batch": 4 if smoke else 32,
         "serve_cuda_graphs": "on",
         "profile_steps": 1 if smoke else 8,  # train_1b: ours-records steps under torch.profiler
+        # train_1b: ours again with packed rows of these lengths (the attention of a packed row costs
+        # the square of its length under SDPA's block-diagonal mask)
+        "pack_sweep": [128] if smoke else [2048, 4096],
         # serve: after `skip` steps, `steps` steps timed by phase, then `steps` more under torch.profiler
         "serve_profile": {"skip": 1, "steps": 2} if smoke else {"skip": 4, "steps": 40},
         "serve_padding_ab": 16384,  # transformers' default kv_padding_interval_size, against the endpoint's

@@ -217,7 +217,10 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
                     `epochs` epochs: the steady-state figure;
       ours-records  today's steps of 16 records (4 x accumulation 4), 1 epoch: the before figure;
       ours-1ep      as ours, `baseline_epochs` epochs: the final loss on the baseline's tokens;
-      baseline      Trainer + PEFT, `baseline_epochs` epochs.
+      baseline      Trainer + PEFT, `baseline_epochs` epochs;
+      ours, rows of N   as ours with packed rows of N tokens, for each N of `pack_sweep`: SDPA
+                    computes a packed row's block-diagonal mask densely, so attention costs the
+                    square of the row's length whatever its records' lengths (pack_sweep_summary).
     Then `profile_steps` steps of ours-records under torch.profiler (profile_steps): where a step of
     the preset's size goes, which the last H200 run put at ~270 ms for ~1,100 tokens.
     """
@@ -249,6 +252,12 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
         runs += [("ours-records", ours_records, "; 16 records/step (before token budgets); "
                                                 + (records_head.note or records_head.value)),
                  ("ours-1ep", ours_short, budget_note), ("baseline", records, "")]
+    for rows_of in ctx.get("pack_sweep", []) if baseline else []:  # train_1b only: 3B's budget is its ours
+        resized = params.model_copy(update={"train": params.train.model_copy(update={"pack_tokens": rows_of})})
+        swept, swept_head = budgeted(resized, train_ex, ctx["tokens_per_step"], ctx["epochs"], vocab, liger,
+                                     device.type == "cuda")
+        runs.append((f"ours, rows of {rows_of:,}", swept, f"; rows of {rows_of:,} tokens; "
+                     + (swept_head.note or swept_head.value)))
     rows, results = [], {}
     for run, run_params, note in runs:
         release(device)
@@ -270,6 +279,8 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
             out["profile"] = profile_steps(name, ours_records, tokenizer, train_ex, device, dtype, ctx["profile_steps"])
         except Exception as exc:  # noqa: BLE001 - the figures above stand without it
             out["profile"] = {"status": f"failed: {one_line(exc)}"}
+    if ctx.get("pack_sweep") and "ours" in results:
+        out["pack_sweep"] = pack_sweep_summary(results, params.train.pack_tokens, ctx["pack_sweep"])
     if "ours" in results and "baseline" in results:
         out["speedup"] = round(results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"], 3)
     if "ours" in results and "ours-records" in results:
@@ -282,6 +293,23 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
     if not results:
         out["status"] = "failed: " + "; ".join(row["status"][len("failed: "):] for row in rows)
     return out
+
+
+def pack_sweep_summary(results: dict, ours_rows: int, sweep: list[int]) -> dict:
+    """Real tokens/s of ours by packed-row length: steady state (the epochs after the first) where a
+    run has one, else the whole run; each length's ratio to ours' rows."""
+    def rate(r: dict) -> float:
+        return (r.get("steady") or {}).get("tokens_per_s") or r["tokens_per_s"]
+
+    measure = "steady" if results["ours"].get("steady") else "all epochs"
+    rates = {ours_rows: rate(results["ours"])}
+    for rows_of in sweep:
+        run = results.get(f"ours, rows of {rows_of:,}")
+        if run is not None:
+            rates[rows_of] = rate(run)
+    return {"ours_rows": ours_rows, "measure": measure,
+            "tokens_per_s": {str(k): round(v, 1) for k, v in sorted(rates.items())},
+            "over_ours": {str(k): round(v / rates[ours_rows], 3) for k, v in sorted(rates.items()) if k != ours_rows}}
 
 
 def profile_steps(name: str, params, tokenizer, train_ex, device, dtype, steps: int) -> dict:

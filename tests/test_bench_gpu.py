@@ -72,7 +72,7 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     # train: ours with token-budget steps, ours with 16-record steps, ours on the baseline's tokens, and
     # the Trainer + PEFT baseline, on the same records; real figures
     train = {row["run"]: row for row in parts["train_1b"]["rows"]}
-    assert set(train) == {"ours", "ours-records", "ours-1ep", "baseline"}
+    assert set(train) == {"ours", "ours-records", "ours-1ep", "baseline", "ours, rows of 128"}
     for row in train.values():
         assert "status" not in row, row
         assert row["tokens_per_s"] > 0 and row["peak_mb"] > 0 and math.isfinite(row["final_loss"])
@@ -82,6 +82,13 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     assert "(linear of " in train["ours"]["setting"]  # token-budget steps scale the learning rate
     assert parts["train_1b"]["speedup"] == pytest.approx(train["ours"]["tokens_per_s"] / train["baseline"]["tokens_per_s"], rel=1e-2)
     assert parts["train_1b"]["token_budget_speedup"] > 0
+    # the packed-row sweep: ours again with rows of 128 tokens instead of params.yaml's 256, nothing else
+    assert "packing=True (256 tokens" in train["ours"]["setting"]
+    assert "packing=True (128 tokens" in train["ours, rows of 128"]["setting"]
+    sweep = parts["train_1b"]["pack_sweep"]
+    assert (sweep["ours_rows"], sweep["measure"], set(sweep["tokens_per_s"])) == (256, "all epochs", {"128", "256"})
+    assert sweep["over_ours"]["128"] == pytest.approx(train["ours, rows of 128"]["tokens_per_s"]
+                                                      / train["ours"]["tokens_per_s"], rel=1e-2)
     assert parts["train_1b"]["loss_same_tokens"]["ours"] == train["ours-1ep"]["final_loss"]
     assert parts["train_1b"]["loss_same_tokens"]["ours_records"] == train["ours-records"]["final_loss"]
     # the profile of the 16-record steps: CPU time ranked on a CPU (no device kernels, no launches counted)
@@ -217,7 +224,8 @@ def h200_ctx(**overrides) -> dict:
     return {"smoke": False, "records": None, "epochs": 4, "warmup_records": 32, "pack_tokens": 8192,
             "tokens_per_step": 16384, "baseline_epochs": 1, "serve_levels": [1], "serve_requests": [3],
             "serve_tokens": 128, "serve_max_batch": 32, "serve_padding_ab": 16384,
-            "serve_profile": {"skip": 4, "steps": 40}, "device_name": "NVIDIA H200", **overrides}
+            "serve_profile": {"skip": 4, "steps": 40}, "pack_sweep": [2048, 4096], "device_name": "NVIDIA H200",
+            **overrides}
 
 
 def test_the_header_names_the_device_even_without_the_matmul_part():
@@ -352,6 +360,22 @@ def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_pri
     rep = gpu.report({"train_1b": {"status": "ok", "rows": [row]}}, ctx, "2026-12-06 04:00 UTC", 12.0, 460)
     assert ("- train_1b: ours steady state (epochs 2-4): 20,000 real tokens/s, 15.4% MFU; first epoch 10,000"
             in gpu.render_markdown(rep))
+
+
+def test_the_pack_sweep_compares_steady_state_rates_and_the_report_prints_them():
+    def run(tokens_per_s, steady=None):
+        return {"tokens_per_s": tokens_per_s, **({"steady": {"tokens_per_s": steady}} if steady else {})}
+
+    results = {"ours": run(12_808.0, 19_510.0), "ours, rows of 2,048": run(20_000.0, 29_265.0),
+               "ours, rows of 4,096": run(16_000.0, 24_387.5)}
+    sweep = gpu_parts.pack_sweep_summary(results, 8192, [2048, 4096, 1024])  # 1,024 failed: no row
+    assert sweep == {"ours_rows": 8192, "measure": "steady",
+                     "tokens_per_s": {"2048": 29265.0, "4096": 24387.5, "8192": 19510.0},
+                     "over_ours": {"2048": 1.5, "4096": 1.25}}
+    rep = gpu.report({"train_1b": {"status": "ok", "rows": [], "pack_sweep": sweep}}, h200_ctx(),
+                     "2026-12-07 04:00 UTC", 12.0, 460)
+    assert ("- train_1b: packed rows of N tokens / rows of 8,192 (ours), steady real tokens/s: 2,048 1.50x, "
+            "4,096 1.25x (2,048: 29,265, 4,096: 24,388, 8,192: 19,510)\n") in gpu.render_markdown(rep)
 
 
 def test_the_report_prints_the_final_losses_on_the_baseline_tokens_with_the_16_record_steps():
