@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b", "compile")
 # Seconds a part needs to be worth starting on an H200 (train_3b is estimated from train_1b instead).
-NEEDS = {"matmul": 20, "train_1b": 150, "loss_head": 30, "qlora": 60, "serve": 90, "compile": 120}
+NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 60, "serve": 90, "compile": 120}
 # Most seconds a part may run before it is stopped (a hang costs only its share), on a GPU.
 CAPS = {"matmul": 60, "serve": 200, "train_1b": 260, "loss_head": 60, "qlora": 150, "train_3b": 300, "compile": 300}
 # 3B / 1B training FLOPs per token (stages.core.estimate.flops_per_token, LoRA, ~100-token records).
