@@ -340,6 +340,12 @@ def render_markdown(rep: dict) -> str:
                 lines.append(f"- {name}: {row['run']} steady state (epochs {steady['epochs']}): "
                              f"{steady['tokens_per_s']:,.0f} real tokens/s{mfu}; first epoch "
                              f"{steady['first_epoch_tokens_per_s']:,.0f}")
+        varlen = part.get("varlen")
+        if varlen:
+            rates, losses, peaks = varlen["tokens_per_s"], varlen["final_loss"], varlen["peak_mb"]
+            lines.append(f"- {name}: attention varlen / sdpa (ours), {varlen['measure']} real tokens/s: "
+                         f"{varlen['over_ours']:.2f}x ({rates[0]:,.0f} vs {rates[1]:,.0f}); final loss {losses[0]:.4f} "
+                         f"vs {losses[1]:.4f}; peak {peaks[0]:,.0f} vs {peaks[1]:,.0f} MiB")
         sweep = part.get("pack_sweep")
         if sweep and sweep.get("over_ours"):
             ours_rows = f"{sweep['ours_rows']:,}"

@@ -218,6 +218,9 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
       ours-records  today's steps of 16 records (4 x accumulation 4), 1 epoch: the before figure;
       ours-1ep      as ours, `baseline_epochs` epochs: the final loss on the baseline's tokens;
       baseline      Trainer + PEFT, `baseline_epochs` epochs;
+      ours, varlen attention   as ours with train.attention varlen (stages/core/attention.py):
+                    each packed record attends to itself, no mask (PyTorch's variable-length
+                    flash attention on CUDA), against the dense masked row below;
       ours, rows of N   as ours with packed rows of N tokens, for each N of `pack_sweep`: SDPA
                     computes a packed row's block-diagonal mask densely, so attention costs the
                     square of the row's length whatever its records' lengths (pack_sweep_summary).
@@ -252,6 +255,12 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
         runs += [("ours-records", ours_records, "; 16 records/step (before token budgets); "
                                                 + (records_head.note or records_head.value)),
                  ("ours-1ep", ours_short, budget_note), ("baseline", records, "")]
+    if baseline:  # train_1b only (3B's budget is its ours): the same steps, attention record by record
+        unmasked = params.model_copy(update={"train": params.train.model_copy(update={"attention": "varlen"})})
+        varlen, varlen_head = budgeted(unmasked, train_ex, ctx["tokens_per_step"], ctx["epochs"], vocab, liger,
+                                       device.type == "cuda")
+        runs.append(("ours, varlen attention", varlen, "; attention varlen (records attend record by record, "
+                     "no mask; stages/core/attention.py); " + (varlen_head.note or varlen_head.value)))
     for rows_of in ctx.get("pack_sweep", []) if baseline else []:  # train_1b only: 3B's budget is its ours
         resized = params.model_copy(update={"train": params.train.model_copy(update={"pack_tokens": rows_of})})
         swept, swept_head = budgeted(resized, train_ex, ctx["tokens_per_step"], ctx["epochs"], vocab, liger,
@@ -279,6 +288,8 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
             out["profile"] = profile_steps(name, ours_records, tokenizer, train_ex, device, dtype, ctx["profile_steps"])
         except Exception as exc:  # noqa: BLE001 - the figures above stand without it
             out["profile"] = {"status": f"failed: {one_line(exc)}"}
+    if "ours" in results and "ours, varlen attention" in results:
+        out["varlen"] = varlen_summary(results["ours"], results["ours, varlen attention"])
     if ctx.get("pack_sweep") and "ours" in results:
         out["pack_sweep"] = pack_sweep_summary(results, params.train.pack_tokens, ctx["pack_sweep"])
     if "ours" in results and "baseline" in results:
@@ -295,18 +306,30 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
     return out
 
 
+def _rate(r: dict) -> float:
+    """Steady-state real tokens/s (the epochs after the first) where a run has one, else the whole run's."""
+    return (r.get("steady") or {}).get("tokens_per_s") or r["tokens_per_s"]
+
+
+def varlen_summary(ours: dict, varlen: dict) -> dict:
+    """attention varlen against ours' sdpa on the same steps: throughput ratio, both final losses
+    (the same maths: they differ by the kernels' rounding only)."""
+    return {"measure": "steady" if ours.get("steady") and varlen.get("steady") else "all epochs",
+            "tokens_per_s": [round(_rate(varlen), 1), round(_rate(ours), 1)],
+            "over_ours": round(_rate(varlen) / _rate(ours), 3),
+            "final_loss": [varlen["final_val_loss"], ours["final_val_loss"]],
+            "peak_mb": [varlen["peak_mb"], ours["peak_mb"]]}
+
+
 def pack_sweep_summary(results: dict, ours_rows: int, sweep: list[int]) -> dict:
     """Real tokens/s of ours by packed-row length: steady state (the epochs after the first) where a
     run has one, else the whole run; each length's ratio to ours' rows."""
-    def rate(r: dict) -> float:
-        return (r.get("steady") or {}).get("tokens_per_s") or r["tokens_per_s"]
-
     measure = "steady" if results["ours"].get("steady") else "all epochs"
-    rates = {ours_rows: rate(results["ours"])}
+    rates = {ours_rows: _rate(results["ours"])}
     for rows_of in sweep:
         run = results.get(f"ours, rows of {rows_of:,}")
         if run is not None:
-            rates[rows_of] = rate(run)
+            rates[rows_of] = _rate(run)
     return {"ours_rows": ours_rows, "measure": measure,
             "tokens_per_s": {str(k): round(v, 1) for k, v in sorted(rates.items())},
             "over_ours": {str(k): round(v / rates[ours_rows], 3) for k, v in sorted(rates.items()) if k != ours_rows}}

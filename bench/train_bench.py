@@ -71,6 +71,10 @@ def build(model_name: str, params, device, dtype):
         with torch.device(device):
             model = LlamaForCausalLM(config).to(dtype)
     model.config.use_cache = False
+    if model.config._attn_implementation != params.train.attention:
+        import stages.core.attention  # noqa: F401 - registers attention varlen
+
+        model.set_attn_implementation(params.train.attention)
     if params.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, lora_config(params.train))
@@ -166,7 +170,8 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
     """
     import torch
 
-    from stages.core.training import evaluate_loss, fit, package_available, seed_everything, select_loss_head
+    from stages.core.training import (evaluate_loss, fit, package_available, seed_everything, select_loss_head,
+                                      uses_shared_prefix)
 
     from stages.core.chat import chat_format
 
@@ -182,7 +187,7 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
         run = lambda examples, t: _timings(fit(model, examples, val_ex if t is train else [], t,  # noqa: E731
                                                device=device, head_mode=head, log=lambda _m: None,
                                                pad_id=pad_id))
-        setting = f"packing={train.packing} ({train.pack_tokens} tokens, shared prefix {train.shared_prefix}), head={head}, " \
+        setting = f"packing={train.packing} ({train.pack_tokens} tokens, shared prefix {uses_shared_prefix(train)}), head={head}, " \
                   f"{model.config._attn_implementation}, {str(dtype).removeprefix('torch.')} base" \
                   + (", torch.compile" if train.compile == "on" else "")
     elif variant == "trl":
@@ -201,7 +206,10 @@ def measure_variant(variant: str, model_name: str, params, tokenizer, train_ex, 
     seconds, marks = run(train_ex, train)
     wall = time.perf_counter() - began
     peak = _peak_mb(device)
-    val_loss = evaluate_loss(model, val_ex, 16, device, pad_id=pad_id)
+    # packed as in training where the run packs (attention varlen takes packed rows only); the same
+    # loss as padded batches (tests/test_training_core.py), so variants stay comparable
+    val_loss = evaluate_loss(model, val_ex, 16, device, packing=train.packing and variant != "baseline",
+                             pack_tokens=train.pack_tokens, pad_id=pad_id)
     out = {"variant": variant, "model": model_name, "device": device.type, "setting": setting,
            "records": len(train_ex), "epochs": epochs, "real_tokens": real_tokens,
            "train_s": round(seconds, 2), "wall_s": round(wall, 2), "warmup_s": round(warmup_s, 2),

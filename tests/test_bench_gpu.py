@@ -72,7 +72,7 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     # train: ours with token-budget steps, ours with 16-record steps, ours on the baseline's tokens, and
     # the Trainer + PEFT baseline, on the same records; real figures
     train = {row["run"]: row for row in parts["train_1b"]["rows"]}
-    assert set(train) == {"ours", "ours-records", "ours-1ep", "baseline", "ours, rows of 128"}
+    assert set(train) == {"ours", "ours-records", "ours-1ep", "baseline", "ours, varlen attention", "ours, rows of 128"}
     for row in train.values():
         assert "status" not in row, row
         assert row["tokens_per_s"] > 0 and row["peak_mb"] > 0 and math.isfinite(row["final_loss"])
@@ -82,6 +82,13 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     assert "(linear of " in train["ours"]["setting"]  # token-budget steps scale the learning rate
     assert parts["train_1b"]["speedup"] == pytest.approx(train["ours"]["tokens_per_s"] / train["baseline"]["tokens_per_s"], rel=1e-2)
     assert parts["train_1b"]["token_budget_speedup"] > 0
+    # attention varlen: ours' steps with each record attending to itself (per-record SDPA on a CPU)
+    assert "attention varlen" in train["ours, varlen attention"]["setting"]
+    assert "shared prefix False" in train["ours, varlen attention"]["setting"]  # varlen takes no 4-D mask
+    varlen = parts["train_1b"]["varlen"]
+    assert varlen["measure"] == "all epochs" and varlen["final_loss"] == [train["ours, varlen attention"]["final_loss"],
+                                                                          train["ours"]["final_loss"]]
+    assert varlen["over_ours"] == pytest.approx(varlen["tokens_per_s"][0] / varlen["tokens_per_s"][1], rel=1e-2)
     # the packed-row sweep: ours again with rows of 128 tokens instead of params.yaml's 256, nothing else
     assert "packing=True (256 tokens" in train["ours"]["setting"]
     assert "packing=True (128 tokens" in train["ours, rows of 128"]["setting"]
@@ -360,6 +367,18 @@ def test_steady_state_is_the_throughput_after_the_first_epoch_and_the_report_pri
     rep = gpu.report({"train_1b": {"status": "ok", "rows": [row]}}, ctx, "2026-12-06 04:00 UTC", 12.0, 460)
     assert ("- train_1b: ours steady state (epochs 2-4): 20,000 real tokens/s, 15.4% MFU; first epoch 10,000"
             in gpu.render_markdown(rep))
+
+
+def test_the_varlen_line_compares_steady_state_rates_losses_and_memory():
+    ours = {"tokens_per_s": 12_808.0, "steady": {"tokens_per_s": 19_510.0}, "final_val_loss": 9.1706, "peak_mb": 31_011.0}
+    varlen = {"tokens_per_s": 20_000.0, "steady": {"tokens_per_s": 35_118.0}, "final_val_loss": 9.1711, "peak_mb": 24_100.0}
+    summary = gpu_parts.varlen_summary(ours, varlen)
+    assert summary == {"measure": "steady", "tokens_per_s": [35118.0, 19510.0], "over_ours": 1.8,
+                       "final_loss": [9.1711, 9.1706], "peak_mb": [24100.0, 31011.0]}
+    rep = gpu.report({"train_1b": {"status": "ok", "rows": [], "varlen": summary}}, h200_ctx(),
+                     "2026-12-07 04:00 UTC", 12.0, 460)
+    assert ("- train_1b: attention varlen / sdpa (ours), steady real tokens/s: 1.80x (35,118 vs 19,510); final loss "
+            "9.1711 vs 9.1706; peak 24,100 vs 31,011 MiB\n") in gpu.render_markdown(rep)
 
 
 def test_the_pack_sweep_compares_steady_state_rates_and_the_report_prints_them():

@@ -141,7 +141,10 @@ class TrainParams(Section):
         "gradient_accumulation_steps (what learning_rate was set for): linear = multiply learning_rate by "
         "that ratio (k times fewer AdamW steps need k times the step size to move as far); sqrt = by its "
         "square root; none = keep it")
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attention: Literal["sdpa", "eager", "flash_attention_2", "varlen"] = Field(
+        "sdpa", description="sdpa, eager, flash_attention_2 (the flash-attn package), or varlen: packed "
+        "records attend record by record with no mask (stages/core/attention.py: PyTorch's variable-length "
+        "flash attention on CUDA in bf16/fp16, per-record SDPA elsewhere); varlen needs packing")
     compile: Literal["off", "on"] = Field(
         "off", description="on: torch.compile the transformer body of the training forward and backward "
         "(fused kernels; dynamic shapes, so packed rows of any length share one compiled graph); the first "
@@ -159,6 +162,12 @@ class TrainParams(Section):
     def _method_options(self):
         if self.distributed == "fsdp" and self.method == "qlora":
             raise ValueError("distributed: fsdp with method qlora is not supported here; use ddp")
+        if self.attention == "varlen" and not self.packing:
+            raise ValueError("attention: varlen attends within packed records and needs packing: true "
+                             "(padded batches take sdpa or eager)")
+        if self.attention == "varlen" and self.backend == "unsloth":
+            raise ValueError("attention: varlen is the transformers backend's; unsloth patches attention "
+                             "with its own kernels (set backend: hf or auto, or attention: sdpa)")
         return self
 
 

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import attention  # registers train.attention varlen with transformers
 from .chat import IGNORE_INDEX, PAD_ID, EncodedExample
 from .params import ConfigError
 from .progress import progress
@@ -235,8 +236,9 @@ def pack_segment_rows(segs: list[Segment], max_tokens: int) -> list[list[Segment
 
 def uses_shared_prefix(train, backend: str = "hf") -> bool:
     """train.shared_prefix applies to packed rows under attention that takes a 4-D mask (SDPA, eager;
-    not flash-attention, which has no arbitrary mask) with the transformers backend."""
-    return bool(train.packing and train.shared_prefix and train.attention != "flash_attention_2" and backend == "hf")
+    not flash-attention or varlen, which attend record by record with no mask) with the transformers
+    backend."""
+    return bool(train.packing and train.shared_prefix and train.attention in ("sdpa", "eager") and backend == "hf")
 
 
 def micro_batch_groups(examples: list[EncodedExample], batch_size: int, packing: bool, pack_tokens: int,
@@ -346,9 +348,12 @@ def _hidden(body, batch: Batch) -> torch.Tensor:
         return body(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
                     use_cache=False).last_hidden_state
     if batch.attention_mask is None:
-        # Packed: no 2-D mask, so transformers derives the block-diagonal mask from position_ids.
+        # Packed: no 2-D mask, so transformers derives the block-diagonal mask from position_ids; or,
+        # under attention varlen, each record attends to itself from the boundaries handed over.
+        boundaries = (attention.packed_boundaries(batch.position_ids)
+                      if getattr(body.config, "_attn_implementation", None) == attention.NAME else {})
         return body(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                    use_cache=False).last_hidden_state
+                    use_cache=False, **boundaries).last_hidden_state
     return body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
 
 
@@ -765,8 +770,8 @@ LEGACY_CHECKPOINT_FILE = "checkpoint.pt"
 # The source files whose code decides what training computes (relative to the stages package). A
 # change to any of them starts training afresh instead of resuming a checkpoint of the old code.
 # tests/test_training_core.py keeps this in step with what stages/train.py imports.
-TRAINING_CODE = ("train.py", "core/training.py", "core/modeling.py", "core/chat.py", "core/params.py",
-                 "core/determinism.py", "core/progress.py", "core/schedule.py")
+TRAINING_CODE = ("train.py", "core/training.py", "core/attention.py", "core/modeling.py", "core/chat.py",
+                 "core/params.py", "core/determinism.py", "core/progress.py", "core/schedule.py")
 # The libraries whose versions change the numbers (a checkpoint of another version starts afresh).
 TRAINING_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
                       "liger-kernel", "unsloth", "bitsandbytes")
