@@ -92,7 +92,7 @@ def _stand_in(signature: str, seen: list):
     scale, enable_gqa) that records its call and answers with the per-record reference."""
     def answer(q, k, v, cu_q, cu_k, max_q, max_k, **options):
         seen.append({"q": tuple(q.shape), "k": tuple(k.shape), "cu": cu_q.tolist(), "dtype": cu_q.dtype,
-                     "max": (max_q, max_k), **options})
+                     "max": (max_q, max_k), "contiguous": all(x.is_contiguous() for x in (q, k, v)), **options})
         return attention._per_record(q, k, v, cu_q, cu_k, options.get("scale"))
 
     if signature == "is_causal":
@@ -126,7 +126,7 @@ def test_the_kernel_path_hands_pytorch_each_record_causally_in_its_signatures_te
     assert len(seen) == 2  # one call a layer
     for call in seen:
         assert (call["cu"], call["dtype"], call["max"]) == (cumulative, torch.int32, (max(lengths), max(lengths)))
-        assert call["q"] == (sum(lengths), 2, 16)
+        assert call["q"] == (sum(lengths), 2, 16) and call["contiguous"]
         if signature == "is_causal":  # no enable_gqa: key and value repeated to the query's 2 heads
             assert call["is_causal"] is True and call["k"] == (sum(lengths), 2, 16)
         else:

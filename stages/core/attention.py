@@ -20,6 +20,7 @@ imported; `model.set_attn_implementation("varlen")` then routes every layer's at
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -46,12 +47,19 @@ def packed_boundaries(position_ids: torch.Tensor) -> dict:
             "max_length_k": longest}
 
 
+@functools.cache
 def kernel_available() -> bool:
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def _kernel_keywords(function) -> frozenset:
+    """The keyword parameters of this release's varlen_attn (read once per function, not per layer)."""
+    return frozenset(inspect.signature(function).parameters)
 
 
 def implementation(query: torch.Tensor) -> str:
@@ -87,7 +95,7 @@ def _kernel(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
     signature; without enable_gqa, key and value are repeated to the query's heads."""
     from torch.nn.attention.varlen import varlen_attn
 
-    accepted = inspect.signature(varlen_attn).parameters
+    accepted = _kernel_keywords(varlen_attn)
     options = {"window_size": (-1, 0)} if "window_size" in accepted else {"is_causal": True}
     if scaling is not None and "scale" in accepted:
         options["scale"] = scaling
@@ -99,6 +107,9 @@ def _kernel(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if max_q is None or max_k is None:  # a host sync; the training loop passes them
         max_q = max_k = int((cu_q[1:] - cu_q[:-1]).max())
+    # [T, heads, dim] views of [heads, T, dim] tensors (rotary embeddings return that layout): the
+    # flash kernels take packed rows of contiguous tokens
+    q, k, v = (x.contiguous() for x in (q, k, v))
     return varlen_attn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k), **options)
 
 
