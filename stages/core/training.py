@@ -350,8 +350,8 @@ def _hidden(body, batch: Batch) -> torch.Tensor:
     if batch.attention_mask is None:
         # Packed: no 2-D mask, so transformers derives the block-diagonal mask from position_ids; or,
         # under attention varlen, each record attends to itself from the boundaries handed over.
-        boundaries = (attention.packed_boundaries(batch.position_ids)
-                      if getattr(body.config, "_attn_implementation", None) == attention.NAME else {})
+        implementation = getattr(getattr(body, "config", None), "_attn_implementation", None)
+        boundaries = attention.packed_boundaries(batch.position_ids) if implementation == attention.NAME else {}
         return body(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
                     use_cache=False, **boundaries).last_hidden_state
     return body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
