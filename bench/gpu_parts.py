@@ -259,8 +259,8 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
         unmasked = params.model_copy(update={"train": params.train.model_copy(update={"attention": "varlen"})})
         varlen, varlen_head = budgeted(unmasked, train_ex, ctx["tokens_per_step"], ctx["epochs"], vocab, liger,
                                        device.type == "cuda")
-        runs.append(("ours, varlen attention", varlen, "; attention varlen (records attend record by record, "
-                     "no mask; stages/core/attention.py); " + (varlen_head.note or varlen_head.value)))
+        runs.append(("ours, varlen attention", varlen, f"; attention varlen through {_varlen_path(device, dtype)} "
+                     "(records attend record by record, no mask); " + (varlen_head.note or varlen_head.value)))
     for rows_of in ctx.get("pack_sweep", []) if baseline else []:  # train_1b only: 3B's budget is its ours
         resized = params.model_copy(update={"train": params.train.model_copy(update={"pack_tokens": rows_of})})
         swept, swept_head = budgeted(resized, train_ex, ctx["tokens_per_step"], ctx["epochs"], vocab, liger,
@@ -304,6 +304,15 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
     if not results:
         out["status"] = "failed: " + "; ".join(row["status"][len("failed: "):] for row in rows)
     return out
+
+
+def _varlen_path(device, dtype) -> str:
+    """Which implementation of attention varlen a run takes here (stages.core.attention.implementation)."""
+    from stages.core import attention
+
+    if device.type == "cuda" and dtype in attention.KERNEL_DTYPES and attention.kernel_available():
+        return "torch.nn.attention.varlen (the flash kernel)"
+    return "per-record SDPA (no varlen kernel here)"
 
 
 def _rate(r: dict) -> float:
