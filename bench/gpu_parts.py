@@ -310,7 +310,7 @@ def _varlen_path(device, dtype) -> str:
     """Which implementation of attention varlen a run takes here (stages.core.attention.implementation)."""
     from stages.core import attention
 
-    if device.type == "cuda" and dtype in attention.KERNEL_DTYPES and attention.kernel_available():
+    if attention.implementation(device, dtype) == "kernel":
         return "torch.nn.attention.varlen (the flash kernel)"
     return "per-record SDPA (no varlen kernel here)"
 

@@ -116,7 +116,7 @@ def test_the_kernel_path_hands_pytorch_each_record_causally_in_its_signatures_te
         masked = float(completion_loss_sum(model, row)[0])
     seen = []
     monkeypatch.setattr(varlen_module, "varlen_attn", _stand_in(signature, seen))
-    monkeypatch.setattr(attention, "implementation", lambda query: "kernel")  # as on CUDA in bf16
+    monkeypatch.setattr(attention, "implementation", lambda device, dtype: "kernel")  # as on CUDA in bf16
     _set_attention(model, attention.NAME)
     with torch.no_grad():
         via_kernel = float(completion_loss_sum(model, row)[0])
@@ -135,10 +135,13 @@ def test_the_kernel_path_hands_pytorch_each_record_causally_in_its_signatures_te
 
 
 def test_varlen_is_chosen_on_cuda_in_half_precision_only():
-    cpu = torch.zeros(4, 2, 8)
-    assert attention.implementation(cpu) == "per_record"
-    assert attention.implementation(cpu.to(torch.bfloat16)) == "per_record"  # no CUDA: no flash kernel
+    cpu = torch.device("cpu")
+    assert attention.implementation(cpu, torch.float32) == "per_record"
+    assert attention.implementation(cpu, torch.bfloat16) == "per_record"  # no CUDA: no flash kernel
     assert attention.kernel_available()  # torch.nn.attention.varlen is in the pinned torch
+    cuda = torch.device("cuda")  # a device name only: nothing runs on it
+    assert attention.implementation(cuda, torch.bfloat16) == attention.implementation(cuda, torch.float16) == "kernel"
+    assert attention.implementation(cuda, torch.float32) == "per_record"
 
 
 def test_varlen_needs_packing_and_the_transformers_backend_and_says_so():

@@ -62,9 +62,9 @@ def _kernel_keywords(function) -> frozenset:
     return frozenset(inspect.signature(function).parameters)
 
 
-def implementation(query: torch.Tensor) -> str:
+def implementation(device: torch.device, dtype: torch.dtype) -> str:
     """kernel on CUDA in half precision where PyTorch has it, else per_record."""
-    if query.is_cuda and query.dtype in KERNEL_DTYPES and kernel_available():
+    if device.type == "cuda" and dtype in KERNEL_DTYPES and kernel_available():
         return "kernel"
     return "per_record"
 
@@ -82,7 +82,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if dropout:
         raise ValueError(f"attention {NAME}: attention dropout is not supported (got {dropout})")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, dim]
-    if implementation(q) == "kernel":
+    if implementation(q.device, q.dtype) == "kernel":
         out = _kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling)
     else:
         out = _per_record(q, k, v, cu_seq_lens_q, cu_seq_lens_k, scaling)
