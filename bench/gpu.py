@@ -282,7 +282,9 @@ def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: f
                              "pack_sweep": ctx["pack_sweep"],
                              "serve_levels": ctx["serve_levels"], "serve_requests": ctx["serve_requests"],
                              "serve_tokens": ctx["serve_tokens"], "serve_max_batch": ctx["serve_max_batch"],
-                             "serve_padding_ab": ctx["serve_padding_ab"], "serve_profile": ctx["serve_profile"]}},
+                             "serve_padding_ab": ctx["serve_padding_ab"], "serve_profile": ctx["serve_profile"],
+                             "train_profile_steps": {"ours-records": ctx.get("profile_steps"),
+                                                     "ours": ctx.get("profile_budget_steps")}}},
         "parts": {name: results[name] for name in ORDER if name in results},
         "rows": table_rows(results),
         "estimate": estimate_record(device_name, gpu_figure),
@@ -292,6 +294,19 @@ def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: f
 def _top_ops(profile: dict, count: int) -> str:
     return ", ".join(f"{t['op']} {t['self_ms_per_step']:,.2f} ms ({t['calls_per_step']:g} calls)"
                      for t in profile["top"][:count])
+
+
+def train_profile_line(part: str, run: str, profile: dict) -> str:
+    """Where one of a training run's steps goes (gpu_parts.profile_steps), or why it was not profiled."""
+    if profile.get("status") != "ok":
+        return f"- {part}: profile of {run}: {profile.get('status')}"
+    device = (f", {profile['device_ms_per_step']:,.1f} in device kernels, {profile['launches_per_step']:,.0f} kernel "
+              "launches" if profile.get("device_ms_per_step") is not None else "")
+    count = f"{profile['steps']} step" + ("s" if profile["steps"] != 1 else "")
+    tokens = f", {profile['tokens_per_step']:,} tokens/step" if profile.get("tokens_per_step") else ""
+    return (f"- {part}: profile of {run} ({profile['records_per_step']} records/step{tokens}, head {profile['head']}, "
+            f"{count} at learning rate 0): {profile['wall_ms_per_step']:,.1f} ms a step{device}; most "
+            f"{profile['ranked_by']} a step: {_top_ops(profile, 5)}")
 
 
 def decode_profile_lines(level: str, profile: dict) -> list[str]:
@@ -360,18 +375,8 @@ def render_markdown(rep: dict) -> str:
                      if loss.get("ours_records") is not None else "")
             lines.append(f"- {name}: final loss on the baseline's tokens: ours {loss['ours']:.4f}, baseline "
                          f"{loss['baseline']:.4f}{steps}")
-        profile = part.get("profile") or {}
-        if profile.get("status") == "ok":
-            device = (f", {profile['device_ms_per_step']:,.1f} in device kernels, "
-                      f"{profile['launches_per_step']:,.0f} kernel launches"
-                      if profile.get("device_ms_per_step") is not None else "")
-            top = _top_ops(profile, 5)
-            count = f"{profile['steps']} step" + ("s" if profile["steps"] != 1 else "")
-            lines.append(f"- {name}: profile of ours-records ({profile['records_per_step']} records/step, head "
-                         f"{profile['head']}, {count} at learning rate 0): {profile['wall_ms_per_step']:,.1f} ms a "
-                         f"step{device}; most {profile['ranked_by']} a step: {top}")
-        elif profile:
-            lines.append(f"- {name}: profile of ours-records: {profile['status']}")
+        for run, profile in (part.get("profiles") or {}).items():
+            lines.append(train_profile_line(name, run, profile))
     serve = rep["parts"].get("serve", {})
     for level, ratio in serve.get("continuous_over_static", {}).items():
         lines.append(f"- serve, concurrency {level}: continuous / static = {ratio['tokens_per_s']:.2f}x output tokens/s, "
@@ -533,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve_max_batch": 4 if smoke else 32,
         "serve_cuda_graphs": "on",
         "profile_steps": 1 if smoke else 8,  # train_1b: ours-records steps under torch.profiler
+        "profile_budget_steps": 1 if smoke else 2,  # train_1b: ours (token-budget) steps under torch.profiler
         # train_1b: ours again with packed rows of these lengths (the attention of a packed row costs
         # the square of its length under SDPA's block-diagonal mask)
         "pack_sweep": [128] if smoke else [2048, 4096],

@@ -224,8 +224,11 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
       ours, rows of N   as ours with packed rows of N tokens, for each N of `pack_sweep`: SDPA
                     computes a packed row's block-diagonal mask densely, so attention costs the
                     square of the row's length whatever its records' lengths (pack_sweep_summary).
-    Then `profile_steps` steps of ours-records under torch.profiler (profile_steps): where a step of
-    the preset's size goes, which the last H200 run put at ~270 ms for ~1,100 tokens.
+    Then steps under torch.profiler (profile_steps), `profile_steps` of ours-records (where a step of
+    the preset's size goes, which the last H200 run put at ~270 ms for ~1,100 tokens) and
+    `profile_budget_steps` of ours (where a token-budget step goes: the 12.4% MFU of the last H200
+    run, and whether the masked attention of the packed rows takes the half of it that
+    docs/training.md's "Choosing pack_tokens" computes).
     """
     from bench.train_bench import measure_variant
     from stages.core.estimate import model_config
@@ -282,12 +285,17 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
         results[run] = r
         rows.append(_train_row(name, run, r, note))
     out = {"status": "ok", "rows": rows, "model": name}
-    if "ours-records" in results and ctx.get("profile_steps"):
+    params_of = {run: run_params for run, run_params, _ in runs}
+    profiled = [("ours-records", ctx.get("profile_steps")), ("ours", ctx.get("profile_budget_steps"))]
+    for run, steps in profiled if baseline else []:  # train_1b only
+        if run not in results or not steps:
+            continue
         release(device)
         try:
-            out["profile"] = profile_steps(name, ours_records, tokenizer, train_ex, device, dtype, ctx["profile_steps"])
+            profile = profile_steps(name, params_of[run], tokenizer, train_ex, device, dtype, steps)
         except Exception as exc:  # noqa: BLE001 - the figures above stand without it
-            out["profile"] = {"status": f"failed: {one_line(exc)}"}
+            profile = {"status": f"failed: {one_line(exc)}"}
+        out.setdefault("profiles", {})[run] = profile
     if "ours" in results and "ours, varlen attention" in results:
         out["varlen"] = varlen_summary(results["ours"], results["ours, varlen attention"])
     if ctx.get("pack_sweep") and "ours" in results:
@@ -372,6 +380,7 @@ def profile_steps(name: str, params, tokenizer, train_ex, device, dtype, steps: 
         if cuda:
             torch.cuda.synchronize(device)
 
+    tokens = sum(len(example.input_ids) for example in examples[per_step:])  # real tokens, before packing
     run(examples[:per_step])  # allocations and kernel selection before the profiled steps
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -380,7 +389,7 @@ def profile_steps(name: str, params, tokenizer, train_ex, device, dtype, steps: 
         wall = time.perf_counter() - began
     summary = profile_summary(prof.key_averages(), steps, wall, cuda, top=8)
     del model
-    return {**summary, "records_per_step": per_step, "head": head}
+    return {**summary, "records_per_step": per_step, "tokens_per_step": round(tokens / steps), "head": head}
 
 
 def part_compile(ctx) -> dict:
@@ -952,15 +961,18 @@ def part_serve(ctx) -> dict:
             except Exception as exc:  # noqa: BLE001
                 row["status"] = f"failed: {one_line(exc)}"
             rows.append(row)
-    # Where a decoding step of the endpoint's engine goes, alone and in a full batch
+    # Where a decoding step of the endpoint's engine goes, alone and in a full batch; and, alone, the
+    # same for the engine with transformers' KV padding: the step the A/B compares, kernel by kernel
     decode_profile = {}
-    for concurrency in sorted(ab_levels):
+    profiled = [(str(level), "continuous", level) for level in sorted(ab_levels)]
+    profiled.append((f"{min(ab_levels)}, kv padding {ab_padding:,}", "padding", min(ab_levels)))
+    for label, kind, concurrency in profiled:
         try:
-            requests = _greedy_requests(engines["continuous"], questions, concurrency, new_tokens)
-            decode_profile[str(concurrency)] = profile_decoding(
-                engines["continuous"], requests, concurrency, device, **ctx["serve_profile"])
+            requests = _greedy_requests(engines[kind], questions, concurrency, new_tokens)
+            decode_profile[label] = profile_decoding(engines[kind], requests, concurrency, device,
+                                                     **ctx["serve_profile"])
         except Exception as exc:  # noqa: BLE001 - the levels' figures stand without it
-            decode_profile[str(concurrency)] = {"status": f"failed: {one_line(exc)}"}
+            decode_profile[label] = {"status": f"failed: {one_line(exc)}"}
     for engine in engines.values():
         engine.batcher.close()
     ratios = {}

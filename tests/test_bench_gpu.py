@@ -98,13 +98,22 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
                                                       / train["ours"]["tokens_per_s"], rel=1e-2)
     assert parts["train_1b"]["loss_same_tokens"]["ours"] == train["ours-1ep"]["final_loss"]
     assert parts["train_1b"]["loss_same_tokens"]["ours_records"] == train["ours-records"]["final_loss"]
-    # the profile of the 16-record steps: CPU time ranked on a CPU (no device kernels, no launches counted)
-    profile = parts["train_1b"]["profile"]
-    assert (profile["status"], profile["steps"], profile["records_per_step"], profile["head"]) == ("ok", 1, 16, "completion")
-    assert profile["wall_ms_per_step"] > 0 and "device_ms_per_step" not in profile
-    assert profile["ranked_by"] == "self CPU time" and 1 <= len(profile["top"]) <= 8
-    assert all(t["self_ms_per_step"] > 0 and t["calls_per_step"] > 0 for t in profile["top"])
-    assert any(t["op"] == "aten::mm" for t in profile["top"])  # the matmuls of a Llama step
+    # the profiles of a 16-record step and of a token-budget step: CPU time ranked on a CPU (no device
+    # kernels, no launches counted)
+    profiles = parts["train_1b"]["profiles"]
+    assert list(profiles) == ["ours-records", "ours"]
+    budget_records = int(re.search(r"512 tokens/step = (\d+) records/step", train["ours"]["setting"]).group(1))
+    for run, records in (("ours-records", 16), ("ours", budget_records)):
+        profile = profiles[run]
+        assert (profile["status"], profile["steps"], profile["records_per_step"], profile["head"]) == \
+            ("ok", 1, records, "completion")
+        assert profile["wall_ms_per_step"] > 0 and "device_ms_per_step" not in profile
+        assert profile["ranked_by"] == "self CPU time" and 1 <= len(profile["top"]) <= 8
+        assert all(t["self_ms_per_step"] > 0 and t["calls_per_step"] > 0 for t in profile["top"])
+        assert any(t["op"] == "aten::mm" for t in profile["top"])  # the matmuls of a Llama step
+    # a token-budget step holds about its budget of real tokens (whole records: the rule rounds)
+    assert 256 <= profiles["ours"]["tokens_per_step"] <= 1024
+    assert profiles["ours-records"]["tokens_per_step"] > 16 * 20  # 16 records of 20+ tokens
     # train_3b: ours only, on the embedded model in the smoke
     assert [row["run"] for row in parts["train_3b"]["rows"]] == ["ours"] and "status" not in parts["train_3b"]["rows"][0]
 
@@ -170,10 +179,12 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
             assert "ms_in_step" not in row and "decode_steps" not in row
     # where a decoding step goes, alone and at the last level: a step after the prefill timed by phase,
     # then two under the profiler (the decoding thread's CPU operators on a CPU)
+    # (and alone again on the engine with transformers' KV padding, the A/B's other side)
     decode = parts["serve"]["decode_profile"]
-    assert set(decode) == {"1", "2"}
+    assert list(decode) == ["1", "2", "1, kv padding 16,384"]
     for level, figures in decode.items():
-        assert (figures["status"], figures["concurrency"], figures["skip"], figures["steps"]) == ("ok", int(level), 1, 2)
+        concurrency = int(level.split(",")[0])
+        assert (figures["status"], figures["concurrency"], figures["skip"], figures["steps"]) == ("ok", concurrency, 1, 2)
         phases = figures["host_ms_per_step"]
         assert list(phases) == [label for label, _, _ in gpu_parts.LOOP_PHASES]
         assert all(ms >= 0 for ms in phases.values()) and sum(phases.values()) <= figures["ms_per_step"]
@@ -274,7 +285,8 @@ def test_the_report_prints_where_a_decoding_step_goes():
                                   "waiting for outputs": 11.5, "update": 0.5},
              "profile": {"status": "failed: the requests ended before the profiled window"}}
     serve = {"status": "ok", "rows": [], "decode_profile": {"1": profile, "32": ended,
-                                                            "8": {"status": "failed: RuntimeError: boom"}}}
+                                                            "8": {"status": "failed: RuntimeError: boom"},
+                                                            "1, kv padding 16,384": {**profile, "ms_per_step": 9.9}}}
     markdown = gpu.render_markdown(gpu.report({"serve": serve}, h200_ctx(), "2026-12-07 04:00 UTC", 12.0, 460))
     assert ("- serve, continuous, concurrency 1: where a decoding step goes (steps 5-44, host timers): 10.70 ms a step: "
             "scheduling and batch tensors 0.61, model inputs 0.04, forward launch 0.12, waiting for outputs 9.50, "
@@ -289,6 +301,9 @@ def test_the_report_prints_where_a_decoding_step_goes():
             "- serve, continuous, concurrency 32: torch.profiler: failed: the requests ended before the profiled "
             "window\n") in markdown
     assert "- serve, continuous, concurrency 8: profile of decoding steps: failed: RuntimeError: boom\n" in markdown
+    # the A/B engine's step, labelled by its padding
+    assert ("- serve, continuous, concurrency 1, kv padding 16,384: where a decoding step goes (steps 5-44, host "
+            "timers): 9.90 ms a step: scheduling") in markdown
 
 
 class _FakeLoop:
@@ -410,21 +425,28 @@ def test_the_report_prints_the_final_losses_on_the_baseline_tokens_with_the_16_r
         gpu.render_markdown(rep) + "\n"
 
 
-def test_the_report_prints_where_a_16_record_step_goes():
-    profile = {"status": "ok", "steps": 8, "records_per_step": 16, "head": "completion", "wall_ms_per_step": 270.4,
-               "device_ms_per_step": 41.25, "launches_per_step": 3412.0, "ranked_by": "self device time",
+def test_the_report_prints_where_a_16_record_step_and_a_token_budget_step_go():
+    records = {"status": "ok", "steps": 8, "records_per_step": 16, "tokens_per_step": 1104, "head": "completion",
+               "wall_ms_per_step": 270.4, "device_ms_per_step": 41.25, "launches_per_step": 3412.0,
+               "ranked_by": "self device time",
                "top": [{"op": "aten::mm", "self_ms_per_step": 12.5, "calls_per_step": 410.0},
                        {"op": "aten::bmm", "self_ms_per_step": 3.25, "calls_per_step": 64.0}]}
-    rep = gpu.report({"train_1b": {"status": "ok", "rows": [], "profile": profile}}, h200_ctx(),
-                     "2026-12-06 04:00 UTC", 12.0, 460)
-    assert ("- train_1b: profile of ours-records (16 records/step, head completion, 8 steps at learning rate 0): "
-            "270.4 ms a step, 41.2 in device kernels, 3,412 kernel launches; most self device time a step: "
-            "aten::mm 12.50 ms (410 calls), aten::bmm 3.25 ms (64 calls)") in gpu.render_markdown(rep)
+    budget = {**records, "steps": 1, "records_per_step": 232, "tokens_per_step": 16391, "wall_ms_per_step": 840.0,
+              "device_ms_per_step": 801.5, "launches_per_step": 3390.0,
+              "top": [{"op": "fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "self_ms_per_step": 301.0,
+                       "calls_per_step": 16.0}]}
     failed = {"status": "failed: RuntimeError: CUPTI could not be initialised"}
-    rep = gpu.report({"train_1b": {"status": "ok", "rows": [], "profile": failed}}, h200_ctx(),
+    rep = gpu.report({"train_1b": {"status": "ok", "rows": [], "profiles": {"ours-records": records, "ours": budget}},
+                      "train_3b": {"status": "ok", "rows": [], "profiles": {"ours": failed}}}, h200_ctx(),
                      "2026-12-06 04:00 UTC", 12.0, 460)
-    assert "- train_1b: profile of ours-records: failed: RuntimeError: CUPTI could not be initialised" in \
-        gpu.render_markdown(rep)
+    markdown = gpu.render_markdown(rep) + "\n"
+    assert ("- train_1b: profile of ours-records (16 records/step, 1,104 tokens/step, head completion, 8 steps at "
+            "learning rate 0): 270.4 ms a step, 41.2 in device kernels, 3,412 kernel launches; most self device time "
+            "a step: aten::mm 12.50 ms (410 calls), aten::bmm 3.25 ms (64 calls)\n") in markdown
+    assert ("- train_1b: profile of ours (232 records/step, 16,391 tokens/step, head completion, 1 step at learning "
+            "rate 0): 840.0 ms a step, 801.5 in device kernels, 3,390 kernel launches; most self device time a step: "
+            "fmha_cutlassB_bf16_aligned_64x64_k64_sm80 301.00 ms (16 calls)\n") in markdown
+    assert "- train_3b: profile of ours: failed: RuntimeError: CUPTI could not be initialised\n" in markdown
 
 
 def test_the_report_prints_compiled_against_eager():
