@@ -18,6 +18,9 @@ a hang costs only that part):
   train_3b   ours on the 3B architecture, when the remaining budget allows (estimated from 1B)
   compile    train_1b's ours with train.compile on (torch.compile of the model body), against
              train_1b's eager ours: steady-state tokens/s and the compilation's seconds
+  serve_compile  the endpoint's continuous engine with serve.batching.compile_level 1 (torch.compile
+             of the decoding step) against 0, at concurrency 1 and 32: output tokens/s, ms per step,
+             the seconds until each engine is ready
 A part that cannot run says "skipped: <why>"; one that breaks says "failed: <one line>"; the run goes on.
 
 Writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md (the same table) and prints the table and the
@@ -38,11 +41,13 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b", "compile")
+ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b", "compile", "serve_compile")
 # Seconds a part needs to be worth starting on an H200 (train_3b is estimated from train_1b instead).
-NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 60, "serve": 90, "compile": 120}
+NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 60, "serve": 90, "compile": 120,
+         "serve_compile": 120}
 # Most seconds a part may run before it is stopped (a hang costs only its share), on a GPU.
-CAPS = {"matmul": 60, "serve": 200, "train_1b": 260, "loss_head": 60, "qlora": 150, "train_3b": 300, "compile": 300}
+CAPS = {"matmul": 60, "serve": 200, "train_1b": 260, "loss_head": 60, "qlora": 150, "train_3b": 300, "compile": 300,
+        "serve_compile": 240}
 # 3B / 1B training FLOPs per token (stages.core.estimate.flops_per_token, LoRA, ~100-token records).
 FLOPS_3B_OVER_1B = 2.6
 # Parts that always start their process with spawn, even in the smoke's fork mode: torch.compile's
@@ -50,12 +55,12 @@ FLOPS_3B_OVER_1B = 2.6
 # crashed (the compile part exited with SIGSEGV in the CI run of stop 29, while the same compile ran
 # in-process in tests/test_training_compile.py on that machine; fork with threads is the known
 # hazard, pytorch/pytorch#108586 and #148651).
-SPAWNED = frozenset({"compile"})
+SPAWNED = frozenset({"compile", "serve_compile"})
 # Parts that compile with inductor in a cache of their own (the kit's work folder), empty at each run:
 # the warm-up figure is then a cold compile every time, as on a fresh GPU machine, and no cache left
 # by another torch build, checkout or crashed run is read (a stale shared cache gave NaN losses and a
 # SIGSEGV on this project's CPU machine, docs/training.md "torch.compile").
-PRIVATE_INDUCTOR_CACHE = frozenset({"compile"})
+PRIVATE_INDUCTOR_CACHE = frozenset({"compile", "serve_compile"})
 COLUMNS = [  # (key, header, format)
     ("part", "part", "{}"), ("model", "model", "{}"), ("run", "run", "{}"), ("setting", "setting", "{}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"), ("peak_mb", "peak MiB", "{:,.0f}"),
@@ -283,6 +288,7 @@ def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: f
                              "serve_levels": ctx["serve_levels"], "serve_requests": ctx["serve_requests"],
                              "serve_tokens": ctx["serve_tokens"], "serve_max_batch": ctx["serve_max_batch"],
                              "serve_padding_ab": ctx["serve_padding_ab"], "serve_profile": ctx["serve_profile"],
+                             "serve_compile_level": ctx.get("serve_compile_level"),
                              "train_profile_steps": {"ours-records": ctx.get("profile_steps"),
                                                      "ours": ctx.get("profile_budget_steps")}}},
         "parts": {name: results[name] for name in ORDER if name in results},
@@ -406,6 +412,15 @@ def render_markdown(rep: dict) -> str:
         lines.append(f"- compile: ours-compiled / ours = {steady}{compiled['overall']:.2f}x over all epochs; warm-up "
                      f"with compilation {warm['compiled']:.0f} s vs {warm['eager'] or 0:.0f} s; final loss "
                      f"{compiled['final_loss']['compiled']:.4f} vs {compiled['final_loss']['eager']:.4f}")
+    serve_compile = rep["parts"].get("serve_compile", {})
+    for level, ratio in serve_compile.get("compiled_over_eager", {}).items():
+        steps = ratio["ms_per_step"]
+        per_step = f"; {steps[0]:,.2f} vs {steps[1]:,.2f} ms per decoding step" if None not in steps else ""
+        ready = serve_compile["ready_s"]
+        lines.append(f"- serve_compile, concurrency {level}: compile level {serve_compile['level']} / eager = "
+                     f"{ratio['tokens_per_s']:.2f}x output tokens/s{per_step}; greedy answers identical "
+                     f"{ratio['identical_answers']}; ready in {ready['compiled']:,.1f} s vs {ready['eager']:,.1f} s "
+                     "(compilation, once per instance)")
     head = rep["parts"].get("loss_head", {}).get("auto_rule")
     if head:
         lines.append(f"- fused_loss auto: {head['labelled_positions']} labelled positions, about "
@@ -545,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         # serve: after `skip` steps, `steps` steps timed by phase, then `steps` more under torch.profiler
         "serve_profile": {"skip": 1, "steps": 2} if smoke else {"skip": 4, "steps": 40},
         "serve_padding_ab": 16384,  # transformers' default kv_padding_interval_size, against the endpoint's
+        "serve_compile_level": 1,  # serve_compile: serve.batching.compile_level against 0
         "device_name": device_name_now(smoke),
     }
     budget_s = args.budget_s or (600.0 if smoke else 540.0)

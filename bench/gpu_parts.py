@@ -883,84 +883,28 @@ def part_serve(ctx) -> dict:
     serve.batching.kv_padding_tokens, the A/B for what the padding of graphed steps costs (a CPU
     never pads, so there it only exercises the path). The engines are loaded once (a model copy
     each) and warmed up."""
-    import torch
-
-    from bench.train_bench import load_records
-    from serve.codefolder import serve_config
-    from serve.engine import Engine
-    from stages.core.modeling import load_tokenizer
-
     device = device_of(ctx)
-    name = model_name(ctx, "1b")
-    folder = materialise(ctx, "1b", load_tokenizer("embedded"), device)
-    rows_data, _ = load_records(DATA, None)
-    questions = list(dict.fromkeys(r["instruction"] for r in rows_data))
-    base = serve_config()
-    base["cache"] = {**base["cache"], "enabled": False}  # every request decoded: measure the model, not the cache
-    base["log_path"] = ""
+    folder = materialise(ctx, "1b", _embedded_tokenizer(), device)
+    questions = _questions()
     new_tokens = ctx["serve_tokens"]
-    max_batch = ctx["serve_max_batch"]
     ab_padding = ctx["serve_padding_ab"]
     ab_levels = {ctx["serve_levels"][0], ctx["serve_levels"][-1]}
-    engines, notes = {}, {}
-    for kind in ("static", "continuous", "padding"):
-        config = {**base, "batching": {**base["batching"], "max_batch": max_batch,
-                                       "engine": "static" if kind == "static" else "continuous",
-                                       "cuda_graphs": ctx["serve_cuda_graphs"]}}
-        if kind == "padding":
-            config["batching"]["kv_padding_tokens"] = ab_padding
-        began = time.perf_counter()
-        try:
-            engines[kind] = Engine(folder, config, device=device.type)
-        except Exception as exc:  # noqa: BLE001 - CUDA graphs refused: the engine without them
-            if kind == "static" or device.type != "cuda":
-                raise
-            notes[kind] = f"CUDA graphs failed ({one_line(exc)}); without them. "
-            config["batching"]["cuda_graphs"] = "off"
-            engines[kind] = Engine(folder, config, device=device.type)
-        notes[kind] = notes.get(kind, "") + f"ready in {time.perf_counter() - began:.1f} s"
-    timers = {}
-    for kind in ("continuous", "padding"):
-        manager = getattr(engines[kind].batcher, "manager", None)
-        timers[kind] = StepTimer(manager, device) if manager is not None else None
+    variants = {"static": {"engine": "static"}, "continuous": {},
+                "padding": {"kv_padding_tokens": ab_padding}}
+    engines, notes, _ = _serve_engines(ctx, folder, device, variants)
+    timers = {kind: _step_timer(engines[kind], device) for kind in ("continuous", "padding")}
     rows, answers, by_level = [], {}, {}
     for position, concurrency in enumerate(ctx["serve_levels"]):
         count = ctx["serve_requests"][position]
         order = ("static", "continuous") if position % 2 == 0 else ("continuous", "static")
         for kind in order + (("padding",) if concurrency in ab_levels else ()):
-            engine = engines[kind]
-            cb = getattr(engine.batcher, "cb_config", None)
-            graphs = getattr(cb, "use_cuda_graph", None) if cb is not None else None
             label = f"continuous, kv padding {ab_padding:,}" if kind == "padding" else kind
-            setting = (f"{'static' if kind == 'static' else 'continuous'} engine, max_batch {max_batch}, "
-                       f"{new_tokens} new tokens, greedy, cache off")
-            if kind != "static":
-                padding = getattr(cb, "kv_padding_interval_size", None)
-                setting += f", CUDA graphs {graphs}, kv padding {padding:,}" if padding else f", CUDA graphs {graphs}"
-            row = {"part": "serve", "model": name, "run": f"{label}, concurrency {concurrency}",
-                   "setting": f"{setting}; {notes[kind]}"}
-            try:
-                requests = _greedy_requests(engine, questions, count, new_tokens)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                if _graphed(cb):
-                    # CUDA graphs are captured per padded size the first time a size occurs: one
-                    # untimed round of the level (its first `concurrency` requests, together) takes
-                    # the batch's cache through the sizes the level reaches, so the timed pass is
-                    # closer to the steady state an endpoint serves in. The staggered timed pass can
-                    # still meet a few new sizes (a prefill beside long decodes) and capture them.
-                    _serve_level(engine, requests[:concurrency], concurrency)
-                    row["setting"] += "; graphs captured in an untimed round of the level's first requests"
-                measured, got = _serve_level(engine, requests, concurrency, timers.get(kind))
-                row.update(measured)
+            row, measured, got = _measure_level(ctx, engines[kind], label, notes[kind], questions, count,
+                                                concurrency, device, timers.get(kind))
+            rows.append(row)
+            if measured is not None:
                 answers[(kind, concurrency)] = got
                 by_level.setdefault(concurrency, {})[kind] = measured
-                if device.type == "cuda":
-                    row["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-            except Exception as exc:  # noqa: BLE001
-                row["status"] = f"failed: {one_line(exc)}"
-            rows.append(row)
     # Where a decoding step of the endpoint's engine goes, alone and in a full batch; and, alone, the
     # same for the engine with transformers' KV padding: the step the A/B compares, kernel by kernel
     decode_profile = {}
@@ -1011,6 +955,143 @@ def part_serve(ctx) -> dict:
             "decode_profile": decode_profile}
 
 
+def part_serve_compile(ctx) -> dict:
+    """serve.batching.compile_level: the endpoint's continuous engine with its decoding step compiled
+    (transformers' default_compile_level `serve_compile_level`, inductor, inside the CUDA graphs on a
+    GPU) against the same engine uncompiled, at the serve part's first and last concurrency. Each
+    engine is loaded fresh, in this part's own process and inductor cache (bench/gpu.py), so "ready
+    in" holds the compilation a new endpoint instance pays once. The order alternates per level, as
+    in the serve part. Prints compiled / eager output tokens/s and ms per decoding step, and how many
+    greedy answers agree (on a GPU in bf16 fused kernels may round differently; on a CPU in fp32 they
+    agree)."""
+    from serve.engine import prepare_compile
+
+    level = ctx["serve_compile_level"]
+    try:
+        prepare_compile(level)
+    except ValueError as exc:
+        raise Skip(str(exc)) from None
+    device = device_of(ctx)
+    folder = materialise(ctx, "1b", _embedded_tokenizer(), device)
+    questions = _questions()
+    engines, notes, ready = _serve_engines(ctx, folder, device, {"eager": {}, "compiled": {"compile_level": level}})
+    timers = {kind: _step_timer(engine, device) for kind, engine in engines.items()}
+    levels = sorted({ctx["serve_levels"][0], ctx["serve_levels"][-1]})
+    rows, by_level, answers = [], {}, {}
+    for position, concurrency in enumerate(levels):
+        count = ctx["serve_requests"][ctx["serve_levels"].index(concurrency)]
+        order = ("eager", "compiled") if position % 2 == 0 else ("compiled", "eager")
+        for kind in order:
+            label = f"continuous, compile level {level}" if kind == "compiled" else "continuous"
+            row, measured, got = _measure_level(ctx, engines[kind], label, notes[kind], questions, count,
+                                                concurrency, device, timers[kind])
+            rows.append(row)
+            if measured is not None:
+                by_level.setdefault(concurrency, {})[kind] = measured
+                answers[(kind, concurrency)] = got
+    for engine in engines.values():
+        engine.batcher.close()
+    ratios = {}
+    for concurrency, pair in by_level.items():
+        if len(pair) == 2 and pair["eager"]["tokens_per_s"]:
+            ratios[str(concurrency)] = {
+                "tokens_per_s": round(pair["compiled"]["tokens_per_s"] / pair["eager"]["tokens_per_s"], 2),
+                "ms_per_step": [pair["compiled"].get("ms_per_step"), pair["eager"].get("ms_per_step")],
+                "identical_answers": _agreement(answers[("compiled", concurrency)], answers[("eager", concurrency)])}
+    return {"status": "ok", "rows": rows, "level": level, "ready_s": ready, "compiled_over_eager": ratios}
+
+
+def _embedded_tokenizer():
+    from stages.core.modeling import load_tokenizer
+
+    return load_tokenizer("embedded")
+
+
+def _questions() -> list[str]:
+    """The data's distinct questions, in order: the serve parts' requests."""
+    from bench.train_bench import load_records
+
+    rows, _ = load_records(DATA, None)
+    return list(dict.fromkeys(r["instruction"] for r in rows))
+
+
+def _serve_engines(ctx, folder, device, variants: dict) -> tuple[dict, dict, dict]:
+    """One Engine per variant (a name and its serve.batching overrides over params.yaml's, with the
+    kit's max_batch and CUDA graphs; the response cache off), each with a note on how long it took to
+    be ready, and those seconds. A continuous engine whose CUDA graphs fail on a GPU is built again
+    without them, and its note says so."""
+    from serve.codefolder import serve_config
+    from serve.engine import Engine
+
+    base = serve_config()
+    base["cache"] = {**base["cache"], "enabled": False}  # every request decoded: measure the model, not the cache
+    base["log_path"] = ""
+    engines, notes, ready = {}, {}, {}
+    for kind, overrides in variants.items():
+        batching = {**base["batching"], "max_batch": ctx["serve_max_batch"], "engine": "continuous",
+                    "cuda_graphs": ctx["serve_cuda_graphs"], **overrides}
+        config = {**base, "batching": batching}
+        began = time.perf_counter()
+        try:
+            engines[kind] = Engine(folder, config, device=device.type)
+        except Exception as exc:  # noqa: BLE001 - CUDA graphs refused: the engine without them
+            if batching["engine"] == "static" or device.type != "cuda" or batching["cuda_graphs"] == "off":
+                raise
+            notes[kind] = f"CUDA graphs failed ({one_line(exc)}); without them. "
+            batching["cuda_graphs"] = "off"
+            engines[kind] = Engine(folder, config, device=device.type)
+        ready[kind] = round(time.perf_counter() - began, 1)
+        notes[kind] = notes.get(kind, "") + f"ready in {ready[kind]:.1f} s"
+    return engines, notes, ready
+
+
+def _step_timer(engine, device) -> StepTimer | None:
+    manager = getattr(engine.batcher, "manager", None)
+    return StepTimer(manager, device) if manager is not None else None
+
+
+def _measure_level(ctx, engine, label: str, note: str, questions: list[str], count: int, concurrency: int,
+                   device, timer: StepTimer | None) -> tuple[dict, dict | None, dict | None]:
+    """One engine at one concurrency: `count` greedy requests from closed-loop clients, after an
+    untimed round where the engine replays CUDA graphs. Returns (the table row, the figures or None
+    when it failed, the answers by request)."""
+    import torch
+
+    cb = getattr(engine.batcher, "cb_config", None)
+    static = cb is None
+    setting = (f"{'static' if static else 'continuous'} engine, max_batch {ctx['serve_max_batch']}, "
+               f"{ctx['serve_tokens']} new tokens, greedy, cache off")
+    if not static:
+        graphs, padding = getattr(cb, "use_cuda_graph", None), getattr(cb, "kv_padding_interval_size", None)
+        setting += f", CUDA graphs {graphs}, kv padding {padding:,}" if padding else f", CUDA graphs {graphs}"
+        level = getattr(cb, "default_compile_level", 0)
+        if level:
+            setting += f", compile level {level}"
+    row = {"part": "serve", "model": model_name(ctx, "1b"), "run": f"{label}, concurrency {concurrency}",
+           "setting": f"{setting}; {note}"}
+    try:
+        requests = _greedy_requests(engine, questions, count, ctx["serve_tokens"])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        if _graphed(cb):
+            # CUDA graphs are captured per padded size the first time a size occurs: one untimed
+            # round of the level (its first `concurrency` requests, together) takes the batch's
+            # cache through the sizes the level reaches, so the timed pass is closer to the steady
+            # state an endpoint serves in. The staggered timed pass can still meet a few new sizes (a
+            # prefill beside long decodes) and capture them.
+            _serve_level(engine, requests[:concurrency], concurrency)
+            row["setting"] += "; graphs captured in an untimed round of the level's first requests"
+        measured, answers = _serve_level(engine, requests, concurrency, timer)
+        row.update(measured)
+        if device.type == "cuda":
+            row["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+        return row, measured, answers
+    except Exception as exc:  # noqa: BLE001
+        row["status"] = f"failed: {one_line(exc)}"
+        return row, None, None
+
+
 def _greedy_requests(engine, questions: list[str], count: int, new_tokens: int) -> list:
     """`count` greedy requests of `new_tokens` new tokens, the data's questions in order (repeated)."""
     return [engine.parse({"instruction": questions[i % len(questions)], "max_new_tokens": new_tokens,
@@ -1043,4 +1124,5 @@ PARTS = {
     "serve": part_serve,
     "train_3b": lambda ctx: part_train(ctx, "3b", baseline=False),
     "compile": part_compile,
+    "serve_compile": part_serve_compile,
 }

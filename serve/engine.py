@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import queue
 import threading
 import time
@@ -286,7 +287,8 @@ DEFAULT_KV_PADDING_TOKENS = 1024
 
 
 def continuous_batching_config(device_type: str, max_batch: int, max_request_tokens: int,
-                               max_batch_tokens: int = 0, cuda_graphs: str = "auto", kv_padding_tokens: int = 0):
+                               max_batch_tokens: int = 0, cuda_graphs: str = "auto", kv_padding_tokens: int = 0,
+                               compile_level: int = 0):
     """transformers' ContinuousBatchingConfig sized for the endpoint: room in the paged KV cache for
     `max_batch` requests of `max_request_tokens` (prompt + answer) each, no prefix sharing (an answer
     must not depend on which prompts came before it), CUDA graphs on a GPU unless cuda_graphs is "off".
@@ -299,6 +301,9 @@ def continuous_batching_config(device_type: str, max_batch: int, max_request_tok
     for each query head and attends over it under a mask. So the endpoint pads to
     `kv_padding_tokens` (0 = 1024): a lone request reads ~1K positions a step instead of ~16K, for a
     few more graphs as a batch's cache grows. Padding does not change the answers (tests/test_serve.py).
+
+    compile_level > 0 has transformers torch.compile the decoding step (its `default_compile_level`:
+    1 inductor with dynamic shapes, 2-3 max-autotune), inside the CUDA graph on a GPU.
 
     Works with the field names of transformers 5.17 (block_size) and 5.24 (page_size)."""
     import dataclasses
@@ -322,10 +327,43 @@ def continuous_batching_config(device_type: str, max_batch: int, max_request_tok
         "scheduler_type": "fifo",
         "kv_padding_interval_size": kv_padding_tokens or DEFAULT_KV_PADDING_TOKENS,
     }
+    if compile_level:
+        if "default_compile_level" not in fields:
+            raise ValueError(f"serve.batching.compile_level {compile_level}: this transformers' continuous batching "
+                             "has no default_compile_level; set it to 0")
+        kwargs["default_compile_level"] = compile_level
     kwargs["page_size" if "page_size" in fields else "block_size"] = page
     if "auto_switch_to_flash" in fields:
         kwargs["auto_switch_to_flash"] = cuda
     return cls(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+# torch._dynamo's recompile limit while the engine compiles its decoding step. transformers'
+# deprecation wrapper is one code object shared by the model's forward and its layers' (different
+# classes and argument lists), so dynamo keeps one compiled entry per caller under one function:
+# more than its default of 8 (measured on the embedded 4-layer Llama with transformers 5.24; past
+# the limit those frames silently fall back to eager).
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def prepare_compile(level: int) -> None:
+    """Checks what serve.batching.compile_level needs before the engine starts: a C compiler
+    (inductor builds its CPU kernels with one, Triton its GPU launchers) and room for dynamo's
+    entries. Raises ValueError naming the setting."""
+    import shutil
+
+    named = os.environ.get("CC"), os.environ.get("CXX")
+    found = [path for path in (shutil.which(n) for n in (*[n for n in named if n], "gcc", "g++", "cc", "clang"))
+             if path]
+    if not found:
+        raise ValueError(f"serve.batching.compile_level {level} needs a C compiler on this host (torch.compile: "
+                         "inductor's CPU kernels, Triton's GPU launchers); none found (CC, CXX, gcc, g++, cc, "
+                         "clang). Install one in the serving image or set serve.batching.compile_level: 0")
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), COMPILE_RECOMPILE_LIMIT))
 
 
 class ContinuousBatcher(Batcher):
@@ -335,8 +373,11 @@ class ContinuousBatcher(Batcher):
     def __init__(self, model, max_batch: int, window_ms: float, fmt, max_pending: int = 64,
                  timeout_s: float = 60.0, stall_s: float = 300.0, retry_after_s: float = 1.0,
                  max_request_tokens: int = 2048, max_batch_tokens: int = 0, cuda_graphs: str = "auto",
-                 kv_padding_tokens: int = 0):
+                 kv_padding_tokens: int = 0, compile_level: int = 0):
         from transformers import GenerationConfig
+
+        if compile_level:
+            prepare_compile(compile_level)
 
         super().__init__(model, max_batch, window_ms, fmt, max_pending=max_pending, timeout_s=timeout_s,
                          stall_s=stall_s, retry_after_s=retry_after_s)
@@ -345,7 +386,7 @@ class ContinuousBatcher(Batcher):
         generation = GenerationConfig(do_sample=False, max_new_tokens=max(1, max_request_tokens // 2),
                                       eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id)
         self.cb_config = continuous_batching_config(device.type, self.max_batch, max_request_tokens,
-                                                    max_batch_tokens, cuda_graphs, kv_padding_tokens)
+                                                    max_batch_tokens, cuda_graphs, kv_padding_tokens, compile_level)
         self.manager = model.init_continuous_batching(generation_config=generation,
                                                       continuous_batching_config=self.cb_config)
         if device.type == "cuda" and hasattr(self.manager, "warmup"):
@@ -580,6 +621,7 @@ class Engine:
                                              max_batch_tokens=int(batching.get("max_batch_tokens", 0) or 0),
                                              cuda_graphs=batching.get("cuda_graphs", "auto"),
                                              kv_padding_tokens=int(batching.get("kv_padding_tokens", 0) or 0),
+                                             compile_level=int(batching.get("compile_level", 0) or 0),
                                              **common)
         elif self.engine_kind == "static":
             self.batcher = Batcher(self.model, batching["max_batch"], batching["window_ms"], self.chat, **common)

@@ -198,6 +198,29 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
         same, total = count.split("/")
         assert same == total and int(total) > 0, (what, count)
 
+    # serve_compile: the continuous engine with its decoding step compiled against the same engine
+    # eager, at the first and last level (with a C compiler; without one it says so); fp32 on CPU:
+    # the same greedy answers
+    if not parts["serve_compile"]["status"].startswith("skipped"):
+        compiled = parts["serve_compile"]
+        assert [row["run"] for row in compiled["rows"]] == [
+            "continuous, concurrency 1", "continuous, compile level 1, concurrency 1",
+            "continuous, compile level 1, concurrency 2", "continuous, concurrency 2"]
+        for row in compiled["rows"]:
+            assert "status" not in row and row["tokens_per_s"] > 0 and row["decode_steps"] > 0, row
+            assert ("compile level 1" in row["setting"]) == ("compile level 1" in row["run"])
+        assert set(compiled["compiled_over_eager"]) == {"1", "2"}
+        for level, ratio in compiled["compiled_over_eager"].items():
+            rows = {row["run"]: row for row in compiled["rows"]}
+            assert ratio["tokens_per_s"] == pytest.approx(
+                rows[f"continuous, compile level 1, concurrency {level}"]["tokens_per_s"]
+                / rows[f"continuous, concurrency {level}"]["tokens_per_s"], abs=0.01)
+            assert ratio["identical_answers"] == f"{int(level) * 2}/{int(level) * 2}"
+        # the compiled engine compiles while it starts
+        assert compiled["ready_s"]["compiled"] > compiled["ready_s"]["eager"] > 0
+    else:
+        assert "needs a C compiler" in parts["serve_compile"]["status"]
+
     # no GPU figure, so nothing to paste, and it says why
     assert report["estimate"]["paste"] is None and report["estimate"]["why"]
 
@@ -269,6 +292,19 @@ def test_the_header_names_the_device_even_without_the_matmul_part():
             "default) = 2.50x output tokens/s; 4.28 vs 10.70 ms per decoding step\n") in markdown + "\n"
     assert ("- serve, concurrency 32: kv padding 1,024 (serve.batching.kv_padding_tokens) / 16,384 (transformers' "
             "default) = 1.25x output tokens/s\n") in markdown + "\n"
+
+
+def test_the_report_prints_the_compiled_decoding_step_against_the_eager_one():
+    part = {"status": "ok", "rows": [], "level": 1, "ready_s": {"eager": 6.2, "compiled": 71.4},
+            "compiled_over_eager": {"1": {"tokens_per_s": 1.42, "ms_per_step": [2.81, 3.99], "identical_answers": "3/3"},
+                                    "32": {"tokens_per_s": 1.18, "ms_per_step": [None, 5.5],
+                                           "identical_answers": "30/32"}}}
+    markdown = gpu.render_markdown(gpu.report({"serve_compile": part}, h200_ctx(), "2026-12-07 04:00 UTC", 12.0, 540))
+    assert ("- serve_compile, concurrency 1: compile level 1 / eager = 1.42x output tokens/s; 2.81 vs 3.99 ms per "
+            "decoding step; greedy answers identical 3/3; ready in 71.4 s vs 6.2 s (compilation, once per "
+            "instance)\n") in markdown + "\n"
+    assert ("- serve_compile, concurrency 32: compile level 1 / eager = 1.18x output tokens/s; greedy answers "
+            "identical 30/32; ready in 71.4 s") in markdown
 
 
 def test_the_report_prints_where_a_decoding_step_goes():

@@ -338,6 +338,33 @@ def test_continuous_batching_config_pads_the_cache_reads_of_graphed_steps_to_the
     assert cpu.use_cuda_graph is False and cpu.max_batch_tokens == 256
 
 
+def test_compile_level_reaches_transformers_and_needs_a_c_compiler(monkeypatch):
+    import shutil
+
+    import torch._dynamo
+    from pydantic import ValidationError
+
+    from serve import engine
+    from serve.engine import continuous_batching_config, prepare_compile
+
+    assert continuous_batching_config("cuda", 32, 2048).default_compile_level == 0
+    assert continuous_batching_config("cuda", 32, 2048, compile_level=2).default_compile_level == 2
+    with pytest.raises(ValidationError, match="compile_level"):
+        ServeParams.model_validate({"batching": {"compile_level": 4}})
+    # no compiler anywhere: refused before the engine starts, naming the setting and the way out
+    for name in ("CC", "CXX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    with pytest.raises(ValueError, match=r"serve.batching.compile_level 1 needs a C compiler on this host .*"
+                                         r"set serve.batching.compile_level: 0"):
+        prepare_compile(1)
+    # with one, dynamo keeps room for the entries of transformers' shared deprecation wrapper
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    prepare_compile(1)
+    assert torch._dynamo.config.recompile_limit == engine.COMPILE_RECOMPILE_LIMIT == 64
+
+
 def test_continuous_answers_are_identical_under_the_padding_cuda_graphs_need(engines, merged, module_dir,
                                                                             monkeypatch):
     """With CUDA graphs, transformers pads each step's inputs to fixed sizes: the new tokens to a

@@ -486,6 +486,12 @@ class ServeBatchingParams(Section):
         description="continuous engine with CUDA graphs: the cached tokens a decoding step reads are padded up "
         "to a multiple of this, one captured graph per size; 0 = 1024. transformers' own default, 16384, makes "
         "a lone request attend over 16K padded positions at every step. Unused on a CPU (no padding)")
+    compile_level: int = Field(
+        0, ge=0, le=3,
+        description="continuous engine: torch.compile the decoding step (transformers' default_compile_level): "
+        "0 off; 1 inductor, dynamic shapes; 2 max-autotune, dynamic; 3 max-autotune, static shapes (longest "
+        "start-up). Needs a C compiler on the serving host; compiles while the engine starts, and pads every "
+        "step as CUDA graphs do, also on a CPU")
 
 
 class ServeQueueParams(Section):
