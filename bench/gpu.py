@@ -421,6 +421,8 @@ def render_markdown(rep: dict) -> str:
                      f"{ratio['tokens_per_s']:.2f}x output tokens/s{per_step}; greedy answers identical "
                      f"{ratio['identical_answers']}; ready in {ready['compiled']:,.1f} s vs {ready['eager']:,.1f} s "
                      "(compilation, once per instance)")
+    for level, profile in serve_compile.get("decode_profile", {}).items():
+        lines.extend(decode_profile_lines(level, profile))
     head = rep["parts"].get("loss_head", {}).get("auto_rule")
     if head:
         lines.append(f"- fused_loss auto: {head['labelled_positions']} labelled positions, about "

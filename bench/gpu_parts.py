@@ -989,6 +989,15 @@ def part_serve_compile(ctx) -> dict:
             if measured is not None:
                 by_level.setdefault(concurrency, {})[kind] = measured
                 answers[(kind, concurrency)] = got
+    # The compiled step alone, phase by phase and kernel by kernel: beside the serve part's profile of
+    # the eager engine, the kernels a step runs say how much the compilation fused
+    decode_profile = {}
+    label = f"{levels[0]}, compile level {level}"
+    try:
+        requests = _greedy_requests(engines["compiled"], questions, levels[0], ctx["serve_tokens"])
+        decode_profile[label] = profile_decoding(engines["compiled"], requests, levels[0], device, **ctx["serve_profile"])
+    except Exception as exc:  # noqa: BLE001 - the levels' figures stand without it
+        decode_profile[label] = {"status": f"failed: {one_line(exc)}"}
     for engine in engines.values():
         engine.batcher.close()
     ratios = {}
@@ -998,7 +1007,8 @@ def part_serve_compile(ctx) -> dict:
                 "tokens_per_s": round(pair["compiled"]["tokens_per_s"] / pair["eager"]["tokens_per_s"], 2),
                 "ms_per_step": [pair["compiled"].get("ms_per_step"), pair["eager"].get("ms_per_step")],
                 "identical_answers": _agreement(answers[("compiled", concurrency)], answers[("eager", concurrency)])}
-    return {"status": "ok", "rows": rows, "level": level, "ready_s": ready, "compiled_over_eager": ratios}
+    return {"status": "ok", "rows": rows, "level": level, "ready_s": ready, "compiled_over_eager": ratios,
+            "decode_profile": decode_profile}
 
 
 def _embedded_tokenizer():

@@ -218,6 +218,9 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
             assert ratio["identical_answers"] == f"{int(level) * 2}/{int(level) * 2}"
         # the compiled engine compiles while it starts
         assert compiled["ready_s"]["compiled"] > compiled["ready_s"]["eager"] > 0
+        # and its decoding step alone, profiled as the serve part's
+        profile = compiled["decode_profile"]["1, compile level 1"]
+        assert (profile["status"], profile["concurrency"], profile["profile"]["status"]) == ("ok", 1, "ok")
     else:
         assert "needs a C compiler" in parts["serve_compile"]["status"]
 
@@ -305,6 +308,10 @@ def test_the_report_prints_the_compiled_decoding_step_against_the_eager_one():
             "instance)\n") in markdown + "\n"
     assert ("- serve_compile, concurrency 32: compile level 1 / eager = 1.18x output tokens/s; greedy answers "
             "identical 30/32; ready in 71.4 s") in markdown
+    part["decode_profile"] = {"1, compile level 1": {"status": "failed: RuntimeError: boom"}}
+    markdown = gpu.render_markdown(gpu.report({"serve_compile": part}, h200_ctx(), "2026-12-07 04:00 UTC", 12.0, 540))
+    assert ("- serve, continuous, concurrency 1, compile level 1: profile of decoding steps: failed: RuntimeError: "
+            "boom") in markdown
 
 
 def test_the_report_prints_where_a_decoding_step_goes():
