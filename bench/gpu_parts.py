@@ -218,10 +218,10 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
       ours-records  today's steps of 16 records (4 x accumulation 4), 1 epoch: the before figure;
       ours-1ep      as ours, `baseline_epochs` epochs: the final loss on the baseline's tokens;
       baseline      Trainer + PEFT, `baseline_epochs` epochs;
-      ours, varlen attention   as ours with train.attention varlen (stages/core/attention.py):
+      ours, varlen attention   as ours, `sweep_epochs` epochs, with train.attention varlen (stages/core/attention.py):
                     each packed record attends to itself, no mask (PyTorch's variable-length
                     flash attention on CUDA), against the dense masked row below;
-      ours, rows of N   as ours with packed rows of N tokens, for each N of `pack_sweep`: SDPA
+      ours, rows of N   as ours, `sweep_epochs` epochs, with packed rows of N tokens, for each N of `pack_sweep`: SDPA
                     computes a packed row's block-diagonal mask densely, so attention costs the
                     square of the row's length whatever its records' lengths (pack_sweep_summary).
     Then steps under torch.profiler (profile_steps), `profile_steps` of ours-records (where a step of
@@ -260,13 +260,13 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
                  ("ours-1ep", ours_short, budget_note), ("baseline", records, "")]
     if baseline:  # train_1b only (3B's budget is its ours): the same steps, attention record by record
         unmasked = params.model_copy(update={"train": params.train.model_copy(update={"attention": "varlen"})})
-        varlen, varlen_head = budgeted(unmasked, train_ex, ctx["tokens_per_step"], ctx["epochs"], vocab, liger,
+        varlen, varlen_head = budgeted(unmasked, train_ex, ctx["tokens_per_step"], ctx["sweep_epochs"], vocab, liger,
                                        device.type == "cuda")
         runs.append(("ours, varlen attention", varlen, f"; attention varlen through {_varlen_path(device, dtype)} "
                      "(records attend record by record, no mask); " + (varlen_head.note or varlen_head.value)))
     for rows_of in ctx.get("pack_sweep", []) if baseline else []:  # train_1b only: 3B's budget is its ours
         resized = params.model_copy(update={"train": params.train.model_copy(update={"pack_tokens": rows_of})})
-        swept, swept_head = budgeted(resized, train_ex, ctx["tokens_per_step"], ctx["epochs"], vocab, liger,
+        swept, swept_head = budgeted(resized, train_ex, ctx["tokens_per_step"], ctx["sweep_epochs"], vocab, liger,
                                      device.type == "cuda")
         runs.append((f"ours, rows of {rows_of:,}", swept, f"; rows of {rows_of:,} tokens; "
                      + (swept_head.note or swept_head.value)))
