@@ -360,9 +360,11 @@ def test_compile_level_reaches_transformers_and_needs_a_c_compiler(monkeypatch):
         prepare_compile(1)
     # with one, dynamo keeps room for the entries of transformers' shared deprecation wrapper
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    prepare_compile(1)
-    assert torch._dynamo.config.recompile_limit == engine.COMPILE_RECOMPILE_LIMIT == 64
+    # torch's own patch restores the setting after (pytest's monkeypatch would delete it, which hides
+    # the option from every later compile in this process)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        prepare_compile(1)
+        assert torch._dynamo.config.recompile_limit == engine.COMPILE_RECOMPILE_LIMIT == 64
 
 
 def test_continuous_answers_are_identical_under_the_padding_cuda_graphs_need(engines, merged, module_dir,
