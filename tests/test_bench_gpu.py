@@ -53,7 +53,9 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     proc, out = smoke["proc"], smoke["out"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_bench.json").read_text(encoding="utf-8"))
-    assert set(report) == {"kit", "parts", "rows", "estimate"}
+    assert set(report) == {"kit", "parts", "rows", "estimate", "targets"}
+    assert len(report["targets"]["verdicts"]) == 9
+    assert {v["status"] for v in report["targets"]["verdicts"].values()} == {"not judged"}
     assert report["kit"]["mode"] == "cpu-smoke"
     import transformers
 
@@ -615,6 +617,7 @@ def test_carry_list_pins_every_wheel_and_the_device_call_fits():
     assert len(command) < 2000
     assert "python3 -m bench.gpu $OUT" in command and ".whl/*.whl" in command
     assert f"#   command:   {command}" in text and '#   carry:     [".whl"]' in text
+    assert "#   kind:      nvidia-h200" in text  # the GPU the targets are stated for, never left to chance
 
 
 def test_the_gpu_image_environment_has_the_carried_wheels_at_their_pins_and_the_images_transformers(root):
@@ -667,6 +670,7 @@ def test_without_cuda_the_gpu_run_writes_a_table_of_skips(tmp_path, root, capsys
     assert {row["status"] for row in report["rows"]} == {
         "skipped: no CUDA GPU visible to torch (python -m bench.gpu OUT_DIR --cpu-smoke runs the CPU code path)"}
     assert report["estimate"]["paste"] is None
+    assert {v["status"] for v in report["targets"]["verdicts"].values()} == {"not measured"}
     markdown = (tmp_path / "out" / "gpu_bench.md").read_text(encoding="utf-8")
     assert markdown.count("| skipped: no CUDA GPU") == len(gpu.ORDER)
     assert markdown in capsys.readouterr().out
