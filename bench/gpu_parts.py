@@ -323,7 +323,7 @@ def _varlen_path(device, dtype) -> str:
     return "per-record SDPA (no varlen kernel here)"
 
 
-def _rate(r: dict) -> float:
+def steady_rate(r: dict) -> float:
     """Steady-state real tokens/s (the epochs after the first) where a run has one, else the whole run's."""
     return (r.get("steady") or {}).get("tokens_per_s") or r["tokens_per_s"]
 
@@ -332,8 +332,8 @@ def varlen_summary(ours: dict, varlen: dict) -> dict:
     """attention varlen against ours' sdpa on the same steps: throughput ratio, both final losses
     (the same maths: they differ by the kernels' rounding only)."""
     return {"measure": "steady" if ours.get("steady") and varlen.get("steady") else "all epochs",
-            "tokens_per_s": [round(_rate(varlen), 1), round(_rate(ours), 1)],
-            "over_ours": round(_rate(varlen) / _rate(ours), 3),
+            "tokens_per_s": [round(steady_rate(varlen), 1), round(steady_rate(ours), 1)],
+            "over_ours": round(steady_rate(varlen) / steady_rate(ours), 3),
             "final_loss": [varlen["final_val_loss"], ours["final_val_loss"]],
             "peak_mb": [varlen["peak_mb"], ours["peak_mb"]]}
 
@@ -342,11 +342,11 @@ def pack_sweep_summary(results: dict, ours_rows: int, sweep: list[int]) -> dict:
     """Real tokens/s of ours by packed-row length: steady state (the epochs after the first) where a
     run has one, else the whole run; each length's ratio to ours' rows."""
     measure = "steady" if results["ours"].get("steady") else "all epochs"
-    rates = {ours_rows: _rate(results["ours"])}
+    rates = {ours_rows: steady_rate(results["ours"])}
     for rows_of in sweep:
         run = results.get(f"ours, rows of {rows_of:,}")
         if run is not None:
-            rates[rows_of] = _rate(run)
+            rates[rows_of] = steady_rate(run)
     return {"ours_rows": ours_rows, "measure": measure,
             "tokens_per_s": {str(k): round(v, 1) for k, v in sorted(rates.items())},
             "over_ours": {str(k): round(v / rates[ours_rows], 3) for k, v in sorted(rates.items()) if k != ours_rows}}

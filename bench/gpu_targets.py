@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bench.gpu_parts import steady_rate
+
 STATED_FOR = "H200"
 DEFAULT_TRAIN = "ours"                          # train_1b's main run (the kit's step size and rows)
 DEFAULT_SERVE = "continuous (the default)"      # the endpoint's engine as params.yaml configures it
@@ -35,19 +37,6 @@ class Verdict:
     why: str = ""         # for "not measured" / "not judged", or the comparison behind a check
     levers: list[tuple[Figure, bool]] = field(default_factory=list)  # other runs, and whether each meets it
 
-    def line(self) -> str:
-        text = f"- target, {self.goal}: "
-        if self.figure is None:
-            text += f"{self.status} ({self.why})"
-        else:
-            measure = f" ({self.figure.measure})" if self.figure.measure else ""
-            text += f"{self.figure.label} {_fmt(self.key, self.figure.value)}{measure}: {self.status}"
-            text += f" ({self.why})" if self.why else ""
-        if self.levers:
-            text += "; also measured: " + ", ".join(
-                f"{f.label} {_fmt(self.key, f.value)} ({'meets it' if ok else 'does not'})" for f, ok in self.levers)
-        return text
-
     def as_dict(self) -> dict:
         fig = lambda f: {"run": f.label, "value": f.value, "measure": f.measure}  # noqa: E731
         return {"goal": self.goal, "status": self.status, "why": self.why,
@@ -63,6 +52,22 @@ FORMATS = {"tokens_per_s": "{:,.0f}", "mfu": "{:.1%}", "p95_s": "{:.2f} s", "los
 def _fmt(key: str, value: float) -> str:
     unit = next(u for u in FORMATS if key.endswith(u))
     return FORMATS[unit].format(value)
+
+
+def _line(key: str, verdict: dict) -> str:
+    """One verdict of gpu_bench.json's "targets" as the report prints it."""
+    text = f"- target, {verdict['goal']}: "
+    figure = verdict["figure"]
+    if figure is None:
+        text += f"{verdict['status']} ({verdict['why']})"
+    else:
+        measure = f" ({figure['measure']})" if figure["measure"] else ""
+        text += f"{figure['run']} {_fmt(key, figure['value'])}{measure}: {verdict['status']}"
+        text += f" ({verdict['why']})" if verdict["why"] else ""
+    if verdict["levers"]:
+        text += "; also measured: " + ", ".join(
+            f"{f['run']} {_fmt(key, f['value'])} ({'meets it' if f['meets'] else 'does not'})" for f in verdict["levers"])
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +87,7 @@ def _training_figures(rep: dict, key: str) -> list[Figure]:
     for row in runs:
         steady = row.get("steady") or {}
         if key == "tokens_per_s":
-            value = steady.get("tokens_per_s") or row["tokens_per_s"]
+            value = steady_rate(row)
         else:
             value = steady.get("mfu") if steady.get("mfu") is not None else row.get("mfu")
         if value is None:
@@ -224,9 +229,10 @@ def report_section(rep: dict) -> dict:
 
 
 def lines(rep: dict) -> list[str]:
-    device = rep["kit"].get("device_name") or "unknown"
+    """The verdicts under the report's table, from its "targets" (judged once, by report_section)."""
+    targets = rep["targets"]
     if rep["kit"]["mode"] != "cuda":
         return ["- targets of issue 22: not judged (a CPU smoke: the embedded model's figures, plumbing only)"]
-    head = (f"- targets of issue 22 (stated for an {STATED_FOR}; this run: {device}"
-            + ("" if STATED_FOR in device else ", a different GPU: read the verdicts with that in mind") + "):")
-    return [head] + [v.line() for v in judge(rep)]
+    head = (f"- targets of issue 22 (stated for an {STATED_FOR}; this run: {targets['device']}"
+            + ("" if targets["same_gpu"] else ", a different GPU: read the verdicts with that in mind") + "):")
+    return [head] + [_line(key, verdict) for key, verdict in targets["verdicts"].items()]
