@@ -21,6 +21,9 @@ a hang costs only that part):
   serve_compile  the endpoint's continuous engine with serve.batching.compile_level 1 (torch.compile
              of the decoding step) against 0, at concurrency 1 and 32: output tokens/s, ms per step,
              the seconds until each engine is ready
+  serve_static_cache  the per-stream reference: transformers' model.generate with a static KV cache,
+             its decoding step compiled (CUDA graphs) against uncompiled, one stream (batch 1) and one
+             static batch of 32, on the endpoint's prompts; not the endpoint's engine
 A part that cannot run says "skipped: <why>"; one that breaks says "failed: <one line>"; the run goes on.
 
 Writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md (the same table) and prints the table, the
@@ -44,13 +47,14 @@ from pathlib import Path
 from bench import gpu_targets
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b", "compile", "serve_compile")
+ORDER = ("matmul", "serve", "train_1b", "loss_head", "qlora", "train_3b", "compile", "serve_compile",
+         "serve_static_cache")
 # Seconds a part needs to be worth starting on an H200 (train_3b is estimated from train_1b instead).
 NEEDS = {"matmul": 20, "train_1b": 90, "loss_head": 30, "qlora": 60, "serve": 90, "compile": 120,
-         "serve_compile": 120}
+         "serve_compile": 120, "serve_static_cache": 150}
 # Most seconds a part may run before it is stopped (a hang costs only its share), on a GPU.
 CAPS = {"matmul": 60, "serve": 200, "train_1b": 260, "loss_head": 60, "qlora": 150, "train_3b": 300, "compile": 300,
-        "serve_compile": 240}
+        "serve_compile": 240, "serve_static_cache": 300}
 # 3B / 1B training FLOPs per token (stages.core.estimate.flops_per_token, LoRA, ~100-token records):
 # train_3b's need before any 1B figure exists.
 FLOPS_3B_OVER_1B = 2.6
@@ -64,12 +68,12 @@ TIME_3B_OVER_1B, TIME_3B_MARGIN, TIME_3B_OVERHEAD_S = 1.85, 1.15, 50
 # crashed (the compile part exited with SIGSEGV in the CI run of stop 29, while the same compile ran
 # in-process in tests/test_training_compile.py on that machine; fork with threads is the known
 # hazard, pytorch/pytorch#108586 and #148651).
-SPAWNED = frozenset({"compile", "serve_compile"})
+SPAWNED = frozenset({"compile", "serve_compile", "serve_static_cache"})
 # Parts that compile with inductor in a cache of their own (the kit's work folder), empty at each run:
 # the warm-up figure is then a cold compile every time, as on a fresh GPU machine, and no cache left
 # by another torch build, checkout or crashed run is read (a stale shared cache gave NaN losses and a
 # SIGSEGV on this project's CPU machine, docs/training.md "torch.compile").
-PRIVATE_INDUCTOR_CACHE = frozenset({"compile", "serve_compile"})
+PRIVATE_INDUCTOR_CACHE = frozenset({"compile", "serve_compile", "serve_static_cache"})
 COLUMNS = [  # (key, header, format)
     ("part", "part", "{}"), ("model", "model", "{}"), ("run", "run", "{}"), ("setting", "setting", "{}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"), ("peak_mb", "peak MiB", "{:,.0f}"),
@@ -438,6 +442,14 @@ def render_markdown(rep: dict) -> str:
                      "(compilation, once per instance)")
     for level, profile in serve_compile.get("decode_profile", {}).items():
         lines.extend(decode_profile_lines(level, profile))
+    static_cache = rep["parts"].get("serve_static_cache", {})
+    for size, ratio in static_cache.get("compiled_over_eager", {}).items():
+        steps, first = ratio["ms_per_step"], ratio["first_call_s"]
+        lines.append(f"- serve_static_cache, batch {size}: transformers' generate with a static KV cache of "
+                     f"{static_cache['max_cache_len']:,} tokens, compiled / uncompiled = {ratio['tokens_per_s']:.2f}x "
+                     f"output tokens/s; {steps[0]:,.2f} vs {steps[1]:,.2f} ms per decoding step; greedy answers "
+                     f"identical {ratio['identical_answers']}; first call {first[0]:,.1f} s vs {first[1]:,.1f} s "
+                     "(compilation, once per batch size)")
     head = rep["parts"].get("loss_head", {}).get("auto_rule")
     if head:
         lines.append(f"- fused_loss auto: {head['labelled_positions']} labelled positions, about "

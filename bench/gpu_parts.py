@@ -1011,6 +1011,139 @@ def part_serve_compile(ctx) -> dict:
             "decode_profile": decode_profile}
 
 
+def part_serve_static_cache(ctx) -> dict:
+    """Issue 22's per-stream lever as transformers ships it: `model.generate` with a static KV cache,
+    whose decoding step transformers compiles on a GPU (its CompileConfig: inductor,
+    mode="reduce-overhead", i.e. CUDA graphs), against the same static cache uncompiled. Not the
+    endpoint's engine: a reference for what one stream (batch 1, requests one after another) and one
+    static batch of the last level's size (every row decodes to the longest) reach on this GPU, beside
+    the serve part's continuous engine at concurrency 1 and 32. The same prompts as the endpoint's
+    (its chat format and default system prompt), greedy answers of `serve_tokens` new tokens, decoded
+    by the project's generate_batch (stages/core/generate.py, what the static engine runs). The cache
+    is sized once for the endpoint's longest request (`max_cache_len`), so one compiled graph serves
+    every prompt length at a batch size; "first call" is that batch size's compilation. On a CPU
+    transformers does not compile generate by itself: the smoke forces it (CompileConfig's
+    _compile_all_devices), which runs the compiled path's code, not its speed."""
+    from serve.codefolder import serve_config
+    from serve.engine import prepare_compile
+    from stages.core.chat import chat_format
+
+    try:
+        prepare_compile(1)  # a C compiler, and room for dynamo's entries
+    except ValueError as exc:
+        raise Skip(str(exc)) from None
+    device = device_of(ctx)
+    tokenizer = _embedded_tokenizer()
+    folder = materialise(ctx, "1b", tokenizer, device)
+    config = serve_config()
+    fmt = chat_format(tokenizer)
+    questions = _questions()
+    prompts = [fmt.prompt_ids(config["default_system"], q) for q in questions]
+    longest = (int(config["max_system_tokens"]) + int(config["max_instruction_tokens"]) + 64
+               + int(config["max_new_tokens_limit"]))  # as serve.engine sizes a continuous engine's requests
+    last = ctx["serve_levels"][-1]  # one static batch of the serve part's largest concurrency
+    batches = {1: [[p] for p in prompts[:ctx["serve_requests"][0]]], last: [prompts[:last]]}
+    rows, answers, first_call = [], {}, {}
+    for kind in ("eager", "compiled"):
+        model = _static_cache_model(folder, device, fmt, longest, compiled=kind == "compiled", smoke=ctx["smoke"])
+        for size, calls in batches.items():
+            label = f"generate, static cache, {kind}, batch {size}"
+            row = {"part": "serve_static_cache", "model": model_name(ctx, "1b"), "run": label,
+                   "setting": (f"model.generate, static KV cache of {longest:,} tokens, "
+                               + ("decoding step compiled (transformers' CompileConfig: inductor, reduce-overhead)"
+                                  if kind == "compiled" else "not compiled")
+                               + f", {ctx['serve_tokens']} new tokens, greedy; "
+                               + ("requests one after another" if size == 1 else "one static batch, rows decode to the longest"))}
+            try:
+                began = time.perf_counter()
+                _static_generate(model, calls[0], fmt, ctx["serve_tokens"], device)
+                first_call[label] = round(time.perf_counter() - began, 1)
+                if kind == "compiled" and not hasattr(model, "_compiled_call"):
+                    # transformers skips compilation with a warning when its criteria fail: say so, not "compiled"
+                    raise RuntimeError("transformers did not compile generate's decoding step (its auto-compile "
+                                       "criteria were not met)")
+                measured, got = _static_cache_level(model, calls, fmt, ctx["serve_tokens"], device)
+                row.update(measured, first_call_s=first_call[label])
+                row["setting"] += f"; first call (untimed{', compilation' if kind == 'compiled' else ''}) {first_call[label]:,.1f} s"
+                answers[(kind, size)] = got
+            except Exception as exc:  # noqa: BLE001 - the other rows stand without it
+                row["status"] = f"failed: {one_line(exc)}"
+            rows.append(row)
+        del model
+        release(device)
+    ratios = {}
+    for size in batches:
+        eager = next((r for r in rows if r["run"].endswith(f"eager, batch {size}") and "tokens_per_s" in r), None)
+        compiled = next((r for r in rows if r["run"].endswith(f"compiled, batch {size}") and "tokens_per_s" in r), None)
+        if eager and compiled and eager["tokens_per_s"]:
+            ratios[str(size)] = {"tokens_per_s": round(compiled["tokens_per_s"] / eager["tokens_per_s"], 2),
+                                 "ms_per_step": [compiled["ms_per_step"], eager["ms_per_step"]],
+                                 "first_call_s": [compiled["first_call_s"], eager["first_call_s"]],
+                                 "identical_answers": _agreement(answers[("compiled", size)], answers[("eager", size)])}
+    return {"status": "ok", "rows": rows, "max_cache_len": longest, "compiled_over_eager": ratios}
+
+
+def _static_cache_model(folder, device, fmt, max_cache_len: int, compiled: bool, smoke: bool):
+    """The 1B folder loaded as the endpoint loads it (bf16 on a GPU, fp32 on a CPU), its generation
+    config set for a static cache of `max_cache_len`, compiled by transformers or not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.configuration_utils import CompileConfig
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    generation = model.generation_config
+    generation.cache_implementation = "static"
+    generation.max_cache_len = max_cache_len
+    generation.disable_compile = not compiled
+    if compiled:
+        generation.compile_config = CompileConfig()
+        # transformers compiles generate's decoding step by itself on CUDA only; the smoke runs that path on a CPU
+        generation.compile_config._compile_all_devices = smoke
+    return model
+
+
+def _static_generate(model, prompts, fmt, new_tokens: int, device):
+    from stages.core.generate import generate_batch
+
+    generations = generate_batch(model, prompts, new_tokens, fmt)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+    return generations
+
+
+def _static_cache_level(model, calls: list[list[list[int]]], fmt, new_tokens: int, device) -> tuple[dict, dict]:
+    """Each call (a list of prompts) one after another, timed: output tokens/s, latencies (a row's is
+    its call's), ms per decoding step (each call decodes to its longest row), the answers by request."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    latencies, tokens, steps, answers = [], 0, 0, {}
+    began = time.perf_counter()
+    for call in calls:
+        started = time.perf_counter()
+        generations = _static_generate(model, call, fmt, new_tokens, device)
+        took = time.perf_counter() - started
+        for generation in generations:
+            latencies.append(took)
+            answers[len(answers)] = generation.token_ids
+            tokens += len(generation.token_ids)
+        steps += max(len(g.token_ids) + g.finished for g in generations)
+    wall = time.perf_counter() - began
+    latencies.sort()
+    count = len(latencies)
+    row = {"requests": count, "requests_per_s": round(count / wall, 3), "tokens_per_s": round(tokens / wall, 1),
+           "p50_s": round(_percentile(latencies, 0.50), 3), "p95_s": round(_percentile(latencies, 0.95), 3),
+           "mean_output_tokens": round(tokens / count, 1), "decode_steps": steps,
+           "ms_per_step": round(1000 * wall / max(1, steps), 2), "wall_s": round(wall, 3)}
+    if device.type == "cuda":
+        row["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return row, answers
+
+
 def _embedded_tokenizer():
     from stages.core.modeling import load_tokenizer
 
@@ -1135,4 +1268,5 @@ PARTS = {
     "train_3b": lambda ctx: part_train(ctx, "3b", baseline=False),
     "compile": part_compile,
     "serve_compile": part_serve_compile,
+    "serve_static_cache": part_serve_static_cache,
 }

@@ -102,7 +102,8 @@ def _training_figures(rep: dict, key: str) -> list[Figure]:
 def _serve_figures(rep: dict, level: int, key: str) -> list[Figure]:
     """The endpoint's continuous engine at one concurrency: the default settings (serve part; the
     serve_compile part's eager engine where serve did not run), then the compiled step and
-    transformers' default KV padding (the A/B engine)."""
+    transformers' default KV padding (the A/B engine), then the per-stream reference (transformers'
+    generate, static cache, compiled) at the batch size of that concurrency, named as not the endpoint."""
     wanted = f"concurrency {level}"
     default, others = None, []
     for part in ("serve", "serve_compile"):
@@ -114,6 +115,9 @@ def _serve_figures(rep: dict, level: int, key: str) -> list[Figure]:
                 default = default or Figure(DEFAULT_SERVE, row[key], "" if part == "serve" else f"{part} part")
             else:
                 others.append(Figure(label, row[key]))
+    for row in _rows(rep, "serve_static_cache"):
+        if row["run"] == f"generate, static cache, compiled, batch {level}" and key in row:
+            others.append(Figure(f"{row['run']} (not the endpoint's engine)", row[key]))
     return ([default] if default else []) + others
 
 

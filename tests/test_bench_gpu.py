@@ -226,6 +226,35 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     else:
         assert "needs a C compiler" in parts["serve_compile"]["status"]
 
+    # serve_static_cache: transformers' generate with a static KV cache, compiled (forced on a CPU)
+    # against uncompiled, one stream (the first level's requests one after another) and one static
+    # batch of the last level's size; fp32 on CPU: the same greedy answers compiled or not
+    static = parts["serve_static_cache"]
+    if not static["status"].startswith("skipped"):
+        assert [row["run"] for row in static["rows"]] == [
+            "generate, static cache, eager, batch 1", "generate, static cache, eager, batch 2",
+            "generate, static cache, compiled, batch 1", "generate, static cache, compiled, batch 2"]
+        assert static["max_cache_len"] == 512 + 512 + 64 + 256  # serve's limits: system, instruction, template, answer
+        for row in static["rows"]:
+            assert "status" not in row and row["tokens_per_s"] > 0 and 0 < row["mean_output_tokens"] <= 8, row
+            batch = int(row["run"].rsplit(" ", 1)[1])
+            assert row["requests"] == 2  # the first level's 2 requests one by one, or one batch of 2
+            assert 0 < row["p50_s"] <= row["p95_s"] and row["first_call_s"] > 0
+            # a call decodes to its longest row: at most 8 steps a call
+            assert 0 < row["decode_steps"] <= 8 * (row["requests"] if batch == 1 else 1)
+            assert ("compiled (transformers' CompileConfig" in row["setting"]) == ("compiled" in row["run"])
+        assert set(static["compiled_over_eager"]) == {"1", "2"}
+        for size, ratio in static["compiled_over_eager"].items():
+            rows = {row["run"]: row for row in static["rows"]}
+            assert ratio["tokens_per_s"] == pytest.approx(
+                rows[f"generate, static cache, compiled, batch {size}"]["tokens_per_s"]
+                / rows[f"generate, static cache, eager, batch {size}"]["tokens_per_s"], abs=0.01)
+            assert ratio["identical_answers"] == "2/2"
+            # the compiled model compiles in its first call at each batch size; the uncompiled one does not
+            assert ratio["first_call_s"][0] > ratio["first_call_s"][1]
+    else:
+        assert "needs a C compiler" in static["status"]
+
     # no GPU figure, so nothing to paste, and it says why
     assert report["estimate"]["paste"] is None and report["estimate"]["why"]
 
@@ -325,6 +354,20 @@ def test_the_report_prints_the_compiled_decoding_step_against_the_eager_one():
     markdown = gpu.render_markdown(gpu.report({"serve_compile": part}, h200_ctx(), "2026-12-07 04:00 UTC", 12.0, 540))
     assert ("- serve, continuous, concurrency 1, compile level 1: profile of decoding steps: failed: RuntimeError: "
             "boom") in markdown
+
+
+def test_the_report_prints_the_static_cache_reference_compiled_against_uncompiled():
+    part = {"status": "ok", "rows": [], "max_cache_len": 1344,
+            "compiled_over_eager": {"1": {"tokens_per_s": 3.21, "ms_per_step": [3.05, 9.79], "first_call_s": [48.2, 0.9],
+                                          "identical_answers": "3/3"},
+                                    "32": {"tokens_per_s": 1.5, "ms_per_step": [20.0, 30.0], "first_call_s": [39.0, 1.2],
+                                           "identical_answers": "29/32"}}}
+    markdown = gpu.render_markdown(gpu.report({"serve_static_cache": part}, h200_ctx(), "2026-12-07 04:00 UTC", 12.0, 540))
+    assert ("- serve_static_cache, batch 1: transformers' generate with a static KV cache of 1,344 tokens, compiled / "
+            "uncompiled = 3.21x output tokens/s; 3.05 vs 9.79 ms per decoding step; greedy answers identical 3/3; "
+            "first call 48.2 s vs 0.9 s (compilation, once per batch size)\n") in markdown + "\n"
+    assert "- serve_static_cache, batch 32: transformers' generate with a static KV cache of 1,344 tokens, compiled / " \
+           "uncompiled = 1.50x output tokens/s; 20.00 vs 30.00 ms per decoding step; greedy answers identical 29/32" in markdown
 
 
 def test_the_report_prints_where_a_decoding_step_goes():

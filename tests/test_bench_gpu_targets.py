@@ -173,3 +173,26 @@ def test_a_cpu_smoke_is_never_judged():
     markdown = gpu.render_markdown(rep)
     assert "- targets of issue 22: not judged (a CPU smoke: the embedded model's figures, plumbing only)\n" in markdown
     assert "- target," not in markdown
+
+
+def test_the_static_cache_reference_is_listed_beside_the_endpoint_as_not_its_engine():
+    results = h200_results()
+    results["serve_static_cache"] = {"status": "ok", "rows": [
+        {"part": "serve_static_cache", "run": "generate, static cache, eager, batch 1", "tokens_per_s": 31.0, "p95_s": 4.1},
+        {"part": "serve_static_cache", "run": "generate, static cache, compiled, batch 1", "tokens_per_s": 310.0,
+         "p95_s": 0.42},
+        {"part": "serve_static_cache", "run": "generate, static cache, compiled, batch 32", "tokens_per_s": 3_000.0,
+         "p95_s": 1.4}]}
+    rep = _report(results)
+    verdicts = rep["targets"]["verdicts"]
+    # the verdict stays the endpoint's; the reference is a lever beside it, at its own batch size only
+    assert verdicts["serve_c1_tokens_per_s"]["status"] == "not met"
+    assert verdicts["serve_c1_tokens_per_s"]["levers"][-1] == {
+        "run": "generate, static cache, compiled, batch 1 (not the endpoint's engine)", "value": 310.0, "measure": "",
+        "meets": True}
+    assert verdicts["serve_c32_tokens_per_s"]["levers"] == [
+        {"run": "generate, static cache, compiled, batch 32 (not the endpoint's engine)", "value": 3_000.0,
+         "measure": "", "meets": False}]
+    assert verdicts["serve_c32_p95_s"]["levers"][-1]["value"] == 1.4
+    assert ("also measured: continuous, kv padding 16,384 40 (does not), continuous, compile level 1 260 (meets it), "
+            "generate, static cache, compiled, batch 1 (not the endpoint's engine) 310 (meets it)\n") in gpu.render_markdown(rep)
