@@ -194,6 +194,7 @@ def run_all(ctx: dict, parts: list[str], budget_s: float, start_method: str, cud
                "train_rows": results.get("train_1b", {}).get("rows", [])}
         part_began = time.monotonic()
         cap = left - 2 if ctx["smoke"] else min(left - 2, CAPS.get(name, left))
+        ctx["part_deadline"] = time.time() + cap  # wall clock: a part may leave out what would not finish
         result = run_part(name, ctx, cap, start_method)
         result["elapsed_s"] = round(time.monotonic() - part_began, 1)
         results[name] = result

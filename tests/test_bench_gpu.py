@@ -232,8 +232,8 @@ def test_cpu_smoke_writes_the_table_and_every_part_ran_or_says_why(smoke):
     static = parts["serve_static_cache"]
     if not static["status"].startswith("skipped"):
         assert [row["run"] for row in static["rows"]] == [
-            "generate, static cache, eager, batch 1", "generate, static cache, eager, batch 2",
-            "generate, static cache, compiled, batch 1", "generate, static cache, compiled, batch 2"]
+            "generate, static cache, eager, batch 1", "generate, static cache, compiled, batch 1",
+            "generate, static cache, eager, batch 2", "generate, static cache, compiled, batch 2"]
         assert static["max_cache_len"] == 512 + 512 + 64 + 256  # serve's limits: system, instruction, template, answer
         for row in static["rows"]:
             assert "status" not in row and row["tokens_per_s"] > 0 and 0 < row["mean_output_tokens"] <= 8, row
@@ -354,6 +354,18 @@ def test_the_report_prints_the_compiled_decoding_step_against_the_eager_one():
     markdown = gpu.render_markdown(gpu.report({"serve_compile": part}, h200_ctx(), "2026-12-07 04:00 UTC", 12.0, 540))
     assert ("- serve, continuous, concurrency 1, compile level 1: profile of decoding steps: failed: RuntimeError: "
             "boom") in markdown
+
+
+def test_the_static_batch_is_left_out_when_it_would_not_finish_before_the_part_is_stopped(monkeypatch):
+    monkeypatch.setattr(gpu_parts.time, "time", lambda: 1_000.0)
+    # batch 1 compiled in 40 s: the batch needs 1.5 x 40 + 30 = 90 s
+    assert gpu_parts._static_batch_short_of_time(1_090.0, 40.0) == ""
+    assert gpu_parts._static_batch_short_of_time(1_089.0, 40.0) == (
+        "the part's time: about 90 s needed (1.5 x batch 1's 40 s compilation + 30 s), 89 s left before the kit stops it")
+    assert gpu_parts._static_batch_short_of_time(900.0, 40.0).endswith(", 0 s left before the kit stops it")
+    # no deadline (a part run by hand) or no compilation figure (batch 1 failed): not judged, it runs
+    assert gpu_parts._static_batch_short_of_time(None, 40.0) == ""
+    assert gpu_parts._static_batch_short_of_time(1_001.0, None) == ""
 
 
 def test_the_report_prints_the_static_cache_reference_compiled_against_uncompiled():
