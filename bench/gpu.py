@@ -118,8 +118,10 @@ def _child(name: str, ctx: dict, result_path: str) -> None:
         result = PARTS[name](ctx)
     except Skip as exc:
         result = {"status": f"skipped: {exc}", "rows": []}
-    except BaseException as exc:  # noqa: BLE001 - reported as this part's "failed: ..."
-        result = {"status": f"failed: {one_line(exc)}", "rows": []}
+    except BaseException as exc:  # noqa: BLE001 - reported as this part's "failed: ...", with the rows it finished
+        progress = ctx.get("progress_path")
+        result = (_stopped(f"failed: {one_line(exc)}", Path(progress)) if progress
+                  else {"status": f"failed: {one_line(exc)}", "rows": []})
     partial = result_path + ".partial"
     Path(partial).write_text(json.dumps(result, default=str), encoding="utf-8")
     os.replace(partial, result_path)
@@ -134,16 +136,20 @@ def run_part(name: str, ctx: dict, timeout_s: float, start_method: str) -> dict:
     # which a spawned child cannot import by that name.
     from bench.gpu import _child as child
 
+    # The rows a part has finished (gpu_parts.keep): what comes back from a part stopped at its share
+    progress_path = Path(ctx["work_dir"]) / f"{name}.progress.json"
+    ctx = {**ctx, "progress_path": str(progress_path)}
     began = time.monotonic()
     retried = None
     while True:
+        progress_path.unlink(missing_ok=True)
         proc = mp.get_context(start_method).Process(target=child, args=(name, ctx, str(result_path)), name=f"bench-{name}")
         proc.start()
         proc.join(max(1.0, timeout_s - (time.monotonic() - began)))
         if proc.is_alive():
             proc.kill()
             proc.join()
-            return {"status": f"failed: ran past its share of the budget ({timeout_s:.0f} s) and was stopped", "rows": []}
+            return _stopped(f"failed: ran past its share of the budget ({timeout_s:.0f} s) and was stopped", progress_path)
         if result_path.is_file():
             break
         took = time.monotonic() - began
@@ -154,11 +160,22 @@ def run_part(name: str, ctx: dict, timeout_s: float, start_method: str) -> dict:
             retried = f"attempt 1 {died}"
             continue
         why = f"; {retried}" if retried else ""
-        return {"status": f"failed: the part's process {died}{why}", "rows": []}
+        return _stopped(f"failed: the part's process {died}{why}", progress_path)
     result = json.loads(result_path.read_text(encoding="utf-8"))
     if retried:
         result["retried"] = retried
     return result
+
+
+def _stopped(status: str, progress_path: Path) -> dict:
+    """A part that ended without its result: the status, with the rows it had finished, if any."""
+    try:
+        rows = json.loads(progress_path.read_text(encoding="utf-8"))["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        rows = []
+    if rows:
+        status += f"; the rows it finished before are kept ({len(rows)})"
+    return {"status": status, "rows": rows}
 
 
 def need_s(name: str, results: dict) -> float:
@@ -220,6 +237,8 @@ def table_rows(results: dict) -> list[dict]:
             continue
         for row in result["rows"]:
             rows.append({"status": "ok", **row})
+        if result["status"].startswith("failed"):  # stopped after some rows: the rows, then why it stopped
+            rows.append({"part": name, "model": "-", "run": "-", "status": result["status"]})
     return rows
 
 
@@ -492,12 +511,23 @@ def _normal(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def device_command() -> str:
+# The second device call's parts, in their order (docs/training.md, "Running it on a lent GPU"): the
+# parts the first call leaves for want of budget, the endpoint's own lever first.
+SECOND_CALL_PARTS = ("serve_compile", "serve_static_cache", "compile")
+
+
+def device_command(kit_args: str = "") -> str:
     return (f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
             f"--target /tmp/site {WHEEL_DIR}/*.whl && export PYTHONPATH=/tmp/site || exit; "
             "export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; "
             "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "
-            "python3 -m bench.gpu $OUT 2>&1 | tee $OUT/gpu_bench.log")
+            f"python3 -m bench.gpu $OUT{kit_args} 2>&1 | tee $OUT/gpu_bench.log")
+
+
+def second_call_command() -> str:
+    """The second device call: the parts the first leaves, within S seconds (the device time left
+    minus a minute, written in by whoever runs it)."""
+    return device_command(f" --parts {','.join(SECOND_CALL_PARTS)} --budget-s S")
 
 
 def carry_text() -> str:
@@ -523,6 +553,10 @@ def carry_text() -> str:
         f"#   carry:     [\"{WHEEL_DIR}\"]",
         "#   timeout_s: 600",
         f"#   command:   {device_command()}",
+        "",
+        "# A second call, when device time is left after the first (status' budget_left_s): the parts the",
+        "# first leaves for want of budget. Replace S by the seconds left minus a minute; same kind and carry:",
+        f"#   command:   {second_call_command()}",
     ]
     wheels = sorted((ROOT / WHEEL_DIR).glob("*.whl"))
     if wheels:

@@ -70,6 +70,21 @@ def one_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+def keep(ctx, rows: list[dict]) -> None:
+    """The rows measured so far, written (atomically) where the kit reads them if it must stop this
+    part at its share of the budget (bench.gpu.run_part): a part stopped mid-way still brings back the
+    runs it finished. Without a progress path (a part called by hand) it does nothing."""
+    import json
+    import os
+
+    path = ctx.get("progress_path")
+    if not path:
+        return
+    partial = f"{path}.partial"
+    Path(partial).write_text(json.dumps({"rows": rows}, default=str), encoding="utf-8")
+    os.replace(partial, path)
+
+
 def workload(ctx, tokenizer):
     """(params, train examples, val examples) of the fixed slice the training parts share.
 
@@ -281,9 +296,11 @@ def part_train(ctx, size: str, baseline: bool = True) -> dict:
                                 else ctx["warmup_records"], peak_flops=ctx.get("peak_flops"))
         except Exception as exc:  # noqa: BLE001 - one run failing leaves the others' figures
             rows.append({"part": "train", "model": name, "run": run, "status": f"failed: {one_line(exc)}"})
+            keep(ctx, rows)
             continue
         results[run] = r
         rows.append(_train_row(name, run, r, note))
+        keep(ctx, rows)
     out = {"status": "ok", "rows": rows, "model": name}
     params_of = {run: run_params for run, run_params, _ in runs}
     profiled = [("ours-records", ctx.get("profile_steps")), ("ours", ctx.get("profile_budget_steps"))]
@@ -591,6 +608,7 @@ def part_qlora(ctx) -> dict:
         rows.append({**row, "setting": f"{what}{r['setting']}; {head.note or head.value}",
                      "tokens_per_s": r["tokens_per_s"], "mfu": r.get("mfu"), "peak_mb": r["peak_mb"],
                      "final_loss": r["final_val_loss"], "train_s": r["train_s"], "real_tokens": r["real_tokens"]})
+        keep(ctx, rows)
     out = {"status": "ok", "rows": rows, "order": "lora, qlora, qlora, lora",
            "tokens_per_s": {arm: values for arm, values in figures.items()}}
     if figures["lora"] and figures["qlora"]:
@@ -902,6 +920,7 @@ def part_serve(ctx) -> dict:
             row, measured, got = _measure_level(ctx, engines[kind], label, notes[kind], questions, count,
                                                 concurrency, device, timers.get(kind))
             rows.append(row)
+            keep(ctx, rows)
             if measured is not None:
                 answers[(kind, concurrency)] = got
                 by_level.setdefault(concurrency, {})[kind] = measured
@@ -986,6 +1005,7 @@ def part_serve_compile(ctx) -> dict:
             row, measured, got = _measure_level(ctx, engines[kind], label, notes[kind], questions, count,
                                                 concurrency, device, timers[kind])
             rows.append(row)
+            keep(ctx, rows)
             if measured is not None:
                 by_level.setdefault(concurrency, {})[kind] = measured
                 answers[(kind, concurrency)] = got
@@ -1059,6 +1079,7 @@ def part_serve_static_cache(ctx) -> dict:
             if size > 1 and short:
                 row["status"] = f"skipped: {short}"
                 rows.append(row)
+                keep(ctx, rows)
                 continue
             try:
                 began = time.perf_counter()
@@ -1075,6 +1096,7 @@ def part_serve_static_cache(ctx) -> dict:
             except Exception as exc:  # noqa: BLE001 - the other rows stand without it
                 row["status"] = f"failed: {one_line(exc)}"
             rows.append(row)
+            keep(ctx, rows)
     del models
     release(device)
     ratios = {}

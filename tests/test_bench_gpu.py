@@ -595,8 +595,19 @@ def fake_parts(monkeypatch):
             os.kill(os.getpid(), signal.SIGSEGV)
         return {"status": "ok", "rows": [{"part": "segfault_once", "run": "second try"}]}
 
+    def hang_after_a_row(ctx):
+        gpu_parts.keep(ctx, [{"part": "serve", "run": "static, concurrency 1", "tokens_per_s": 32.0}])
+        time.sleep(60)
+
+    def boom_after_two_rows(ctx):
+        gpu_parts.keep(ctx, [{"part": "train", "run": "ours", "tokens_per_s": 19_510.0}])
+        gpu_parts.keep(ctx, [{"part": "train", "run": "ours", "tokens_per_s": 19_510.0},
+                             {"part": "train", "run": "ours-records", "status": "failed: OOM"}])
+        raise RuntimeError("CUDA out of memory")
+
     for name, fn in {"boom": boom, "skip": skip, "crash": crash, "hang": hang, "segfault": segfault,
-                     "segfault_once": segfault_once}.items():
+                     "segfault_once": segfault_once, "hang_after_a_row": hang_after_a_row,
+                     "boom_after_two_rows": boom_after_two_rows}.items():
         monkeypatch.setitem(gpu_parts.PARTS, name, fn)
 
 
@@ -614,6 +625,24 @@ def test_a_broken_part_is_reported_and_the_run_goes_on(fake_parts, tmp_path, nam
     result = gpu.run_part(name, {"smoke": True, "work_dir": str(tmp_path)}, timeout, "fork")
     assert set(result) == {"status", "rows"} and result["rows"] == []
     assert re.fullmatch(expected, result["status"]), result["status"]
+
+
+def test_a_part_stopped_or_broken_mid_way_brings_back_the_rows_it_finished(fake_parts, tmp_path, monkeypatch):
+    stopped = gpu.run_part("hang_after_a_row", {"smoke": True, "work_dir": str(tmp_path)}, 3, "fork")
+    assert stopped == {"status": "failed: ran past its share of the budget (3 s) and was stopped; the rows it finished "
+                                 "before are kept (1)",
+                       "rows": [{"part": "serve", "run": "static, concurrency 1", "tokens_per_s": 32.0}]}
+    broken = gpu.run_part("boom_after_two_rows", {"smoke": True, "work_dir": str(tmp_path)}, 30, "fork")
+    assert broken["status"] == "failed: RuntimeError: CUDA out of memory; the rows it finished before are kept (2)"
+    assert [row["run"] for row in broken["rows"]] == ["ours", "ours-records"]
+    # the table has the rows, then the part's status; the run's exit status says a part failed
+    rows = gpu.table_rows({"serve": stopped})
+    assert [(row["run"], row["status"]) for row in rows] == [("static, concurrency 1", "ok"), ("-", stopped["status"])]
+    # a later run of the same part in the same folder does not inherit the earlier run's rows
+    assert (tmp_path / "hang_after_a_row.progress.json").is_file()
+    monkeypatch.setitem(gpu_parts.PARTS, "hang_after_a_row", gpu_parts.PARTS["hang"])
+    again = gpu.run_part("hang_after_a_row", {"smoke": True, "work_dir": str(tmp_path)}, 1, "fork")
+    assert again == {"status": "failed: ran past its share of the budget (1 s) and was stopped", "rows": []}
 
 
 def test_a_part_killed_by_a_signal_once_is_run_again_and_says_so(fake_parts, tmp_path, capfd):
@@ -673,6 +702,12 @@ def test_carry_list_pins_every_wheel_and_the_device_call_fits():
     assert "python3 -m bench.gpu $OUT" in command and ".whl/*.whl" in command
     assert f"#   command:   {command}" in text and '#   carry:     [".whl"]' in text
     assert "#   kind:      nvidia-h200" in text  # the GPU the targets are stated for, never left to chance
+    # the second call: the parts the first call's budget leaves, the endpoint's lever first
+    second = gpu.second_call_command()
+    assert f"#   command:   {second}" in text and len(second) < 2000
+    assert "python3 -m bench.gpu $OUT --parts serve_compile,serve_static_cache,compile --budget-s S 2>&1" in second
+    # every part after train_3b, the last the first call's budget holds, and only those
+    assert set(gpu.SECOND_CALL_PARTS) == set(gpu.ORDER[gpu.ORDER.index("train_3b") + 1:])
 
 
 def test_the_gpu_image_environment_has_the_carried_wheels_at_their_pins_and_the_images_transformers(root):
