@@ -809,23 +809,31 @@ class DecodeProfiler:
 def profile_summary(events, steps: int, seconds: float, cuda: bool, top: int = 6) -> dict:
     """A profiled window per step: wall ms, and on CUDA the ms in device kernels, the kernels run
     (graph replays included), the host's kernel launches, graph launches, copies and
-    synchronisations; then the operators with the most self time (device on CUDA, CPU elsewhere)."""
+    synchronisations; then the kernels with the most device time on CUDA (the operators with the most
+    self CPU time elsewhere).
+
+    On CUDA the device time is summed over the device's own events (kernels, copies), as torch's own
+    table totals it: torch.profiler also hands each kernel's time to the operator that launched it
+    (an aten::mm's "self device time" is its kernel's), so a sum over every event counts it twice."""
     def per_step(value: float) -> float:
         return round(value / steps, 3)
 
-    def calls(*needles: str) -> float:
-        return per_step(sum(e.count for e in events if any(n in e.key for n in needles)))
+    def on_device(e) -> bool:
+        return str(getattr(e, "device_type", "")).endswith("CUDA")
+
+    def calls(*needles: str) -> float:  # the host's API calls (a copy is also a device event: not twice)
+        return per_step(sum(e.count for e in events if not on_device(e) and any(n in e.key for n in needles)))
 
     out = {"status": "ok", "steps": steps, "wall_ms_per_step": round(1000 * seconds / steps, 3)}
+    kernels = [e for e in events if on_device(e) and not getattr(e, "is_user_annotation", False)]
     if cuda:
-        kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
-        out.update(device_ms_per_step=per_step(sum(e.self_device_time_total for e in events) / 1000),
+        out.update(device_ms_per_step=per_step(sum(e.self_device_time_total for e in kernels) / 1000),
                    kernels_per_step=per_step(sum(e.count for e in kernels)),
                    launches_per_step=calls("LaunchKernel"), graph_launches_per_step=calls("GraphLaunch"),
                    copies_per_step=calls("Memcpy"), syncs_per_step=calls("Synchronize"))
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    ranked = sorted((e for e in events if key(e) > 0), key=key, reverse=True)[:top]
-    out["ranked_by"] = "self device time" if cuda else "self CPU time"
+    ranked = sorted((e for e in (kernels if cuda else events) if key(e) > 0), key=key, reverse=True)[:top]
+    out["ranked_by"] = "device time" if cuda else "self CPU time"
     out["top"] = [{"op": e.key, "self_ms_per_step": per_step(key(e) / 1000), "calls_per_step": per_step(e.count)}
                   for e in ranked]
     return out

@@ -382,13 +382,48 @@ def test_the_report_prints_the_static_cache_reference_compiled_against_uncompile
            "uncompiled = 1.50x output tokens/s; 20.00 vs 30.00 ms per decoding step; greedy answers identical 29/32" in markdown
 
 
+def test_a_profile_counts_each_kernel_once_and_ranks_kernels_by_device_time():
+    from types import SimpleNamespace
+
+    def event(key, device, self_device_us, count, cpu_us=0.0, annotation=False):
+        return SimpleNamespace(key=key, device_type=f"DeviceType.{device}", self_device_time_total=self_device_us,
+                               self_cpu_time_total=cpu_us, count=count, is_user_annotation=annotation)
+
+    # what torch.profiler's key_averages() holds for 2 steps: each kernel as a device event, and its time
+    # again as the self device time of the operator that launched it
+    events = [
+        event("aten::mm", "CPU", 6_000.0, 4, cpu_us=900.0),
+        event("aten::_efficient_attention_forward", "CPU", 3_000.0, 2, cpu_us=300.0),
+        event("cudaLaunchKernel", "CPU", 0.0, 6, cpu_us=120.0),
+        event("cudaGraphLaunch", "CPU", 0.0, 2, cpu_us=40.0),
+        event("cudaDeviceSynchronize", "CPU", 0.0, 2, cpu_us=2_000.0),
+        event("cudaMemcpyAsync", "CPU", 0.0, 2, cpu_us=30.0),
+        event("sm90_xmma_gemm_bf16bf16_bf16f32", "CUDA", 6_000.0, 4),
+        event("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "CUDA", 3_000.0, 2),
+        event("Memcpy DtoH (Device -> Pinned)", "CUDA", 100.0, 2),
+        event("ProfilerStep#1", "CUDA", 9_100.0, 1, annotation=True),  # a span over the others, not a kernel
+    ]
+    out = gpu_parts.profile_summary(events, steps=2, seconds=0.02, cuda=True, top=3)
+    assert out["device_ms_per_step"] == 4.55  # (6,000 + 3,000 + 100) us / 2 steps, not twice that
+    assert (out["kernels_per_step"], out["launches_per_step"], out["graph_launches_per_step"]) == (4.0, 3.0, 1.0)
+    assert (out["copies_per_step"], out["syncs_per_step"], out["wall_ms_per_step"]) == (1.0, 1.0, 10.0)
+    assert out["ranked_by"] == "device time"
+    assert [(t["op"], t["self_ms_per_step"], t["calls_per_step"]) for t in out["top"]] == [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", 3.0, 2.0), ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", 1.5, 1.0),
+        ("Memcpy DtoH (Device -> Pinned)", 0.05, 1.0)]
+    # on a CPU: operators by self CPU time, no device figures
+    cpu = gpu_parts.profile_summary(events, steps=2, seconds=0.02, cuda=False, top=2)
+    assert "device_ms_per_step" not in cpu and cpu["ranked_by"] == "self CPU time"
+    assert [t["op"] for t in cpu["top"]] == ["cudaDeviceSynchronize", "aten::mm"]
+
+
 def test_the_report_prints_where_a_decoding_step_goes():
     profile = {"status": "ok", "concurrency": 1, "skip": 4, "steps": 40, "ms_per_step": 10.7,
                "host_ms_per_step": {"scheduling and batch tensors": 0.61, "model inputs": 0.04, "forward launch": 0.12,
                                     "waiting for outputs": 9.5, "update": 0.03},
                "profile": {"status": "ok", "steps": 40, "wall_ms_per_step": 11.25, "device_ms_per_step": 9.8,
                            "kernels_per_step": 521.0, "launches_per_step": 14.0, "graph_launches_per_step": 1.0,
-                           "copies_per_step": 9.0, "syncs_per_step": 1.0, "ranked_by": "self device time",
+                           "copies_per_step": 9.0, "syncs_per_step": 1.0, "ranked_by": "device time",
                            "top": [{"op": "fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "self_ms_per_step": 4.5,
                                     "calls_per_step": 16.0}]}}
     ended = {"status": "ok", "concurrency": 32, "skip": 4, "steps": 40, "ms_per_step": 13.6,
@@ -404,7 +439,7 @@ def test_the_report_prints_where_a_decoding_step_goes():
             "update 0.03, rest of the loop 0.40\n"
             "- serve, continuous, concurrency 1: under torch.profiler (steps 45-84): 11.25 ms a step, 9.80 in device "
             "kernels; a step runs 521 kernels from 14 kernel launches and 1 graph launches, with 9 copies and 1 "
-            "synchronisations; most self device time a step: fmha_cutlassF_bf16_aligned_64x64_rf_sm80 4.50 ms "
+            "synchronisations; most device time a step: fmha_cutlassF_bf16_aligned_64x64_rf_sm80 4.50 ms "
             "(16 calls)\n") in markdown
     assert ("- serve, continuous, concurrency 32: where a decoding step goes (steps 5-44, host timers): 13.60 ms a "
             "step: scheduling and batch tensors 1.50, model inputs 0.04, forward launch 0.12, waiting for outputs "
@@ -539,7 +574,7 @@ def test_the_report_prints_the_final_losses_on_the_baseline_tokens_with_the_16_r
 def test_the_report_prints_where_a_16_record_step_and_a_token_budget_step_go():
     records = {"status": "ok", "steps": 8, "records_per_step": 16, "tokens_per_step": 1104, "head": "completion",
                "wall_ms_per_step": 270.4, "device_ms_per_step": 41.25, "launches_per_step": 3412.0,
-               "ranked_by": "self device time",
+               "ranked_by": "device time",
                "top": [{"op": "aten::mm", "self_ms_per_step": 12.5, "calls_per_step": 410.0},
                        {"op": "aten::bmm", "self_ms_per_step": 3.25, "calls_per_step": 64.0}]}
     budget = {**records, "steps": 1, "records_per_step": 232, "tokens_per_step": 16391, "wall_ms_per_step": 840.0,
@@ -552,10 +587,10 @@ def test_the_report_prints_where_a_16_record_step_and_a_token_budget_step_go():
                      "2026-12-06 04:00 UTC", 12.0, 460)
     markdown = gpu.render_markdown(rep) + "\n"
     assert ("- train_1b: profile of ours-records (16 records/step, 1,104 tokens/step, head completion, 8 steps at "
-            "learning rate 0): 270.4 ms a step, 41.2 in device kernels, 3,412 kernel launches; most self device time "
+            "learning rate 0): 270.4 ms a step, 41.2 in device kernels, 3,412 kernel launches; most device time "
             "a step: aten::mm 12.50 ms (410 calls), aten::bmm 3.25 ms (64 calls)\n") in markdown
     assert ("- train_1b: profile of ours (232 records/step, 16,391 tokens/step, head completion, 1 step at learning "
-            "rate 0): 840.0 ms a step, 801.5 in device kernels, 3,390 kernel launches; most self device time a step: "
+            "rate 0): 840.0 ms a step, 801.5 in device kernels, 3,390 kernel launches; most device time a step: "
             "fmha_cutlassB_bf16_aligned_64x64_k64_sm80 301.00 ms (16 calls)\n") in markdown
     assert "- train_3b: profile of ours: failed: RuntimeError: CUPTI could not be initialised\n" in markdown
 
