@@ -640,6 +640,7 @@ class StepTimer:
 
     def __init__(self, manager, device):
         self.seconds, self.calls, self.asynchronous = 0.0, 0, False
+        self._manager = None
         if not hasattr(manager, "_generation_step"):
             return  # nothing timed: no calls, so the levels report no split
         import torch
@@ -660,10 +661,19 @@ class StepTimer:
                 self.seconds += time.perf_counter() - began
                 self.calls += 1
 
-        manager._generation_step = timed
+        manager._generation_step = timed  # an instance attribute, over the class's method
+        self._manager = manager
 
     def snapshot(self) -> tuple[float, int]:
         return self.seconds, self.calls
+
+    def remove(self) -> None:
+        """Unwraps the step. Before a DecodeProfiler runs on the same engine: this timer's
+        synchronisation at the end of each step would move the device's work into the "forward launch"
+        phase and add a synchronisation a step to the profile."""
+        if self._manager is not None:
+            del self._manager._generation_step
+            self._manager = None
 
 
 # The phases of one pass of transformers' decoding loop (ContinuousBatchingManager._generation_loop_body,
@@ -933,7 +943,11 @@ def part_serve(ctx) -> dict:
                 answers[(kind, concurrency)] = got
                 by_level.setdefault(concurrency, {})[kind] = measured
     # Where a decoding step of the endpoint's engine goes, alone and in a full batch; and, alone, the
-    # same for the engine with transformers' KV padding: the step the A/B compares, kernel by kernel
+    # same for the engine with transformers' KV padding: the step the A/B compares, kernel by kernel.
+    # The engines' own step, as an endpoint runs it: without the levels' step timers.
+    for timer in timers.values():
+        if timer is not None:
+            timer.remove()
     decode_profile = {}
     profiled = [(str(level), "continuous", level) for level in sorted(ab_levels)]
     profiled.append((f"{min(ab_levels)}, kv padding {ab_padding:,}", "padding", min(ab_levels)))
@@ -1018,7 +1032,11 @@ def part_serve_compile(ctx) -> dict:
                 by_level.setdefault(concurrency, {})[kind] = measured
                 answers[(kind, concurrency)] = got
     # The compiled step alone, phase by phase and kernel by kernel: beside the serve part's profile of
-    # the eager engine, the kernels a step runs say how much the compilation fused
+    # the eager engine, the kernels a step runs say how much the compilation fused (without the levels'
+    # step timers, as the serve part profiles)
+    for timer in timers.values():
+        if timer is not None:
+            timer.remove()
     decode_profile = {}
     label = f"{levels[0]}, compile level {level}"
     try:
@@ -1071,8 +1089,11 @@ def part_serve_static_cache(ctx) -> dict:
                + int(config["max_new_tokens_limit"]))  # as serve.engine sizes a continuous engine's requests
     last = ctx["serve_levels"][-1]  # one static batch of the serve part's largest concurrency
     batches = {1: [[p] for p in prompts[:ctx["serve_requests"][0]]], last: [prompts[:last]]}
-    models = {kind: _static_cache_model(folder, device, fmt, longest, compiled=kind == "compiled", smoke=ctx["smoke"])
-              for kind in ("eager", "compiled")}
+    models, held_mb = {}, {}
+    for kind in ("eager", "compiled"):
+        before_mb = allocated_mb(device)
+        models[kind] = _static_cache_model(folder, device, fmt, longest, compiled=kind == "compiled", smoke=ctx["smoke"])
+        held_mb[kind] = allocated_mb(device) - before_mb
     rows, answers, first_call = [], {}, {}
     for size, calls in batches.items():  # one stream first: the concurrency-1 target is the furthest off
         short = _static_batch_short_of_time(ctx.get("part_deadline"), first_call.get("generate, static cache, compiled, batch 1"))
@@ -1097,7 +1118,7 @@ def part_serve_static_cache(ctx) -> dict:
                     # transformers skips compilation with a warning when its criteria fail: say so, not "compiled"
                     raise RuntimeError("transformers did not compile generate's decoding step (its auto-compile "
                                        "criteria were not met)")
-                measured, got = _static_cache_level(model, calls, fmt, ctx["serve_tokens"], device)
+                measured, got = _static_cache_level(model, calls, fmt, ctx["serve_tokens"], device, held_mb[kind])
                 row.update(measured, first_call_s=first_call[label])
                 row["setting"] += f"; first call (untimed{', compilation' if kind == 'compiled' else ''}) {first_call[label]:,.1f} s"
                 answers[(kind, size)] = got
@@ -1170,13 +1191,17 @@ def _static_generate(model, prompts, fmt, new_tokens: int, device):
     return generations
 
 
-def _static_cache_level(model, calls: list[list[list[int]]], fmt, new_tokens: int, device) -> tuple[dict, dict]:
+def _static_cache_level(model, calls: list[list[list[int]]], fmt, new_tokens: int, device,
+                        held_mb: float) -> tuple[dict, dict]:
     """Each call (a list of prompts) one after another, timed: output tokens/s, latencies (a row's is
-    its call's), ms per decoding step (each call decodes to its longest row), the answers by request."""
+    its call's), ms per decoding step (each call decodes to its longest row), the answers by request,
+    and on CUDA the model's own peak (its `held_mb` of weights plus what the calls added)."""
     import torch
 
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    base_mb = allocated_mb(device)
     latencies, tokens, steps, answers = [], 0, 0, {}
     began = time.perf_counter()
     for call in calls:
@@ -1196,7 +1221,7 @@ def _static_cache_level(model, calls: list[list[list[int]]], fmt, new_tokens: in
            "mean_output_tokens": round(tokens / count, 1), "decode_steps": steps,
            "ms_per_step": round(1000 * wall / max(1, steps), 2), "wall_s": round(wall, 3)}
     if device.type == "cuda":
-        row["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+        row["peak_mb"] = own_peak_mb(device, held_mb, base_mb)
     return row, answers
 
 
@@ -1218,7 +1243,8 @@ def _serve_engines(ctx, folder, device, variants: dict) -> tuple[dict, dict, dic
     """One Engine per variant (a name and its serve.batching overrides over params.yaml's, with the
     kit's max_batch and CUDA graphs; the response cache off), each with a note on how long it took to
     be ready, and those seconds. A continuous engine whose CUDA graphs fail on a GPU is built again
-    without them, and its note says so."""
+    without them, and its note says so. Each engine's `held_mb` (the CUDA memory it took while it was
+    built) is set on it for its levels' peaks (own_peak_mb)."""
     from serve.codefolder import serve_config
     from serve.engine import Engine
 
@@ -1230,7 +1256,7 @@ def _serve_engines(ctx, folder, device, variants: dict) -> tuple[dict, dict, dic
         batching = {**base["batching"], "max_batch": ctx["serve_max_batch"], "engine": "continuous",
                     "cuda_graphs": ctx["serve_cuda_graphs"], **overrides}
         config = {**base, "batching": batching}
-        began = time.perf_counter()
+        began, before_mb = time.perf_counter(), allocated_mb(device)
         try:
             engines[kind] = Engine(folder, config, device=device.type)
         except Exception as exc:  # noqa: BLE001 - CUDA graphs refused: the engine without them
@@ -1240,8 +1266,26 @@ def _serve_engines(ctx, folder, device, variants: dict) -> tuple[dict, dict, dic
             batching["cuda_graphs"] = "off"
             engines[kind] = Engine(folder, config, device=device.type)
         ready[kind] = round(time.perf_counter() - began, 1)
+        engines[kind].held_mb = allocated_mb(device) - before_mb
         notes[kind] = notes.get(kind, "") + f"ready in {ready[kind]:.1f} s"
     return engines, notes, ready
+
+
+def allocated_mb(device) -> float:
+    """The CUDA memory this process holds now (0 elsewhere)."""
+    import torch
+
+    return torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0.0
+
+
+def own_peak_mb(device, held_mb: float, base_mb: float) -> float:
+    """One engine's (or model's) peak in a process that holds several: the memory it held when built
+    (`held_mb`: weights, KV cache, captured graphs) plus what the run added over the `base_mb` that
+    was allocated when the peak counter was reset. The process's own peak would count every resident
+    engine (three model copies in the serve part)."""
+    import torch
+
+    return round(held_mb + torch.cuda.max_memory_allocated(device) / 2 ** 20 - base_mb, 1)
 
 
 def _step_timer(engine, device) -> StepTimer | None:
@@ -1273,6 +1317,7 @@ def _measure_level(ctx, engine, label: str, note: str, questions: list[str], cou
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+        base_mb = allocated_mb(device)
         if _graphed(cb):
             # CUDA graphs are captured per padded size the first time a size occurs: one untimed
             # round of the level (its first `concurrency` requests, together) takes the batch's
@@ -1284,7 +1329,7 @@ def _measure_level(ctx, engine, label: str, note: str, questions: list[str], cou
         measured, answers = _serve_level(engine, requests, concurrency, timer)
         row.update(measured)
         if device.type == "cuda":
-            row["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+            row["peak_mb"] = own_peak_mb(device, getattr(engine, "held_mb", 0.0), base_mb)
         return row, measured, answers
     except Exception as exc:  # noqa: BLE001
         row["status"] = f"failed: {one_line(exc)}"

@@ -382,6 +382,38 @@ def test_the_report_prints_the_static_cache_reference_compiled_against_uncompile
            "uncompiled = 1.50x output tokens/s; 20.00 vs 30.00 ms per decoding step; greedy answers identical 29/32" in markdown
 
 
+def test_the_step_timer_counts_the_steps_it_wraps_and_unwraps_before_a_profile():
+    import torch
+
+    class Manager:
+        def _generation_step(self, batch):
+            return batch * 2
+
+    manager = Manager()
+    timer = gpu_parts.StepTimer(manager, torch.device("cpu"))
+    assert [manager._generation_step(n) for n in (1, 2, 3)] == [2, 4, 6]
+    seconds, calls = timer.snapshot()
+    assert calls == 3 and seconds >= 0
+    timer.remove()  # the class's own step again: nothing counted, nothing synchronised
+    assert "_generation_step" not in vars(manager) and manager._generation_step(5) == 10
+    assert timer.snapshot() == (seconds, 3)
+    timer.remove()  # twice is harmless
+    # a manager without the method is left alone
+    bare = gpu_parts.StepTimer(object(), torch.device("cpu"))
+    bare.remove()
+    assert bare.snapshot() == (0.0, 0)
+
+
+def test_a_serve_peak_is_the_engines_own_not_the_processes(monkeypatch):
+    import torch
+
+    # the process holds three engines (7,000 MiB when the level starts); this one took 2,400 MiB when it
+    # was built, and the level took the process to 7,500 MiB: its own peak is 2,900, not 7,500
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 7_500 * 2 ** 20)
+    assert gpu_parts.own_peak_mb(torch.device("cuda"), held_mb=2_400.0, base_mb=7_000.0) == 2_900.0
+    assert gpu_parts.allocated_mb(torch.device("cpu")) == 0.0
+
+
 def test_a_profile_counts_each_kernel_once_and_ranks_kernels_by_device_time():
     from types import SimpleNamespace
 
