@@ -44,7 +44,7 @@ def smoke(request, tmp_path_factory, root):
             f"sys.argv = ['bench.gpu', {str(out)!r}, '--cpu-smoke']; runpy.run_module('bench.gpu', run_name='__main__')")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     began = time.monotonic()
-    proc = subprocess.run([python, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([python, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=1300)
     return {"proc": proc, "out": out, "seconds": time.monotonic() - began, "environment": request.param}
 
 
