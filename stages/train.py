@@ -115,6 +115,20 @@ def _model_path(params: Params, dtype) -> str:
     return directory
 
 
+def keep_compute_dtype(model, dtype) -> None:
+    """Undo the fp32 upcast of peft's prepare_model_for_kbit_training for this loop. It casts every
+    parameter that is not 4-bit (the embeddings, the tied head, the norms) to fp32, for training
+    under autocast (the Trainer's bf16=True). This loop runs without autocast, so an fp32 embedding
+    would carry fp32 activations through every layer: attention off its bf16 kernels, twice the
+    activation memory, and a QLoRA run measured against bf16 LoRA on different arithmetic (issue 22's
+    QLoRA figures). Back to the compute dtype, as a LoRA run keeps them; a no-op in fp32."""
+    if dtype == torch.float32:
+        return
+    for param in model.parameters():
+        if param.dtype == torch.float32 and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
+
+
 def build_model_hf(params: Params, device, dtype, tokenizer=None):
     train = params.train
     quant = None
@@ -133,6 +147,7 @@ def build_model_hf(params: Params, device, dtype, tokenizer=None):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+        keep_compute_dtype(model, dtype)
     elif train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train.method == "full":

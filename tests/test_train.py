@@ -437,3 +437,32 @@ def test_the_manifest_records_the_saved_weights_validation_loss_as_evaluate_comp
     model = load_tuned_model(params.model, tmp / "adapter", "lora", tokenizer=tokenizer).eval()
     assert validation_loss(model, tokenizer, val, 16, torch.device("cpu")) == pytest.approx(record["loss"], abs=1e-5)
     assert reusable_val_loss(manifest, "lora", val, torch.float32)[0] == record["loss"]
+
+
+def test_qlora_preparation_keeps_the_compute_dtype_outside_the_4_bit_weights():
+    """peft's prepare_model_for_kbit_training upcasts every non-4-bit parameter to fp32; the train loop
+    has no autocast, so build_model_hf casts them back (keep_compute_dtype): on a GPU the activations
+    stay bf16, as in a LoRA run. The 4-bit weights (bitsandbytes' Params4bit) are left alone."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    from stages.core.modeling import load_base_model
+    from stages.train import keep_compute_dtype
+
+    params = validate_params(TINY)  # the embedded model: no download
+
+    class Params4bit(torch.nn.Parameter):  # stands in for bitsandbytes' packed 4-bit weight (CUDA-only)
+        pass
+
+    model = load_base_model(params.model, dtype=torch.bfloat16, device="cpu")
+    packed = Params4bit(torch.zeros(8, dtype=torch.float32), requires_grad=False)
+    model.model.layers[0].mlp.register_parameter("packed", packed)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # what peft leaves
+    keep_compute_dtype(model, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes.pop("model.layers.0.mlp.packed") == torch.float32
+    assert set(dtypes.values()) == {torch.bfloat16} and len(dtypes) > 10
+    # in fp32 (a CPU run) nothing changes
+    keep_compute_dtype(model, torch.float32)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
