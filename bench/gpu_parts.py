@@ -890,12 +890,8 @@ def _serve_level(engine, requests, concurrency: int, timer: StepTimer | None = N
         for future in [pool.submit(client) for _ in range(concurrency)]:
             future.result()
     wall = time.perf_counter() - began
-    latencies.sort()
-    count = len(requests)
-    row = {"requests": count, "requests_per_s": round(count / wall, 3), "tokens_per_s": round(sum(tokens) / wall, 1),
-           "p50_s": round(_percentile(latencies, 0.50), 3), "p95_s": round(_percentile(latencies, 0.95), 3),
-           "mean_output_tokens": round(sum(tokens) / count, 1), "mean_batch": round(sum(batch_sizes) / count, 2),
-           "wall_s": round(wall, 3)}
+    row = _load_row(latencies, sum(tokens), wall)
+    row["mean_batch"] = round(sum(batch_sizes) / len(requests), 2)
     if steps_before is not None:
         steps = engine.batcher._step_counter() - steps_before
         row["decode_steps"] = steps
@@ -945,9 +941,7 @@ def part_serve(ctx) -> dict:
     # Where a decoding step of the endpoint's engine goes, alone and in a full batch; and, alone, the
     # same for the engine with transformers' KV padding: the step the A/B compares, kernel by kernel.
     # The engines' own step, as an endpoint runs it: without the levels' step timers.
-    for timer in timers.values():
-        if timer is not None:
-            timer.remove()
+    _remove_timers(timers)
     decode_profile = {}
     profiled = [(str(level), "continuous", level) for level in sorted(ab_levels)]
     profiled.append((f"{min(ab_levels)}, kv padding {ab_padding:,}", "padding", min(ab_levels)))
@@ -1034,9 +1028,7 @@ def part_serve_compile(ctx) -> dict:
     # The compiled step alone, phase by phase and kernel by kernel: beside the serve part's profile of
     # the eager engine, the kernels a step runs say how much the compilation fused (without the levels'
     # step timers, as the serve part profiles)
-    for timer in timers.values():
-        if timer is not None:
-            timer.remove()
+    _remove_timers(timers)
     decode_profile = {}
     label = f"{levels[0]}, compile level {level}"
     try:
@@ -1094,7 +1086,7 @@ def part_serve_static_cache(ctx) -> dict:
         before_mb = allocated_mb(device)
         models[kind] = _static_cache_model(folder, device, fmt, longest, compiled=kind == "compiled", smoke=ctx["smoke"])
         held_mb[kind] = allocated_mb(device) - before_mb
-    rows, answers, first_call = [], {}, {}
+    rows, answers, first_call, by_size = [], {}, {}, {}
     for size, calls in batches.items():  # one stream first: the concurrency-1 target is the furthest off
         short = _static_batch_short_of_time(ctx.get("part_deadline"), first_call.get("generate, static cache, compiled, batch 1"))
         for kind, model in models.items():
@@ -1122,6 +1114,7 @@ def part_serve_static_cache(ctx) -> dict:
                 row.update(measured, first_call_s=first_call[label])
                 row["setting"] += f"; first call (untimed{', compilation' if kind == 'compiled' else ''}) {first_call[label]:,.1f} s"
                 answers[(kind, size)] = got
+                by_size.setdefault(size, {})[kind] = row
             except Exception as exc:  # noqa: BLE001 - the other rows stand without it
                 row["status"] = f"failed: {one_line(exc)}"
             rows.append(row)
@@ -1129,9 +1122,8 @@ def part_serve_static_cache(ctx) -> dict:
     del models
     release(device)
     ratios = {}
-    for size in batches:
-        eager = next((r for r in rows if r["run"].endswith(f"eager, batch {size}") and "tokens_per_s" in r), None)
-        compiled = next((r for r in rows if r["run"].endswith(f"compiled, batch {size}") and "tokens_per_s" in r), None)
+    for size, pair in by_size.items():
+        eager, compiled = pair.get("eager"), pair.get("compiled")
         if eager and compiled and eager["tokens_per_s"]:
             ratios[str(size)] = {"tokens_per_s": round(compiled["tokens_per_s"] / eager["tokens_per_s"], 2),
                                  "ms_per_step": [compiled["ms_per_step"], eager["ms_per_step"]],
@@ -1214,12 +1206,8 @@ def _static_cache_level(model, calls: list[list[list[int]]], fmt, new_tokens: in
             tokens += len(generation.token_ids)
         steps += max(len(g.token_ids) + g.finished for g in generations)
     wall = time.perf_counter() - began
-    latencies.sort()
-    count = len(latencies)
-    row = {"requests": count, "requests_per_s": round(count / wall, 3), "tokens_per_s": round(tokens / wall, 1),
-           "p50_s": round(_percentile(latencies, 0.50), 3), "p95_s": round(_percentile(latencies, 0.95), 3),
-           "mean_output_tokens": round(tokens / count, 1), "decode_steps": steps,
-           "ms_per_step": round(1000 * wall / max(1, steps), 2), "wall_s": round(wall, 3)}
+    row = _load_row(latencies, tokens, wall)
+    row.update(decode_steps=steps, ms_per_step=round(1000 * wall / max(1, steps), 2))
     if device.type == "cuda":
         row["peak_mb"] = own_peak_mb(device, held_mb, base_mb)
     return row, answers
@@ -1352,6 +1340,22 @@ def _graphed(cb_config) -> bool:
     """Whether a continuous engine's config replays CUDA graphs (a bool, or one per path)."""
     graphs = getattr(cb_config, "use_cuda_graph", None)
     return bool(any(graphs) if isinstance(graphs, (tuple, list)) else graphs)
+
+
+def _load_row(latencies: list[float], output_tokens: int, wall: float) -> dict:
+    """A serving measurement's figures: requests (one latency each), their rate, output tokens/s over
+    the wall time, p50/p95 latency and mean output tokens."""
+    ordered, count = sorted(latencies), len(latencies)
+    return {"requests": count, "requests_per_s": round(count / wall, 3), "tokens_per_s": round(output_tokens / wall, 1),
+            "p50_s": round(_percentile(ordered, 0.50), 3), "p95_s": round(_percentile(ordered, 0.95), 3),
+            "mean_output_tokens": round(output_tokens / count, 1), "wall_s": round(wall, 3)}
+
+
+def _remove_timers(timers: dict) -> None:
+    """The levels' step timers off their engines, before a decoding profile (StepTimer.remove)."""
+    for timer in timers.values():
+        if timer is not None:
+            timer.remove()
 
 
 def _percentile(ordered: list[float], q: float) -> float:
